@@ -1,0 +1,69 @@
+"""Reconstruction losses: MILAN's feature loss (eq. 1) and MAE's pixel loss (the baseline)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from milan.masking import gather_tokens
+
+__all__ = ["feature_loss", "patchify", "unpatchify", "pixel_loss"]
+
+
+def feature_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Eq. 1: mean over tokens of ‖p/‖p‖ − t/‖t‖‖², i.e. 2 − 2·cos(p, t).
+
+    Args:
+        pred: `[B, T, D]` predicted features (MILAN: all 1+N tokens, CLS included).
+        target: `[B, T, D]` teacher features for the same tokens.
+
+    Returns:
+        Scalar, averaged uniformly over batch and tokens; computed in fp32.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    p = F.normalize(pred.float(), dim=-1)
+    t = F.normalize(target.float(), dim=-1)
+    return (p - t).pow(2).sum(dim=-1).mean()
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """`[B, C, H, W]` → `[B, N, p·p·C]`, patches in row-major order, pixels (p, p, C) inside."""
+    batch, channels, height, width = images.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image {height}x{width} is not divisible into {patch_size}px patches")
+    gh, gw = height // patch_size, width // patch_size
+    x = images.reshape(batch, channels, gh, patch_size, gw, patch_size)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # [B, gh, gw, p, p, C]
+    return x.reshape(batch, gh * gw, patch_size * patch_size * channels)
+
+
+def unpatchify(patches: Tensor, patch_size: int, channels: int = 3) -> Tensor:
+    """Inverse of `patchify` for a square grid: `[B, N, p·p·C]` → `[B, C, H, W]`."""
+    batch, num, _ = patches.shape
+    grid = int(round(num**0.5))
+    x = patches.reshape(batch, grid, grid, patch_size, patch_size, channels)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # [B, C, gh, p, gw, p]
+    return x.reshape(batch, channels, grid * patch_size, grid * patch_size)
+
+
+def pixel_loss(
+    pred: Tensor, images: Tensor, masked: Tensor, *, patch_size: int, norm_pix: bool = True
+) -> Tensor:
+    """MAE's loss: MSE to (per-patch normalised) pixels, on masked patches only.
+
+    Args:
+        pred: `[B, N, p·p·C]` predicted pixels in patch order (CLS excluded).
+        images: `[B, C, H, W]` the input images.
+        masked: `[B, M]` indices of masked patches.
+        patch_size: p.
+        norm_pix: normalise each target patch to zero mean, unit variance (MAE's default).
+    """
+    target = patchify(images.float(), patch_size)  # [B, N, P]
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    pred_m = gather_tokens(pred.float(), masked)  # [B, M, P]
+    target_m = gather_tokens(target, masked)
+    return (pred_m - target_m).pow(2).mean()
