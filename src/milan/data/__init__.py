@@ -1,0 +1,52 @@
+"""Datasets for pretraining and evaluation: ImageFolder trees and the built-in shapes set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+__all__ = ["build_dataset", "DATASET_KINDS"]
+
+DATASET_KINDS = ("imagefolder", "shapes")
+
+
+def build_dataset(
+    kind: str,
+    path: str | Path | None,
+    *,
+    split: str = "train",
+    transform: Callable | None = None,
+    min_size: int = 1,
+    label: str = "shape",
+) -> Dataset:
+    """Open a dataset by kind.
+
+    Args:
+        kind: 'imagefolder' (`path/<class>/<image>`; for split 'val' the folder `path` itself,
+            or `path/val` when `path/train` and `path/val` exist) or 'shapes' (the built-in set;
+            `path` defaults to the cache folder, generated on first use).
+        path: where the data lives.
+        split: 'train' or 'val'.
+        transform: applied to each RGB PIL image.
+        min_size: ImageFolder images with a shorter side are treated as bad.
+        label: for shapes, which label to return (shape, colour, position, count, shape_colour).
+    """
+    if kind == "imagefolder":
+        from milan.data.folder import ImageFolderDataset
+
+        if not path:
+            raise ValueError("data.path is required for data.kind=imagefolder (a folder of images)")
+        root = Path(path).expanduser()
+        if (root / split).is_dir():
+            root = root / split
+        return ImageFolderDataset(root, transform, min_size=min_size)
+    if kind == "shapes":
+        from milan.data.shapes import ShapesDataset, default_shapes_root, generate_shapes
+
+        root = Path(path).expanduser() if path else default_shapes_root()
+        if not (root / "meta.json").is_file() and not path:
+            generate_shapes(root)
+        return ShapesDataset(root, split=split, transform=transform, label=label)
+    raise ValueError(f"unknown data.kind {kind!r}; choose one of: {', '.join(DATASET_KINDS)}")
