@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from milan.masking import gather_tokens
 
+_LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)  # MAE/timm ViT norm
+
 __all__ = ["EncoderConfig", "ENCODER_PRESETS", "MaskedViTEncoder", "sincos_pos_embed_2d"]
 
 
@@ -94,7 +96,7 @@ class MaskedViTEncoder(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
-        norm_layer: type[nn.Module] | partial = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: type[nn.Module] | partial = _LAYER_NORM,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size

@@ -1,0 +1,91 @@
+"""Self-describing, atomically written checkpoints, and finding the newest good one.
+
+A checkpoint is one `torch.save` file holding plain tensors and Python builtins (so it loads with
+`weights_only=True`): model, optimizer, scaler, step/epoch position, RNG states, resolved config
+and package version. It is written to `name.tmp`, fsynced, then renamed, so a crash leaves either
+the old file or the new one, never half of one. `latest_checkpoint` also survives a file that was
+truncated some other way: it falls back to the previous checkpoint with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints", "CheckpointError"]
+
+_STEP_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write `state` to `path` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (`weights_only=True`: no arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, …
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """`checkpoint-<step>.pt` files in `run_dir`, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """Newest readable checkpoint in `run_dir` (skipping unreadable ones with a warning), or None."""
+    for path in reversed(step_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as err:
+            warnings.warn(f"skipping unreadable checkpoint ({err}); falling back to an older one", stacklevel=2)
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, *, keep_last: int, keep_every: int = 0) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints; keep every `keep_every`-th step as milestone."""
+    paths = step_checkpoints(run_dir)
+    doomed = paths[:-keep_last] if keep_last > 0 else []
+    removed = []
+    for path in doomed:
+        step = int(_STEP_FILE.match(path.name).group(1))
+        if keep_every and step % keep_every == 0:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

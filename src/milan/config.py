@@ -1,0 +1,189 @@
+"""Typed configs: dataclass defaults ← YAML file ← `key=value` overrides, checked at start.
+
+    cfg = load_config(PretrainConfig, "configs/pretrain_vit_base.yaml", ["optim.epochs=100"])
+
+Sections are nested dataclasses; keys are dotted (`optim.lr=1e-3`). Values are parsed as YAML
+scalars and checked against the field's type, so a typo or a wrong type fails before any work
+is done, with a message naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = ["ConfigError", "load_config", "apply_overrides", "to_dict", "save_config", "from_dict"]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message says which and what is allowed."""
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; convert ints to floats and lists to tuples."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {choices}")
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        allowed = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {allowed}")
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}={value!r} should be a list, e.g. {key}=[0.2,1.0]")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key} needs {len(args)} values, got {len(value)}")
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} should be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} should be an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} should be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} should be a string")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
+    """Build dataclass `cls` from a (possibly partial) nested dict, validating every key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} should be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"in section '{prefix}' " if prefix else ""
+        raise ConfigError(
+            f"unknown config key {prefix + '.' if prefix else ''}{unknown[0]} {where}"
+            f"— valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        kwargs[name] = from_dict(tp, value, prefix=key) if _is_dataclass_type(tp) else _coerce(value, tp, key)
+    # Sections not mentioned get their defaults.
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Merge `a.b=value` strings into a nested dict; values parse as YAML (`1e-3`, `[0.2,1]`, `null`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} should look like key=value, e.g. optim.lr=1e-3")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        # YAML 1.1 reads 1e-3 as a string; accept it as the float it clearly is.
+        if isinstance(value, str) and any(c in value for c in ".eE"):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
+    """Defaults of `cls`, then the YAML file at `path` (which may `base:` another YAML), then overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    data = apply_overrides(data, overrides)
+    return from_dict(cls, data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level should be a mapping of sections")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(_read_yaml((path.parent / base).resolve()), data)
+    return data
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (what the run actually used)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,399 @@
+"""`milan pretrain`: MILAN pretraining, one flat loop from config to checkpoints.
+
+    teacher(images) ─► tokens, cls_attn ─► mask ─► model(images, mask, tokens) ─► loss ─► step
+
+Single process, `torchrun` DDP (NCCL on GPU, gloo on CPU), gradient accumulation with `no_sync`,
+AMP (bf16 on GPU by default, fp16 with a scaler, fp32 on CPU), atomic checkpoints and exact
+resume (data order, crops and masks are functions of (seed, epoch, index, step), never of how
+the run was interrupted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+import milan
+from milan import distributed as distr
+from milan.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from milan.config import save_config, to_dict
+from milan.data import build_dataset
+from milan.data.folder import Samples
+from milan.data.sampler import EpochSampler
+from milan.data.transforms import pretrain_transform
+from milan.log import MetricsLogger, get_logger, progress
+from milan.masking import random_masking, semantic_masking
+from milan.model import TABLE5, MaskedAutoencoder, build_model
+from milan.schedule import scaled_lr, warmup_cosine
+
+__all__ = ["PretrainConfig", "main", "param_groups"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "milan_vit_base_patch16"
+    target: Literal["clip", "pixel"] | None = None  # None: the name's default
+    decoder: Literal["prompting", "mae", "none"] | None = None
+    masking: Literal["semantic", "random"] = "semantic"
+    mask_ratio: float = 0.75
+    variant: int | None = None  # a Table 5 row (1–8) sets target, decoder and masking
+    decoder_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+
+
+@dataclass
+class TeacherConfig:
+    spec: str = "openclip:ViT-B-16"
+    weights: str | None = None
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["imagefolder", "shapes"] = "imagefolder"
+    path: str | None = None
+    img_size: int = 224
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    num_workers: int = 8
+    min_size: int = 16  # images with a shorter side are skipped as bad
+    max_bad_fraction: float = 0.01  # stop when more of the images seen are bad
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 400
+    warmup_epochs: int = 40
+    steps: int | None = None  # total optimizer steps; overrides epochs (short runs, demos)
+    warmup_steps: int | None = None  # overrides warmup_epochs
+    batch_size: int = 64  # per process; effective = batch_size × accum_steps × world size
+    accum_steps: int = 1
+    base_lr: float = 1.5e-4  # lr = base_lr × effective batch / 256 (A.1)
+    lr: float | None = None  # absolute lr; overrides base_lr scaling
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = None
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/pretrain"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    log_every: int = 20
+    ckpt_every: int = 1000  # optimizer steps; also at every epoch end
+    keep_last: int = 2
+    milestone_every: int = 0  # keep every n-th step's checkpoint forever (0: none)
+    resume: str = "auto"  # auto: newest good checkpoint in out_dir; none; or a path
+    max_steps: int | None = None  # stop early (the schedule still spans all epochs)
+    tensorboard: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on norms, biases, tokens and position embeddings (A.1, MAE)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.endswith(("cls_token", "mask_token", "pos_embed"))
+        (no_decay if skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def resolve_variant(cfg: ModelConfig) -> ModelConfig:
+    """Apply `variant=<Table 5 row>` to target/decoder/masking."""
+    if cfg.variant is None:
+        return cfg
+    if cfg.variant not in TABLE5:
+        raise ValueError(f"model.variant={cfg.variant} is not a Table 5 row; choose 1–8")
+    row = TABLE5[cfg.variant]
+    cfg.target, cfg.decoder, cfg.masking = row.target, row.decoder, row.masking
+    return cfg
+
+
+def _mask_seed(seed: int, step: int, micro: int) -> int:
+    return hash((seed, step, micro)) & 0x7FFF_FFFF_FFFF
+
+
+def main(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run (or resume) pretraining; returns a summary (final step, last logged loss, run dir)."""
+    log = get_logger()
+    info = distr.init_distributed(cfg.run.device)
+    device = info.device
+    resolve_variant(cfg.model)
+    run_dir = Path(cfg.run.out_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.run.seed)
+
+    precision = cfg.run.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+    # --- teacher: frozen, never in the optimizer, DDP or the checkpoint -------------------------
+    need_teacher = (cfg.model.target or _default_target(cfg.model.name)) == "clip" or cfg.model.masking == "semantic"
+    teacher = None
+    if need_teacher:
+        teacher_dtype = cfg.teacher.dtype
+        if teacher_dtype == "auto":
+            teacher_dtype = "bf16" if device.type == "cuda" else "fp32"
+        teacher = milan.build_teacher(
+            cfg.teacher.spec,
+            weights=cfg.teacher.weights,
+            dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[teacher_dtype],
+            student_patch_size=_patch_size(cfg.model.name),
+        ).to(device)
+
+    # --- student -------------------------------------------------------------------------------
+    model = build_model(
+        cfg.model.name,
+        target_dim=teacher.dim if teacher is not None else None,
+        target=cfg.model.target,
+        decoder=cfg.model.decoder,
+        masking=cfg.model.masking,
+        decoder_dim=cfg.model.decoder_dim,
+        decoder_depth=cfg.model.decoder_depth,
+        decoder_heads=cfg.model.decoder_heads,
+    ).to(device)
+    img_size = model.encoder.patch_embed.img_size[0]
+    if cfg.data.img_size != img_size:
+        raise ValueError(
+            f"data.img_size={cfg.data.img_size} but {cfg.model.name} is built for {img_size}px; "
+            f"set data.img_size={img_size}"
+        )
+
+    # --- data ----------------------------------------------------------------------------------
+    dataset = build_dataset(
+        cfg.data.kind, cfg.data.path, split="train",
+        transform=pretrain_transform(img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip),
+        min_size=cfg.data.min_size,
+    )
+    batch = cfg.optim.batch_size
+    sampler = EpochSampler(len(dataset), rank=info.rank, world_size=info.world_size,
+                           seed=cfg.run.seed, batch_size=batch * cfg.optim.accum_steps)
+    loader = DataLoader(
+        Samples(dataset, seed=cfg.run.seed), batch_size=batch, sampler=sampler,
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+        persistent_workers=False,
+    )
+    accum = cfg.optim.accum_steps
+    micro_per_epoch = sampler.per_rank // batch
+    steps_per_epoch = micro_per_epoch // accum
+    total_steps = cfg.optim.steps if cfg.optim.steps is not None else cfg.optim.epochs * steps_per_epoch
+    warmup_steps = (cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None
+                    else cfg.optim.warmup_epochs * steps_per_epoch)
+    effective_batch = batch * accum * info.world_size
+    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, effective_batch)
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr,
+                                  betas=cfg.optim.betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # --- resume --------------------------------------------------------------------------------
+    step = 0
+    found = _find_resume(cfg.run.resume, run_dir)
+    if found is not None:
+        path, state = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+        if info.is_main:
+            log.info("resumed from %s at step %d", path, step)
+
+    net: torch.nn.Module = model
+    if cfg.run.compile:
+        net = torch.compile(net)
+    if info.world_size > 1:
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    last_step = total_steps if cfg.run.max_steps is None else min(total_steps, cfg.run.max_steps)
+    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard)
+    if info.is_main:
+        log.info(
+            "%s | %d params | teacher %s | %d images | effective batch %d | lr %.3g | %d steps (%d/epoch)",
+            cfg.model.name, sum(p.numel() for p in model.parameters()), cfg.teacher.spec if teacher else "-",
+            len(dataset), effective_batch, peak_lr, total_steps, steps_per_epoch,
+        )
+
+    def checkpoint(step: int, epoch: int) -> None:
+        _check_finite(bad_step)
+        rng = distr.all_gather_object(_rng_state())
+        if not info.is_main:
+            return
+        save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+            "config": to_dict(cfg), "variant": list(_variant(model)),
+            "version": milan.__version__, "rng": rng, "world_size": info.world_size,
+        }, run_dir / f"checkpoint-{step:08d}.pt")
+        prune_checkpoints(run_dir, keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every)
+
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, on device
+    loss_sum = torch.zeros((), device=device)
+    window_steps, window_start = 0, time.perf_counter()
+    seen = bad_images = 0
+    last_loss = float("nan")
+    bar = progress(last_step, initial=step, desc="pretrain", active=info.is_main)
+    autocast = (
+        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    )
+    net.train()
+    mask_gen = torch.Generator(device=device)
+
+    try:
+        while step < last_step:
+            epoch, step_in_epoch = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, start_batch=step_in_epoch * accum, batch_size=batch)
+            micro = 0
+            for images, _, bad in loader:
+                images = images.to(device, non_blocking=True)
+                seen += images.shape[0]
+                bad_images += int(bad.sum())
+                _check_bad_images(bad_images, seen, cfg.data.max_bad_fraction)
+
+                targets = None
+                with torch.no_grad():
+                    if teacher is not None:
+                        out = teacher(images)
+                        targets = out.tokens
+                # One global draw per micro-step, each rank taking its rows (rank r holds samples
+                # r, r+W, ... of the global batch): masks do not depend on the number of processes.
+                mask_gen.manual_seed(_mask_seed(cfg.run.seed, step, micro))
+                noise = torch.rand(images.shape[0] * info.world_size, model.num_patches,
+                                   generator=mask_gen, device=device)[info.rank::info.world_size]
+                if cfg.model.masking == "semantic":
+                    mask = semantic_masking(out.cls_attn, cfg.model.mask_ratio, noise=noise,
+                                            check_values=device.type == "cpu")
+                else:
+                    mask = random_masking(images.shape[0], model.num_patches, cfg.model.mask_ratio,
+                                          noise=noise)
+                sync = micro == accum - 1
+                with (net.no_sync() if isinstance(net, DDP) and not sync else contextlib.nullcontext()):
+                    with autocast:
+                        loss = net(images, mask, targets).loss
+                    scaler.scale(loss / accum).backward()
+                loss_sum += loss.detach() / accum
+                micro += 1
+                if not sync:
+                    continue
+
+                # --- optimizer step ---------------------------------------------------------------
+                micro = 0
+                lr = warmup_cosine(step, total=total_steps, warmup=warmup_steps, peak=peak_lr,
+                                   final=cfg.optim.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if cfg.optim.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                finite = torch.isfinite(loss.detach())
+                bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
+                step += 1
+                window_steps += 1
+                bar.update(1)
+
+                if step % cfg.run.log_every == 0 or step == last_step:
+                    _check_finite(bad_step)
+                    mean_loss = float(distr.all_reduce_mean(loss_sum / window_steps))
+                    elapsed = time.perf_counter() - window_start
+                    img_s = window_steps * effective_batch / max(elapsed, 1e-9)
+                    last_loss = mean_loss
+                    metrics.log(step, loss=mean_loss, lr=lr, img_per_s=img_s, epoch=epoch,
+                                bad_images=bad_images)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
+                    loss_sum.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                if step % cfg.run.ckpt_every == 0 or step == last_step or step % steps_per_epoch == 0:
+                    checkpoint(step, step // steps_per_epoch)
+                if step >= last_step:
+                    break
+    finally:
+        bar.close()
+        metrics.close()
+    if info.is_main:
+        log.info("done: step %d, loss %.4f, checkpoints in %s", step, last_loss, run_dir)
+    distr.cleanup()
+    return {"step": step, "loss": last_loss, "run_dir": str(run_dir), "bad_images": bad_images}
+
+
+def _default_target(name: str) -> str:
+    return {"milan": "clip", "kd": "clip", "mae": "pixel"}.get(name.partition("_")[0], "clip")
+
+
+def _patch_size(name: str) -> int:
+    from milan.encoder import ENCODER_PRESETS
+
+    return ENCODER_PRESETS[name.partition("_")[2]].patch_size if name.partition("_")[2] in ENCODER_PRESETS else 16
+
+
+def _variant(model: MaskedAutoencoder) -> tuple[str, str, str]:
+    v = model.variant
+    return (v.target, v.decoder, v.masking)
+
+
+def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    return Path(resume), load_checkpoint(resume)
+
+
+def _check_finite(bad_step: torch.Tensor) -> None:
+    first = int(bad_step)
+    if first >= 0:
+        raise NonFiniteLoss(
+            f"loss became NaN/inf at step {first}; no checkpoint was written after it. "
+            "Lower optim.lr or base_lr, set optim.clip_grad=1.0, or use run.precision=bf16/fp32; "
+            "then resume from the last checkpoint."
+        )
+
+
+def _check_bad_images(bad: int, seen: int, max_fraction: float) -> None:
+    if bad and seen >= 64 and bad / seen > max_fraction:
+        raise RuntimeError(
+            f"{bad} of {seen} images so far were unreadable or too small "
+            f"({bad / seen:.1%} > data.max_bad_fraction={max_fraction}); "
+            "fix or remove them (the log lists each one), or raise data.max_bad_fraction"
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+CONFIG = PretrainConfig

@@ -1,0 +1,58 @@
+"""Typed configs: YAML + overrides merge, validation messages, resolved config round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from milan.cli import CONFIG_DIR, shipped_configs
+from milan.config import ConfigError, from_dict, load_config, to_dict
+from milan.recipes.pretrain import PretrainConfig
+
+
+def test_defaults_follow_the_paper() -> None:
+    cfg = PretrainConfig()
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.base_lr == 1.5e-4
+    assert cfg.optim.weight_decay == 0.05 and cfg.optim.epochs == 400 and cfg.optim.warmup_epochs == 40
+    assert cfg.model.mask_ratio == 0.75 and cfg.model.masking == "semantic"
+    assert cfg.data.crop_scale == (0.2, 1.0)
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("optim:\n  epochs: 10\n  betas: [0.8, 0.9]\nmodel:\n  masking: random\n")
+    cfg = load_config(PretrainConfig, path, ["optim.epochs=3", "optim.lr=1e-3", "teacher.weights=null"])
+    assert cfg.optim.epochs == 3 and cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.model.masking == "random" and cfg.teacher.weights is None
+    assert cfg.optim.warmup_epochs == 40  # untouched keys keep their defaults
+
+
+def test_base_inheritance_and_round_trip() -> None:
+    large = load_config(PretrainConfig, CONFIG_DIR / "pretrain_vit_large.yaml")
+    assert large.model.name == "milan_vit_large_patch16" and large.teacher.spec == "openclip:ViT-L-14"
+    assert large.optim.epochs == 400  # inherited from pretrain_vit_base.yaml
+    assert large.optim.batch_size * large.optim.accum_steps * 8 == 4096
+    assert from_dict(PretrainConfig, to_dict(large)) == large
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_loads(name: str) -> None:
+    load_config(PretrainConfig, CONFIG_DIR / f"{name}.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", r"unknown config key optim\.lrr in section 'optim' — valid keys: .*base_lr"),
+        ("modle.name=x", r"unknown config key modle — valid keys: data, model, optim, run, teacher"),
+        ("optim.epochs=1.5", r"optim\.epochs=1\.5 should be an integer"),
+        ("optim.betas=[0.9]", r"optim\.betas needs 2 values, got 1"),
+        ("run.precision=fp8", r"run\.precision='fp8' is not valid; choose one of: 'auto', 'bf16', 'fp16', 'fp32'"),
+        ("run.compile=maybe", r"run\.compile='maybe' should be true or false"),
+        ("optim", r"should look like key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, None, [override])
