@@ -101,12 +101,26 @@ class RunConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """A cheap, periodic kNN accuracy of the frozen encoder on a labelled held-out set."""
+
+    every: int = 0  # optimizer steps between evaluations; 0 turns the monitor off
+    kind: Literal["imagefolder", "shapes"] = "imagefolder"
+    train_path: str | None = None  # labelled reference images (ImageFolder: root/<class>/...)
+    val_path: str | None = None  # labelled query images
+    label: str = "shape"  # for shapes: shape, colour, count, position, shape_colour
+    train_size: int = 5000
+    val_size: int = 1000
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -267,6 +281,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     )
+    knn = _knn_monitor(cfg.monitor, img_size, device) if cfg.monitor.every and info.is_main else None
     net.train()
     mask_gen = torch.Generator(device=device)
 
@@ -336,6 +351,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
                     loss_sum.zero_()
                     window_steps, window_start = 0, time.perf_counter()
+                if knn is not None and (step % cfg.monitor.every == 0 or step == last_step):
+                    acc = knn(model.encoder)
+                    metrics.log(step, knn_acc=acc)
+                    log.info("step %d: kNN %s accuracy %.3f", step, cfg.monitor.label, acc)
                 if step % cfg.run.ckpt_every == 0 or step == last_step or step % steps_per_epoch == 0:
                     checkpoint(step, step // steps_per_epoch)
                 if step >= last_step:
@@ -391,9 +410,37 @@ def _check_bad_images(bad: int, seen: int, max_fraction: float) -> None:
         )
 
 
+def _knn_monitor(cfg: MonitorConfig, img_size: int, device: torch.device):
+    """Returns encoder → weighted-kNN top-1 on the held-out set (mean-pooled patch tokens)."""
+    from milan.data.transforms import eval_transform
+    from milan.probe import extract_features, knn_accuracy
+
+    tf = eval_transform(img_size, crop_pct=1.0)
+    paths = {"train": cfg.train_path, "val": cfg.val_path}
+    if cfg.kind == "imagefolder" and not all(paths.values()):
+        raise ValueError("monitor.every > 0 needs monitor.train_path and monitor.val_path (labelled ImageFolders)")
+    sets = {split: build_dataset(cfg.kind, paths[split] or paths["train"], split=split, transform=tf,
+                                 label=cfg.label) for split in ("train", "val")}
+
+    def evaluate(encoder: torch.nn.Module) -> float:
+        was_training = encoder.training
+        encoder.eval()
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return encoder(x)[:, 1:].mean(1)
+        xtr, ytr = extract_features(encode, sets["train"], device=device, limit=cfg.train_size)
+        xte, yte = extract_features(encode, sets["val"], device=device, limit=cfg.val_size)
+        encoder.train(was_training)
+        return knn_accuracy(xtr, ytr, xte, yte)
+
+    return evaluate
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
 CONFIG = PretrainConfig

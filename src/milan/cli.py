@@ -1,0 +1,140 @@
+"""The `milan` command line: `milan <command> [--config FILE] [key=value ...]`.
+
+Recipe commands (`pretrain`, ...) take a YAML config (a path, or the name of one shipped in
+`milan/configs/`, e.g. `--config pretrain_vit_base`) and dotted `key=value` overrides. Every
+command has `--help`. `python -m milan` and `torchrun -m milan` behave the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["main", "config_path", "shipped_configs"]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | None) -> Path | None:
+    """A config file path, or the shipped config of that name."""
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise SystemExit(
+        f"milan: config {name_or_path!r} not found; give a YAML path or one of: {', '.join(shipped_configs())}"
+    )
+
+
+def _recipe_parser(sub: argparse._SubParsersAction, name: str, help: str, config_cls_path: str) -> None:
+    p = sub.add_parser(
+        name, help=help, description=help,
+        epilog=(
+            "Overrides are dotted keys, e.g. optim.epochs=100 data.path=/data/imagenet run.out_dir=runs/x. "
+            f"Shipped configs: {', '.join(shipped_configs()) or 'none'}. "
+            "Use --print-config to see every key with its resolved value."
+        ),
+    )
+    p.add_argument("--config", help="YAML file or shipped config name")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_run_recipe, config_cls=config_cls_path)
+
+
+def _run_recipe(args: argparse.Namespace) -> None:
+    import importlib
+
+    import yaml
+
+    from milan.config import ConfigError, load_config, to_dict
+
+    module = importlib.import_module(args.config_cls)
+    try:
+        cfg = load_config(module.CONFIG, config_path(args.config), args.overrides)
+    except ConfigError as err:
+        raise SystemExit(f"milan {args.command}: {err}") from None
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return
+    module.main(cfg)
+
+
+def _cmd_data_shapes(args: argparse.Namespace) -> None:
+    from milan.data.shapes import default_shapes_root, generate_shapes
+
+    root = generate_shapes(
+        args.out or default_shapes_root(), num_train=args.num_train, num_val=args.num_val,
+        image_size=args.image_size, seed=args.seed, workers=args.workers,
+    )
+    print(root)
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    import milan
+    from milan.model import model_names
+
+    print(f"milan {milan.__version__}")
+    print("models:   " + ", ".join(model_names()))
+    print("teachers: openclip:<arch> (weights=FILE), hf:<folder>, timm:<name> (weights=FILE), builtin:shapes")
+    print("configs:  " + ", ".join(shipped_configs()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="milan",
+        description="MILAN: masked image pretraining on language-assisted representation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    _recipe_parser(sub, "pretrain", "pretrain a ViT with MILAN (or an ablation variant)", "milan.recipes.pretrain")
+
+    demo = sub.add_parser("demo", help="end-to-end demo on the built-in shapes data and teacher (CPU, minutes)")
+    from milan.recipes import demo as demo_recipe
+
+    demo_recipe.add_arguments(demo)
+    demo.set_defaults(func=demo_recipe.run_from_args)
+
+    data = sub.add_parser("data", help="dataset utilities")
+    data_sub = data.add_subparsers(dest="data_command", metavar="<what>", required=True)
+    shapes = data_sub.add_parser("shapes", help="generate the built-in captioned shapes dataset")
+    shapes.add_argument("--out", type=Path, help="output folder (default: $MILAN_CACHE/shapes or ~/.cache/milan/shapes)")
+    shapes.add_argument("--num-train", type=int, default=50000)
+    shapes.add_argument("--num-val", type=int, default=10000)
+    shapes.add_argument("--image-size", type=int, default=64)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--workers", type=int, default=2)
+    shapes.set_defaults(func=_cmd_data_shapes)
+
+    teacher = sub.add_parser("teacher", help="teacher utilities")
+    teacher_sub = teacher.add_subparsers(dest="teacher_command", metavar="<what>", required=True)
+    from milan.recipes import train_shapes_teacher
+
+    train = teacher_sub.add_parser(
+        "train-shapes", help="train the small CLIP shipped as builtin:shapes (≈10 min on 2 CPU cores)"
+    )
+    train_shapes_teacher.add_arguments(train)
+    train.set_defaults(func=train_shapes_teacher.run_from_args)
+
+    info = sub.add_parser("info", help="list models, teacher specs and shipped configs")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,37 @@
+"""Every command has --help; `python -m milan` works; `milan info` lists what exists."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from milan.cli import main
+
+COMMANDS = [["pretrain"], ["demo"], ["data"], ["data", "shapes"], ["teacher"], ["teacher", "train-shapes"], ["info"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: milan " + " ".join(command) in capsys.readouterr().out
+
+
+def test_info_lists_models_and_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["info"])
+    out = capsys.readouterr().out
+    assert "milan_vit_base_patch16" in out and "pretrain_vit_base" in out and "builtin:shapes" in out
+
+
+def test_python_dash_m() -> None:
+    done = subprocess.run([sys.executable, "-m", "milan", "--help"], capture_output=True, text=True, check=True)
+    assert "pretrain" in done.stdout and "demo" in done.stdout
+
+
+def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["pretrain", "--config", "pretrain_vit_base", "optim.epochs=7", "--print-config"])
+    out = capsys.readouterr().out
+    assert "epochs: 7" in out and "spec: openclip:ViT-B-16" in out
