@@ -120,7 +120,7 @@ def attention_on_objects(teacher: torch.nn.Module, root: Path, split: str, count
     mass, area = [], []
     for start in range(0, count, 256):
         idx = range(start, min(count, start + 256))
-        images = torch.stack([torch.from_numpy(np.asarray(ds[i][0])).permute(2, 0, 1) for i in idx])
+        images = torch.stack([torch.from_numpy(np.array(ds[i][0])).permute(2, 0, 1) for i in idx])
         attn = teacher((images.float() / 255 - mean) / std).cls_attn  # [B, N]
         grid = int(math.isqrt(attn.shape[1]))
         for row, i in zip(attn, idx):

@@ -1,0 +1,27 @@
+"""A shortened `milan demo` end to end: table, report and figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from milan.cli import main
+
+
+def test_short_demo_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    main(["demo", "--out", str(out), "--data", str(tmp_path / "shapes"), "--steps", "3",
+          "--data-size", "192", "--val-size", "64", "--probe-train", "128", "--batch-size", "32",
+          "--baseline"])
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"MILAN", "MAE (pixels)", "random init", "teacher (builtin:shapes)"}
+    for row in results.values():
+        assert all(0.0 <= v <= 1.0 for v in row.values()) and "linear shape" in row and "knn colour" in row
+    report = (out / "report.md").read_text()
+    assert "| MILAN |" in report and "masks_semantic_vs_random.png" in report
+    for name in ("masks_semantic_vs_random.png", "teacher_attention.png"):
+        with Image.open(out / name) as img:
+            assert img.size[0] > 300 and img.size[1] > 200
+    assert (out / "milan_vit_shapes_patch8" / "config.yaml").is_file()
