@@ -11,7 +11,14 @@ import torch
 from torchvision import transforms as T
 
 import milan
-from milan.builtin import CARD_FILE, WEIGHTS_FILE, ZEROSHOT_FILE, load_zero_shot, read_card, sha256_file
+from milan.builtin import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    ZEROSHOT_FILE,
+    load_zero_shot,
+    read_card,
+    sha256_file,
+)
 from milan.data.shapes import COLOURS, SHAPES, ShapesDataset, generate_shapes
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from milan.recipes.train_shapes_teacher import train, zero_shot

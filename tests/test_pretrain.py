@@ -28,12 +28,13 @@ def _args(root: Path, out: Path, *extra: str) -> list[str]:
     return [
         "pretrain", "--config", "pretrain_shapes", f"data.path={root}", f"run.out_dir={out}",
         "data.num_workers=0", "optim.batch_size=8", "optim.steps=4", "optim.warmup_steps=1",
-        "run.log_every=1", "run.tensorboard=false", "model.decoder_depth=1", *extra,
+        "run.log_every=1", "run.tensorboard=false", "model.decoder_depth=1", "monitor.every=0", *extra,
     ]
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,37 @@ def test_resume_is_exact(shapes_root: Path, tmp_path: Path) -> None:
     assert a["step"] == b["step"] == 6
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def _shards(root: Path, out: Path) -> Path:
+    from milan.data.wds import write_shards
+
+    rows = (root / "train" / "labels.jsonl").read_text().splitlines()
+    samples = ((f"s{i:04d}", (root / "train" / json.loads(r)["image"]).read_bytes(), json.loads(r)["shape"])
+               for i, r in enumerate(rows))
+    write_shards(samples, out, per_shard=8)
+    return out
+
+
+def test_webdataset_pretrain_and_exact_resume(shapes_root: Path, tmp_path: Path) -> None:
+    shards = _shards(shapes_root, tmp_path / "shards")
+    wds = ["data.kind=webdataset", f"data.path={shards}", "data.num_workers=2", "optim.steps=6",
+           "run.ckpt_every=100"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    cli(_args(shapes_root, full, *wds))
+    cli(_args(shapes_root, part, *wds, "run.max_steps=3"))
+    cli(_args(shapes_root, part, *wds))
+    assert _losses(part) == _losses(full) and len(_losses(full)) == 6
+    a, b = latest_checkpoint(full)[1]["model"], latest_checkpoint(part)[1]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_knn_monitor_logs_accuracy(shapes_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cli(_args(shapes_root, out, "monitor.every=2", "monitor.train_size=64", "monitor.val_size=16"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accs = [(r["step"], r["knn_acc"]) for r in records if "knn_acc" in r]
+    assert [s for s, _ in accs] == [2, 4] and all(0.0 <= a <= 1.0 for _, a in accs)
 
 
 def test_truncated_checkpoint_is_skipped(shapes_root: Path, tmp_path: Path) -> None:

@@ -79,6 +79,13 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
     print(root)
 
 
+def _cmd_data_shards(args: argparse.Namespace) -> None:
+    from milan.data.wds import folder_to_shards
+
+    shards = folder_to_shards(args.folder, args.out, per_shard=args.per_shard, seed=args.seed)
+    print(f"wrote {len(shards)} shards to {args.out}")
+
+
 def _cmd_info(args: argparse.Namespace) -> None:
     import milan
     from milan.model import model_names
@@ -114,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--workers", type=int, default=2)
     shapes.set_defaults(func=_cmd_data_shapes)
+    shards = data_sub.add_parser("shards", help="convert an ImageFolder into shuffled WebDataset tar shards")
+    shards.add_argument("folder", type=Path, help="ImageFolder root (root/<class>/<image>)")
+    shards.add_argument("out", type=Path, help="output folder for shard-000000.tar, ... and sizes.json")
+    shards.add_argument("--per-shard", type=int, default=1000, help="images per shard")
+    shards.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    shards.set_defaults(func=_cmd_data_shards)
 
     teacher = sub.add_parser("teacher", help="teacher utilities")
     teacher_sub = teacher.add_subparsers(dest="teacher_command", metavar="<what>", required=True)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from milan.decoder import MAEDecoder, PromptingDecoder, VisibleHead
-from milan.encoder import ENCODER_PRESETS, MaskedViTEncoder
+from milan.encoder import ENCODER_PRESETS, EncoderConfig, MaskedViTEncoder
 from milan.loss import feature_loss, pixel_loss
 from milan.masking import Mask, gather_tokens
 
@@ -30,6 +30,7 @@ __all__ = [
     "MaskedAutoencoder",
     "build_model",
     "model_names",
+    "parse_name",
 ]
 
 TargetKind = Literal["clip", "pixel"]
@@ -143,6 +144,14 @@ class MaskedAutoencoder(nn.Module):
         return ModelOutput(self.objective(pred, images, mask, targets), pred)
 
 
+def parse_name(name: str) -> tuple[Variant, EncoderConfig]:
+    """`milan_vit_base_patch16` → (the prefix's default variant, the encoder preset)."""
+    prefix, _, preset = name.partition("_")
+    if prefix not in _PREFIXES or preset not in ENCODER_PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
+    return _PREFIXES[prefix], ENCODER_PRESETS[preset]
+
+
 def model_names() -> list[str]:
     """All names `build_model` accepts."""
     return [f"{prefix}_{enc}" for prefix in _PREFIXES for enc in ENCODER_PRESETS]
@@ -171,10 +180,8 @@ def build_model(
         decoder_dim, decoder_depth, decoder_heads: override the decoder shape.
         drop_path_rate: stochastic depth in the encoder.
     """
-    prefix, _, preset = name.partition("_")
-    if prefix not in _PREFIXES or preset not in ENCODER_PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
-    default = _PREFIXES[prefix]
+    default, config = parse_name(name)
+    preset = name.partition("_")[2]
     target = target or default.target
     decoder = decoder or default.decoder
     if target not in ("clip", "pixel"):
@@ -182,7 +189,6 @@ def build_model(
     if decoder not in _DECODERS:
         raise ValueError(f"decoder must be one of {sorted(_DECODERS)}, got {decoder!r}")
 
-    config = ENCODER_PRESETS[preset]
     encoder = MaskedViTEncoder.from_config(config, drop_path_rate=drop_path_rate)
     if target == "clip":
         if not target_dim:

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 __all__ = ["build_dataset", "DATASET_KINDS"]
 
-DATASET_KINDS = ("imagefolder", "shapes")
+DATASET_KINDS = ("imagefolder", "shapes")  # webdataset streams: milan.data.wds
 
 
 def build_dataset(

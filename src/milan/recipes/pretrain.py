@@ -30,7 +30,7 @@ from milan.data.sampler import EpochSampler
 from milan.data.transforms import pretrain_transform
 from milan.log import MetricsLogger, get_logger, progress
 from milan.masking import random_masking, semantic_masking
-from milan.model import TABLE5, MaskedAutoencoder, build_model
+from milan.model import TABLE5, MaskedAutoencoder, build_model, parse_name
 from milan.schedule import scaled_lr, warmup_cosine
 
 __all__ = ["PretrainConfig", "main", "param_groups"]
@@ -58,8 +58,10 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["imagefolder", "shapes"] = "imagefolder"
-    path: str | None = None
+    kind: Literal["imagefolder", "webdataset", "shapes"] = "imagefolder"
+    path: str | None = None  # folder; for webdataset a brace pattern, a list file's folder or a dir of .tar
+    num_samples: int | None = None  # webdataset only: images per epoch (default: from sizes.json / tar headers)
+    shuffle_buffer: int = 1000  # webdataset only: per-worker sample shuffle buffer
     img_size: int = 224
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
@@ -174,7 +176,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
     # --- teacher: frozen, never in the optimizer, DDP or the checkpoint -------------------------
-    need_teacher = (cfg.model.target or _default_target(cfg.model.name)) == "clip" or cfg.model.masking == "semantic"
+    default, encoder_cfg = parse_name(cfg.model.name)
+    need_teacher = (cfg.model.target or default.target) == "clip" or cfg.model.masking == "semantic"
     teacher = None
     if need_teacher:
         teacher_dtype = cfg.teacher.dtype
@@ -184,7 +187,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             cfg.teacher.spec,
             weights=cfg.teacher.weights,
             dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[teacher_dtype],
-            student_patch_size=_patch_size(cfg.model.name),
+            student_patch_size=encoder_cfg.patch_size,
         ).to(device)
 
     # --- student -------------------------------------------------------------------------------
@@ -206,21 +209,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         )
 
     # --- data ----------------------------------------------------------------------------------
-    dataset = build_dataset(
-        cfg.data.kind, cfg.data.path, split="train",
-        transform=pretrain_transform(img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip),
-        min_size=cfg.data.min_size,
-    )
-    batch = cfg.optim.batch_size
-    sampler = EpochSampler(len(dataset), rank=info.rank, world_size=info.world_size,
-                           seed=cfg.run.seed, batch_size=batch * cfg.optim.accum_steps)
-    loader = DataLoader(
-        Samples(dataset, seed=cfg.run.seed), batch_size=batch, sampler=sampler,
-        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-        persistent_workers=False,
-    )
-    accum = cfg.optim.accum_steps
-    micro_per_epoch = sampler.per_rank // batch
+    batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
+    transform = pretrain_transform(img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip)
+    loader, set_epoch, per_rank, num_images = _train_loader(cfg, info, transform)
+    micro_per_epoch = per_rank // batch
     steps_per_epoch = micro_per_epoch // accum
     total_steps = cfg.optim.steps if cfg.optim.steps is not None else cfg.optim.epochs * steps_per_epoch
     warmup_steps = (cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None
@@ -244,11 +236,11 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         if info.is_main:
             log.info("resumed from %s at step %d", path, step)
 
-    net: torch.nn.Module = model
+    # The teacher stays outside DDP: it has no gradients to synchronise.
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.world_size > 1 else None
+    net: torch.nn.Module = ddp if ddp is not None else model
     if cfg.run.compile:
         net = torch.compile(net)
-    if info.world_size > 1:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     last_step = total_steps if cfg.run.max_steps is None else min(total_steps, cfg.run.max_steps)
     metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard)
@@ -256,7 +248,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         log.info(
             "%s | %d params | teacher %s | %d images | effective batch %d | lr %.3g | %d steps (%d/epoch)",
             cfg.model.name, sum(p.numel() for p in model.parameters()), cfg.teacher.spec if teacher else "-",
-            len(dataset), effective_batch, peak_lr, total_steps, steps_per_epoch,
+            num_images, effective_batch, peak_lr, total_steps, steps_per_epoch,
         )
 
     def checkpoint(step: int, epoch: int) -> None:
@@ -281,14 +273,14 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     )
-    knn = _knn_monitor(cfg.monitor, img_size, device) if cfg.monitor.every and info.is_main else None
+    knn = _knn_monitor(cfg, img_size, device) if cfg.monitor.every and info.is_main else None
     net.train()
     mask_gen = torch.Generator(device=device)
 
     try:
         while step < last_step:
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, start_batch=step_in_epoch * accum, batch_size=batch)
+            set_epoch(epoch, step_in_epoch * accum)  # skips the batches done before a resume
             micro = 0
             for images, _, bad in loader:
                 images = images.to(device, non_blocking=True)
@@ -313,7 +305,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                     mask = random_masking(images.shape[0], model.num_patches, cfg.model.mask_ratio,
                                           noise=noise)
                 sync = micro == accum - 1
-                with (net.no_sync() if isinstance(net, DDP) and not sync else contextlib.nullcontext()):
+                with (ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()):
                     with autocast:
                         loss = net(images, mask, targets).loss
                     scaler.scale(loss / accum).backward()
@@ -368,19 +360,45 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     return {"step": step, "loss": last_loss, "run_dir": str(run_dir), "bad_images": bad_images}
 
 
-def _default_target(name: str) -> str:
-    return {"milan": "clip", "kd": "clip", "mae": "pixel"}.get(name.partition("_")[0], "clip")
-
-
-def _patch_size(name: str) -> int:
-    from milan.encoder import ENCODER_PRESETS
-
-    return ENCODER_PRESETS[name.partition("_")[2]].patch_size if name.partition("_")[2] in ENCODER_PRESETS else 16
-
-
 def _variant(model: MaskedAutoencoder) -> tuple[str, str, str]:
     v = model.variant
     return (v.target, v.decoder, v.masking)
+
+
+def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
+    """The training DataLoader and how to start an epoch at a given batch.
+
+    Returns (loader, set_epoch(epoch, start_batch), images per rank per epoch, dataset size).
+    """
+    batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
+    pin = info.device.type == "cuda"
+    if cfg.data.kind == "webdataset":
+        from milan.data.wds import ShardStream, count_samples
+
+        if not cfg.data.path:
+            raise ValueError("data.path is required for data.kind=webdataset (e.g. /data/train-{000000..000999}.tar)")
+        num_images = cfg.data.num_samples or count_samples(cfg.data.path)
+        per_rank = (num_images // info.world_size) // (batch * accum) * (batch * accum)
+        if per_rank == 0:
+            raise ValueError(f"{num_images} images are too few for batch_size={batch} × accum_steps={accum} "
+                             f"× {info.world_size} process(es); lower the batch size or add data")
+        stream = ShardStream(cfg.data.path, transform=transform, rank=info.rank, world_size=info.world_size,
+                             seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                             min_size=cfg.data.min_size, samples_per_rank=per_rank, batch_size=batch)
+        stream.check_workers(cfg.data.num_workers)
+        loader = DataLoader(stream, batch_size=batch, num_workers=cfg.data.num_workers, pin_memory=pin,
+                            drop_last=True, persistent_workers=False)
+        return loader, lambda epoch, start: stream.set_epoch(epoch, skip=start * batch), per_rank, num_images
+
+    dataset = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=transform,
+                            min_size=cfg.data.min_size)
+    sampler = EpochSampler(len(dataset), rank=info.rank, world_size=info.world_size,
+                           seed=cfg.run.seed, batch_size=batch * accum)
+    loader = DataLoader(Samples(dataset, seed=cfg.run.seed), batch_size=batch, sampler=sampler,
+                        num_workers=cfg.data.num_workers, pin_memory=pin, drop_last=True,
+                        persistent_workers=False)
+    return (loader, lambda epoch, start: sampler.set_epoch(epoch, start_batch=start, batch_size=batch),
+            sampler.per_rank, len(dataset))
 
 
 def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -410,13 +428,19 @@ def _check_bad_images(bad: int, seen: int, max_fraction: float) -> None:
         )
 
 
-def _knn_monitor(cfg: MonitorConfig, img_size: int, device: torch.device):
-    """Returns encoder → weighted-kNN top-1 on the held-out set (mean-pooled patch tokens)."""
+def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device):
+    """Returns encoder → weighted-kNN top-1 on the held-out set (mean-pooled patch tokens).
+
+    For shapes the sets default to the training data's own train/val splits.
+    """
     from milan.data.transforms import eval_transform
     from milan.probe import extract_features, knn_accuracy
 
     tf = eval_transform(img_size, crop_pct=1.0)
+    cfg = full.monitor
     paths = {"train": cfg.train_path, "val": cfg.val_path}
+    if cfg.kind == "shapes" and full.data.kind == "shapes":
+        paths = {split: path or full.data.path for split, path in paths.items()}
     if cfg.kind == "imagefolder" and not all(paths.values()):
         raise ValueError("monitor.every > 0 needs monitor.train_path and monitor.val_path (labelled ImageFolders)")
     sets = {split: build_dataset(cfg.kind, paths[split] or paths["train"], split=split, transform=tf,

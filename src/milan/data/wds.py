@@ -1,0 +1,439 @@
+"""WebDataset tar shards streamed for pretraining at scale.
+
+Layout: standard webdataset tars. Each sample is consecutive tar members sharing a key,
+`<key>.jpg` (or `.jpeg`, `.png`, `.webp`) plus an optional `<key>.cls` holding the integer
+label as text; other members are ignored. `write_shards` and `folder_to_shards` write this layout
+and a `sizes.json` (`{shard name: samples}`, the open_clip convention) that `count_samples` reads.
+
+Sharding. Each epoch the shard list is shuffled from (seed, epoch) alone, identically on every
+rank; rank r takes `shards[r::world_size]` and DataLoader worker w of that rank takes
+`rank_shards[w::num_workers]`. Every shard is therefore read by exactly one (rank, worker) per
+epoch and every sample is seen exactly once per epoch across all ranks. The *order* of samples
+depends on the number of ranks and workers (each worker streams its own shards through its own
+shuffle buffer, seeded from (seed, epoch, rank, worker)), but each sample's augmentation is
+seeded from (seed, epoch, shard name, key) and so is the same whoever reads it.
+
+Equal steps on every rank. Ranks hold different numbers of samples (shards differ in size and
+are dealt out afresh each epoch), which DDP cannot run: all ranks must take the same number of
+steps. `samples_per_rank` gives every rank exactly that many samples per epoch, split over its
+workers in whole batches (`batch_size`, the DataLoader's) so the DataLoader's round-robin over
+workers always yields full batches. A worker whose shards hold more stops early (the unread tail
+differs each epoch); one whose shards hold fewer streams them again (repeats get new crops), as
+webdataset's `.repeat().with_epoch(n)` does. Without `samples_per_rank` coverage is exact but
+the count per rank varies.
+
+Resume. `set_epoch(epoch, skip=k)` drops the first k samples of this rank's epoch stream
+without decoding them (the tar bytes are still read). With workers, k is split the way the
+DataLoader interleaves them (batch j comes from worker j % num_workers), so k must be a multiple of
+`batch_size`; this is exact with `samples_per_rank`, and without it as long as no worker ran out
+of samples within the first k. Bad images among the skipped samples are not known without
+decoding, so after a resume up to that many samples from before the interruption repeat.
+
+Dataset size. A stream has no length: the recipe needs the number of samples to size its
+schedule and `samples_per_rank` (config key `data.num_samples`; `count_samples` reads
+`sizes.json` or counts the keys in local shards).
+
+Bad images (corrupt, truncated, too small, no image member) are skipped with a warning naming
+the shard and key, and counted in the `bad` field of the next sample yielded (bad samples at the
+very end of a worker's stream are only logged); CMYK, grayscale, palette and alpha images are
+converted to RGB, as in `milan.data.folder`. A shard that cannot be read to the end is warned
+about and the rest of it skipped.
+
+Use (per rank; `per_rank` as `EpochSampler.per_rank`, the loader's `in_order` left True)::
+
+    stream = ShardStream(urls, transform=t, rank=rank, world_size=world, seed=seed,
+                         samples_per_rank=per_rank, batch_size=batch)
+    stream.check_workers(num_workers)
+    loader = DataLoader(stream, batch_size=batch, num_workers=num_workers, persistent_workers=False)
+    stream.set_epoch(epoch, skip=batches_done * batch)
+    for images, labels, bad in loader: ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import count, islice
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import TarWriter
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+from milan.data.folder import BadImage, ImageFolderDataset, load_rgb
+
+_log = logging.getLogger("milan")
+
+__all__ = ["ShardStream", "count_samples", "decode_rgb", "expand_shards", "folder_to_shards", "write_shards"]
+
+SIZES_FILE = "sizes.json"
+_RAW_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def expand_shards(urls: str | Path | Sequence[str | Path]) -> list[str]:
+    """A brace pattern, a directory (its `*.tar`, sorted), one path or a list of them -> shard list.
+
+    Raises:
+        FileNotFoundError: a local shard is missing, or a directory holds no `.tar`.
+    """
+    if isinstance(urls, (str, Path)):
+        path = Path(urls).expanduser()
+        if path.is_dir():
+            shards = [str(p) for p in sorted(path.glob("*.tar"))]
+            if not shards:
+                raise FileNotFoundError(f"no .tar shards in {path}; write some with `folder_to_shards`")
+            return shards
+        shards = list(braceexpand.braceexpand(str(urls)))
+    else:
+        shards = [str(u) for u in urls]
+    if not shards:
+        raise FileNotFoundError("empty shard list")
+    for shard in shards:
+        if _is_local(shard) and not Path(shard).expanduser().is_file():
+            raise FileNotFoundError(f"shard not found: {shard} (of {len(shards)} shards)")
+    return [str(Path(s).expanduser()) if _is_local(s) else s for s in shards]
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _seed(*parts: Any) -> int:
+    """A seed from `parts` that is the same in every process (`hash` of a str is not)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def decode_rgb(data: bytes, *, name: str, min_size: int = 1) -> Image.Image:
+    """`milan.data.folder.load_rgb` for in-memory bytes; `name` goes into `BadImage` reasons."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode in ("P", "LA", "RGBA", "PA") or "transparency" in img.info:
+                img = img.convert("RGBA")  # palette/alpha: resolve transparency first
+            rgb = img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise BadImage(f"{name}: {err}") from err
+    if min(rgb.size) < min_size:
+        raise BadImage(f"{name}: {rgb.size[0]}x{rgb.size[1]} is smaller than min_size={min_size}")
+    return rgb
+
+
+def _share(total: int, *, batch_size: int, worker: int, num_workers: int) -> int:
+    """Worker `worker`'s part of `total` samples (a multiple of `batch_size`) when the DataLoader
+    takes batch j from worker j % num_workers."""
+    return len(range(worker, total // batch_size, num_workers)) * batch_size
+
+
+class ShardStream(IterableDataset):
+    """Stream `(image, label, bad)` from webdataset tar shards, split over ranks and workers.
+
+    Args:
+        urls: a brace pattern (`/data/train-{000000..000127}.tar`), a directory of `.tar`, or a list.
+        transform: applied to each RGB PIL image (seeded per sample, see the module docstring).
+        rank, world_size: this process and how many there are.
+        seed: shard order, shuffle buffers and augmentation derive from (seed, epoch).
+        shuffle_buffer: samples held per worker for shuffling; 0 or 1 keeps shard order.
+        min_size: images whose short side is below this are bad.
+        image_keys: member extensions tried, in order, for the image.
+        label_key: member extension holding the integer label; None (or a missing member): -1.
+        samples_per_rank: yield exactly this many samples per epoch on each rank (DDP); None:
+            every sample once, however many that is.
+        batch_size: the DataLoader's batch size, for splitting `samples_per_rank` and `skip`
+            over workers in whole batches.
+    """
+
+    def __init__(
+        self,
+        urls: str | Path | Sequence[str | Path],
+        *,
+        transform: Callable[[Image.Image], Any] | None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        min_size: int = 1,
+        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        label_key: str | None = "cls",
+        samples_per_rank: int | None = None,
+        batch_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.shards = expand_shards(urls)
+        if len(self.shards) < world_size:
+            raise ValueError(
+                f"{len(self.shards)} shard(s) for {world_size} processes; every process needs at least "
+                "one shard: use more shards or fewer workers/processes"
+            )
+        if samples_per_rank is not None and (samples_per_rank <= 0 or samples_per_rank % batch_size):
+            raise ValueError(
+                f"samples_per_rank={samples_per_rank} must be a positive multiple of batch_size={batch_size}"
+            )
+        self.transform, self.rank, self.world_size, self.seed = transform, rank, world_size, seed
+        self.shuffle_buffer, self.min_size = shuffle_buffer, min_size
+        self.image_keys, self.label_key = tuple(image_keys), label_key
+        self.samples_per_rank, self.batch_size = samples_per_rank, batch_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch; skip this rank's first `skip` samples of it (resume).
+
+        DataLoader workers copy the dataset when an epoch's iteration starts, so call this
+        before `iter(loader)` and keep `persistent_workers=False`.
+        """
+        if skip < 0 or skip % self.batch_size:
+            raise ValueError(f"skip={skip} must be a non-negative multiple of batch_size={self.batch_size}")
+        self.epoch, self.skip = epoch, skip
+
+    def check_workers(self, num_workers: int) -> None:
+        """Raise `ValueError` unless every (rank, worker) gets a shard; `__iter__` checks too, but
+        inside a worker, so call this before building the DataLoader to fail fast."""
+        readers = self.world_size * max(num_workers, 1)
+        if len(self.shards) < readers:
+            raise ValueError(
+                f"{len(self.shards)} shard(s) for {self.world_size} process(es) × {max(num_workers, 1)} "
+                f"DataLoader worker(s) = {readers} readers; every reader needs at least one shard: use more "
+                "shards or fewer workers/processes"
+            )
+
+    def epoch_shards(self, worker: int = 0, num_workers: int = 1) -> list[str]:
+        """The shards read by (this rank, `worker`) in the current epoch, in reading order."""
+        shards = list(self.shards)
+        random.Random(_seed(self.seed, self.epoch)).shuffle(shards)  # same on all ranks
+        return shards[self.rank::self.world_size][worker::num_workers]
+
+    def __iter__(self) -> Iterator[tuple[Any, int, int]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self.check_workers(num_workers)
+        # The DataLoader takes batch j from worker j % num_workers, restarting at worker 0 each
+        # `iter(loader)`. After skipping k batches, worker w plays the part that worker
+        # (w + k) % num_workers had in the uninterrupted epoch, so the order continues unchanged.
+        worker = (worker + self.skip // self.batch_size) % num_workers
+        shards = self.epoch_shards(worker, num_workers)
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker))
+        split = dict(batch_size=self.batch_size, worker=worker, num_workers=num_workers)
+        quota = None if self.samples_per_rank is None else _share(self.samples_per_rank, **split)
+        skip = _share(self.skip, **split)
+        per_pass: list[int] = []
+        raw: Iterator[tuple[int, str, dict[str, Any]]] = self._raw(shards, rng, repeat=quota is not None,
+                                                                   per_pass=per_pass)
+        if self.shuffle_buffer > 1:
+            raw = _shuffled(raw, self.shuffle_buffer, rng)
+        for _ in islice(raw, skip):  # resume: no decoding
+            pass
+        done, bad = skip, 0
+        while quota is None or done < quota:
+            item = next(raw, None)
+            if item is None:
+                return
+            epoch_pass, shard, sample = item
+            name = f"{Path(shard).name}:{sample['__key__']}"
+            try:
+                image, label = self._decode(sample, name)
+            except BadImage as err:
+                _log.warning("skipping bad sample %s", err)
+                bad += 1
+                if per_pass and bad > per_pass[0]:
+                    raise RuntimeError(
+                        f"every sample in {', '.join(shards)} is bad (last: {err}); check the shards"
+                    ) from err
+                continue
+            # Global RNGs are per worker process; seeding them here makes the crop of a sample
+            # independent of which rank and worker read it.
+            seed = _seed(self.seed, self.epoch, epoch_pass, Path(shard).name, sample["__key__"])
+            torch.manual_seed(seed)
+            random.seed(seed)
+            yield (self.transform(image) if self.transform else image), label, bad
+            done, bad = done + 1, 0
+
+    def _raw(self, shards: list[str], rng: random.Random, *, repeat: bool,
+             per_pass: list[int]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """Undecoded samples `(pass, shard, {ext: bytes})`; with `repeat`, passes over `shards` forever."""
+        for epoch_pass in count():
+            n = 0
+            for shard in shards:
+                for sample in _read_shard(shard):
+                    n += 1
+                    yield epoch_pass, shard, sample
+            if not per_pass:
+                per_pass.append(n)
+            if not repeat:
+                return
+            if n == 0:
+                raise RuntimeError(f"no samples in {', '.join(shards)}; check the shards")
+            rng.shuffle(shards)
+
+    def _decode(self, sample: dict[str, Any], name: str) -> tuple[Image.Image, int]:
+        ext = next((k for k in self.image_keys if k in sample), None)
+        if ext is None:
+            raise BadImage(f"{name}: no image member (looked for {', '.join(self.image_keys)})")
+        label = -1
+        if self.label_key is not None and self.label_key in sample:
+            try:
+                label = int(sample[self.label_key].decode().strip())
+            except ValueError as err:
+                raise BadImage(f"{name}.{self.label_key}: label is not an integer: {err}") from err
+        return decode_rgb(sample[ext], name=f"{name}.{ext}", min_size=self.min_size), label
+
+
+def _read_shard(shard: str) -> Iterator[dict[str, Any]]:
+    """Samples `{"__key__": key, ext: bytes, ...}` of one shard; a damaged tail is warned about."""
+    damage: list[Exception] = []
+
+    def files(stream: Any) -> Iterator[dict[str, Any]]:
+        # End the member stream at the damage instead of raising through `group_by_keys`, which
+        # would drop the complete sample it holds.
+        try:
+            for member in tar_file_iterator(stream):
+                yield {**member, "__url__": shard}
+        except (tarfile.TarError, OSError, ValueError, EOFError) as err:
+            damage.append(err)
+
+    n = 0
+    try:
+        with gopen(shard, "rb") as stream:
+            for sample in group_by_keys(files(stream)):
+                n += 1
+                yield sample
+    except (OSError, ValueError) as err:  # unreadable, or a member name repeated within a sample
+        damage.append(err)
+    if damage:
+        _log.warning("shard %s is damaged after %d samples (%s); skipping the rest of it", shard, n, damage[0])
+
+
+def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of `size` items."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        k = rng.randrange(size)
+        yield buffer[k]
+        buffer[k] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def count_samples(urls: str | Path | Sequence[str | Path]) -> int:
+    """Samples in the shards: from `sizes.json` beside them when it lists them all, else by
+    reading the tar headers of local shards (no image data)."""
+    shards = expand_shards(urls)
+    total, unknown = 0, []
+    sizes: dict[Path, dict[str, int]] = {}
+    for shard in shards:
+        folder = Path(shard).parent
+        if folder not in sizes:
+            file = folder / SIZES_FILE
+            sizes[folder] = json.loads(file.read_text()) if _is_local(shard) and file.is_file() else {}
+        n = sizes[folder].get(Path(shard).name)
+        if n is None:
+            unknown.append(shard)
+        else:
+            total += int(n)
+    for shard in unknown:
+        if not _is_local(shard):
+            raise ValueError(f"cannot count the samples of {shard}; set data.num_samples")
+        with tarfile.open(shard, "r:*") as tar:
+            keys = {base_plus_ext(m.name)[0] for m in tar if m.isreg()}
+        total += len(keys - {None})
+    return total
+
+
+def _image_ext(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise ValueError("unknown image format (not JPEG, PNG or WEBP); re-encode it, e.g. as PNG")
+
+
+def write_shards(samples: Iterable[tuple[str, bytes, int]], out_dir: str | Path, *, per_shard: int) -> list[Path]:
+    """Write `(key, image bytes, label)` samples to `out_dir/shard-000000.tar`, ... and `sizes.json`.
+
+    The image member's extension follows the bytes (JPEG, PNG or WEBP); label -1 writes no `.cls`.
+    Keys must be unique and must not contain '.' (webdataset splits the extension at the first dot).
+    """
+    if per_shard < 1:
+        raise ValueError(f"per_shard={per_shard} must be at least 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob("*.tar")):
+        raise FileExistsError(f"{out} already holds .tar shards; write to an empty folder")
+    paths: list[Path] = []
+    sizes: dict[str, int] = {}
+    writer: TarWriter | None = None
+    try:
+        for i, (key, data, label) in enumerate(samples):
+            if "." in key.rsplit("/", 1)[-1]:
+                raise ValueError(f"sample key {key!r} contains '.'; webdataset keys cannot")
+            try:
+                ext = _image_ext(data)
+            except ValueError as err:
+                raise ValueError(f"sample {key!r}: {err}") from None
+            if i % per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                paths.append(out / f"shard-{len(paths):06d}.tar")
+                writer = TarWriter(str(paths[-1]), encoder=False, mtime=0.0)
+                sizes[paths[-1].name] = 0
+            record = {"__key__": key, ext: data}
+            if label >= 0:
+                record["cls"] = str(label).encode()
+            writer.write(record)
+            sizes[paths[-1].name] += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+    return paths
+
+
+def folder_to_shards(image_folder: str | Path, out_dir: str | Path, per_shard: int = 1000,
+                     *, seed: int = 0) -> list[Path]:
+    """Convert an ImageFolder tree (or flat folder) to shuffled tar shards.
+
+    Samples are shuffled before writing so every shard mixes classes (the stream only shuffles
+    within a buffer). JPEG, PNG and WEBP files are copied byte for byte (bad ones are caught when
+    training); other formats are re-encoded as PNG, and those that cannot be read are skipped with
+    a warning. Class names go to `classes.json` (index = label).
+    """
+    folder = ImageFolderDataset(image_folder)
+    order = list(range(len(folder.samples)))
+    random.Random(seed).shuffle(order)
+
+    def records() -> Iterator[tuple[str, bytes, int]]:
+        for i in order:
+            path, label = folder.samples[i]
+            data = path.read_bytes()
+            try:
+                _image_ext(data)
+            except ValueError:
+                try:
+                    buffer = io.BytesIO()
+                    load_rgb(path).save(buffer, format="PNG")
+                except BadImage as err:
+                    _log.warning("skipping bad image %s", err)
+                    continue
+                data = buffer.getvalue()
+            yield f"{i:09d}", data, label
+
+    paths = write_shards(records(), out_dir, per_shard=per_shard)
+    if folder.classes:
+        (Path(out_dir) / "classes.json").write_text(json.dumps(folder.classes, indent=1) + "\n")
+    return paths
