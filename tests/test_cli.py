@@ -9,7 +9,7 @@ import pytest
 
 from milan.cli import main
 
-COMMANDS = [["pretrain"], ["demo"], ["data"], ["data", "shapes"], ["data", "shards"], ["teacher"], ["teacher", "train-shapes"], ["info"]]
+COMMANDS = [["pretrain"], ["demo"], ["data"], ["data", "shapes"], ["data", "shards"], ["teacher"], ["teacher", "train-shapes"], ["bench"], ["bench", "speed"], ["info"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -138,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     train_shapes_teacher.add_arguments(train)
     train.set_defaults(func=train_shapes_teacher.run_from_args)
 
+    bench = sub.add_parser("bench", help="benchmarks (speed, MFU)")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="<what>", required=True)
+    from milan import bench as bench_module
+
+    speed = bench_sub.add_parser(
+        "speed", help="images/s, phase split, peak memory and MFU of one pretraining step (CPU or CUDA)"
+    )
+    bench_module.add_arguments(speed)
+    speed.set_defaults(func=bench_module.run_from_args)
+
     info = sub.add_parser("info", help="list models, teacher specs and shipped configs")
     info.set_defaults(func=_cmd_info)
     return parser
