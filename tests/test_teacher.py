@@ -513,15 +513,17 @@ def test_error_unknown_spec_lists_valid_forms() -> None:
         build_teacher("openclip:ViT-B-61", weights="x.pt")
 
 
-def test_builtin_shapes_missing_names_the_command() -> None:
-    from milan.builtin import WEIGHTS_FILE
+def test_builtin_shapes_missing_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import milan.builtin
 
-    if WEIGHTS_FILE.exists():
-        pytest.skip("the built-in teacher is shipped")
-    with pytest.raises(
-        (NotImplementedError, FileNotFoundError), match="milan teacher train-shapes"
-    ):
+    missing = tmp_path / "shapes_clip_visual.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"shapes_clip_visual\.safetensors.*milan teacher train-shapes"):
+        build_teacher("builtin:shapes", weights=missing)
+    monkeypatch.setattr(milan.builtin, "WEIGHTS_FILE", missing)  # a broken install
+    with pytest.raises(FileNotFoundError, match="milan teacher train-shapes"):
         build_teacher("builtin:shapes")
+    with pytest.raises(ValueError, match="unknown builtin teacher"):
+        build_teacher("builtin:cats")
 
 
 def test_input_size_must_fit_the_patch_grid(tiny_ckpt: Path) -> None:
