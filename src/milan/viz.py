@@ -44,6 +44,18 @@ def _figure(rows: int, cols: int, scale: float = 1.6):
     return fig, axes
 
 
+def _save(fig, path: str | Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_masks(images: Tensor, cls_attn: Tensor, semantic: Mask, random: Mask, patch_size: int,
                path: str | Path, *, title: str = "") -> Path:
     """Rows: image | teacher CLS attention | semantic-aware mask | random mask (kept patches bright)."""
@@ -60,15 +72,7 @@ def plot_masks(images: Tensor, cls_attn: Tensor, semantic: Mask, random: Mask, p
         axes[i, 3].imshow(masked_view(pic, rnd[i], patch_size))
     for ax, head in zip(axes[0], heads):
         ax.set_title(head, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_attention(images: Tensor, cls_attn: Tensor, path: str | Path, *, title: str = "", cols: int = 6) -> Path:
@@ -84,12 +88,4 @@ def plot_attention(images: Tensor, cls_attn: Tensor, path: str | Path, *, title:
         ax.imshow(pic)
         ax.imshow(heat, cmap="inferno", alpha=0.55, extent=(0, pic.shape[1], pic.shape[0], 0),
                   interpolation="nearest")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)

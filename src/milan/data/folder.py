@@ -16,7 +16,7 @@ import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -33,18 +33,22 @@ class BadImage(Exception):
     """An image that cannot be used (corrupt, truncated, too small)."""
 
 
-def load_rgb(path: str | Path, *, min_size: int = 1) -> Image.Image:
-    """Open `path` as RGB, fully decoded; raise `BadImage` with the reason otherwise."""
+def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | None = None) -> Image.Image:
+    """Open an image file (path or binary stream) as RGB, fully decoded.
+
+    Raises `BadImage` with the reason, prefixed by `name` (default: the path), otherwise.
+    """
+    name = name or str(source)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             if img.mode in ("P", "LA", "RGBA", "PA") or "transparency" in img.info:
                 img = img.convert("RGBA")  # palette/alpha: resolve transparency first
             rgb = img.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise BadImage(f"{path}: {err}") from err
+        raise BadImage(f"{name}: {err}") from err
     if min(rgb.size) < min_size:
-        raise BadImage(f"{path}: {rgb.size[0]}x{rgb.size[1]} is smaller than min_size={min_size}")
+        raise BadImage(f"{name}: {rgb.size[0]}x{rgb.size[1]} is smaller than min_size={min_size}")
     return rgb
 
 

@@ -64,7 +64,7 @@ from typing import Any
 
 import braceexpand
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import TarWriter
 from webdataset.gopen import gopen
@@ -116,17 +116,7 @@ def _seed(*parts: Any) -> int:
 
 def decode_rgb(data: bytes, *, name: str, min_size: int = 1) -> Image.Image:
     """`milan.data.folder.load_rgb` for in-memory bytes; `name` goes into `BadImage` reasons."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode in ("P", "LA", "RGBA", "PA") or "transparency" in img.info:
-                img = img.convert("RGBA")  # palette/alpha: resolve transparency first
-            rgb = img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise BadImage(f"{name}: {err}") from err
-    if min(rgb.size) < min_size:
-        raise BadImage(f"{name}: {rgb.size[0]}x{rgb.size[1]} is smaller than min_size={min_size}")
-    return rgb
+    return load_rgb(io.BytesIO(data), min_size=min_size, name=name)
 
 
 def _share(total: int, *, batch_size: int, worker: int, num_workers: int) -> int:
