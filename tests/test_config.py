@@ -56,3 +56,15 @@ def test_every_shipped_config_loads(name: str) -> None:
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(PretrainConfig, None, [override])
+
+
+@pytest.mark.parametrize("row", range(1, 9))
+def test_ablation_configs_select_table5_rows(row: int) -> None:
+    from milan.model import TABLE5
+    from milan.recipes.pretrain import resolve_variant
+
+    cfg = load_config(PretrainConfig, CONFIG_DIR / f"ablation_vit_base_row{row}.yaml")
+    model = resolve_variant(cfg.model)
+    assert (model.target, model.decoder, model.masking) == (
+        TABLE5[row].target, TABLE5[row].decoder, TABLE5[row].masking)
+    assert cfg.optim.epochs == 400 and cfg.model.name == "milan_vit_base_patch16"
