@@ -19,13 +19,22 @@ __all__ = ["extract_features", "linear_probe", "knn_classify", "knn_accuracy"]
 def extract_features(
     encode: Callable[[Tensor], Tensor], dataset: Dataset, *, batch_size: int = 256,
     num_workers: int = 0, device: torch.device | str = "cpu", limit: int | None = None,
+    desc: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Run `encode` (images → `[B, D]`) over a dataset of (image, label); returns features, labels."""
+    """Run `encode` (images → `[B, D]`) over a dataset of (image, label); returns features, labels.
+
+    With `desc`, a progress bar of that name is shown.
+    """
     if limit is not None and limit < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(limit))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     feats, labels = [], []
-    for images, targets in loader:
+    batches = loader
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True)
+    for images, targets in batches:
         feats.append(encode(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(targets))
     return torch.cat(feats), torch.cat(labels)
