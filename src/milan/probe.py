@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["extract_features", "linear_probe", "knn_classify", "knn_accuracy"]
+__all__ = ["extract_features", "linear_probe", "knn_classify", "knn_accuracy", "remap_labels", "topk_accuracy"]
 
 
 @torch.no_grad()
@@ -93,3 +93,26 @@ def knn_classify(
 
 def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, **kwargs) -> float:
     return float((knn_classify(train_x, train_y, test_x, **kwargs) == test_y).float().mean())
+
+
+def remap_labels(labels: Tensor, classes: list[str], onto: list[str]) -> Tensor:
+    """Re-index `labels` (indices into `classes`) as indices into `onto`, matching class names.
+
+    ImageFolder numbers the classes present in each split, so a val split that lacks some
+    training classes would otherwise be scored against the wrong ones.
+    """
+    if classes == onto:
+        return labels
+    index = {name: i for i, name in enumerate(onto)}
+    unknown = [c for c in classes if c not in index]
+    if unknown:
+        raise ValueError(f"val classes not in the training set: {', '.join(unknown[:5])}; "
+                         "the val folder's class folders must be a subset of train's")
+    return torch.tensor([index[c] for c in classes], dtype=torch.long)[labels]
+
+
+def topk_accuracy(logits: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    """Fraction of rows whose target is among the top-k logits, for each k (k clipped to #classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [B, kmax]
+    hits = top == targets[:, None]
+    return [float(hits[:, :k].any(1).float().mean()) for k in ks]

@@ -1,0 +1,164 @@
+"""`milan eval`: top-1/top-5 of a finetuned classifier on ImageFolder val sets.
+
+Works for ImageNet-1k val, ImageNet-Sketch (1000 classes) and the 200-class ImageNet-A and
+ImageNet-R: folder names are WordNet ids (`n01443537`), matched to the model's classes (the
+checkpoint's own class list, or timm's ImageNet-1k synsets for a 1000-way head). When a folder
+tree holds fewer classes than the model (A, R), the logits are restricted to those classes before
+the arg-max, the standard protocol for these sets. Rank 0 evaluates; other ranks wait.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from milan import distributed as distr
+from milan.data import build_dataset
+from milan.data.transforms import eval_transform
+from milan.encoder import EncoderConfig
+from milan.log import MetricsLogger, get_logger
+from milan.weights import WeightsError, encoder_state_dict, load_encoder
+
+__all__ = ["EvalConfig", "CONFIG", "main", "class_index", "imagenet_classes"]
+
+
+@dataclass
+class ModelConfig:
+    weights: str | None = None  # a finetuned checkpoint (milan finetune) or its export
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # ImageFolder val sets (root/<wnid>/<image>)
+    img_size: int | None = None  # default: the checkpoint's
+    crop_pct: float = 0.875
+    batch_size: int = 128
+    num_workers: int = 8
+    restrict_logits: Literal["auto", "always", "never"] = "auto"  # auto: when the set has fewer classes
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/eval"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CONFIG = EvalConfig
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in the standard label order (from timm)."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo("imagenet-1k").label_names())
+
+
+def class_index(folder_classes: list[str], model_classes: list[str]) -> torch.Tensor:
+    """For each folder class, its output index in the model; a clear error when names do not match.
+
+    Returns:
+        `[C_folder]` int64 indices into the model's outputs.
+    """
+    index = {name: i for i, name in enumerate(model_classes)}
+    unknown = [c for c in folder_classes if c not in index]
+    if len(unknown) == len(folder_classes):
+        raise ValueError(
+            f"none of the folder's classes ({', '.join(folder_classes[:4])}, ...) is a class of the model "
+            f"({', '.join(model_classes[:3])}, ...); for ImageNet(-A/-R/-Sketch) the class folders must be "
+            "named by WordNet id (n01440764, ...) as in the official releases"
+        )
+    if unknown:
+        raise ValueError(f"{len(unknown)} folder classes are not classes of the model: {', '.join(unknown[:8])}")
+    return torch.tensor([index[c] for c in folder_classes], dtype=torch.long)
+
+
+def main(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate the checkpoint on every set in data.paths; returns {set name: metrics} on rank 0."""
+    from milan.recipes.finetune import _Relabel, build_classifier, evaluate
+
+    log = get_logger()
+    info = distr.init_distributed(cfg.run.device)
+    if not info.is_main:
+        distr.barrier()
+        return {}
+    if not cfg.model.weights:
+        raise SystemExit("milan eval: set model.weights=<finetuned checkpoint, e.g. runs/finetune/checkpoint-best.pt>")
+    if not cfg.data.paths:
+        raise SystemExit("milan eval: set data.paths=[/data/imagenet/val,/data/imagenet-r] (ImageFolder val sets)")
+    device = info.device
+    precision = cfg.run.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    state, meta = encoder_state_dict(cfg.model.weights)
+    if "head.weight" not in state:
+        raise SystemExit(f"milan eval: {cfg.model.weights} has no classifier head; evaluate a finetuned "
+                         "checkpoint (milan finetune), or use milan knn / milan linprobe for an encoder")
+    config = EncoderConfig(**meta["encoder"])
+    num_classes = meta["num_classes"]
+    model = build_classifier(config, num_classes)
+    if meta["global_pool"] != "avg":
+        from timm.models import VisionTransformer
+
+        from milan.weights import timm_kwargs
+
+        model = VisionTransformer(**timm_kwargs(config), num_classes=num_classes, global_pool="token")
+    try:
+        load_encoder(model, state, allow_missing=())
+    except WeightsError as err:
+        raise SystemExit(f"milan eval: {err}") from None
+    model.eval().to(device)
+    raw = torch.load(cfg.model.weights, map_location="cpu", weights_only=True) \
+        if not str(cfg.model.weights).endswith(".safetensors") else {}
+    model_classes = list(raw.get("classes") or [])
+    if not model_classes and num_classes == 1000:
+        model_classes = imagenet_classes()
+
+    img_size = cfg.data.img_size or config.img_size
+    transform = eval_transform(img_size, crop_pct=cfg.data.crop_pct)
+    run_dir = Path(cfg.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLogger(run_dir, tensorboard=False)
+    results: dict[str, Any] = {}
+    for path in cfg.data.paths:
+        dataset = build_dataset("imagefolder", path, split="val", transform=transform)
+        if model_classes:
+            try:
+                index = class_index(dataset.classes, model_classes)
+            except ValueError as err:
+                raise SystemExit(f"milan eval: {path}: {err}") from None
+        elif len(dataset.classes) == num_classes:  # no names to match: trust the folder order
+            index = torch.arange(num_classes)
+        else:
+            raise SystemExit(f"milan eval: {cfg.model.weights} records no class names and has {num_classes} "
+                             f"outputs, but {path} has {len(dataset.classes)} classes; cannot match them")
+        restrict = {"auto": len(index) < num_classes, "always": True, "never": False}[cfg.data.restrict_logits]
+        if not restrict:
+            dataset = _Relabel(dataset, index)  # targets become model output indices
+        loader = DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
+        name = Path(path).name if Path(path).name not in ("val", "train") else Path(path).parent.name + "/val"
+        result = evaluate(model, loader, device, class_index=index if restrict else None, amp_dtype=amp_dtype,
+                          desc=name)
+        result.update(num_classes=len(index), restricted=restrict, path=str(path))
+        results[name] = result
+        metrics.log(0, set=name, top1=result["top1"], top5=result["top5"])
+        log.info("%s: top-1 %.2f%% top-5 %.2f%% (%d images, %d classes%s)", name, 100 * result["top1"],
+                 100 * result["top5"], result["count"], len(index), ", logits restricted" if restrict else "")
+    metrics.close()
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    distr.barrier()
+    return results

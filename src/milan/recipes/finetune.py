@@ -1,0 +1,330 @@
+"""`milan finetune`: end-to-end finetuning of a pretrained encoder as a timm ViT classifier.
+
+    pretrained encoder ─► timm VisionTransformer(global_pool="avg": mean of patch tokens ─► fc_norm)
+    RandAugment + random erasing ─► mixup/cutmix ─► soft-target CE ─► AdamW with layer-wise lr decay
+
+The recipe of appendix A.1 (MAE's): AdamW β=(0.9, 0.999), lr = 1e-4 × batch / 256, 5 warmup
+epochs then cosine to 0, layer decay 0.65 (B) / 0.75 (L), weight decay 0.05, drop path 0.1 (B) /
+0.2 (L), mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25, 100 epochs. A different
+`data.img_size` (e.g. 384) resamples the position embedding. The encoder's final norm is dropped
+and `fc_norm` starts fresh (as MAE does with global pooling).
+
+Checkpoints (`checkpoint-last.pt`, `checkpoint-best.pt`) hold the timm model's state dict under
+"model", so `milan export` and `timm` read them directly; `milan eval` evaluates them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+import milan
+from milan import distributed as distr
+from milan.checkpoint import save_checkpoint
+from milan.config import save_config, to_dict
+from milan.data import build_dataset
+from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from milan.encoder import ENCODER_PRESETS, EncoderConfig
+from milan.log import MetricsLogger, get_logger, progress
+from milan.probe import remap_labels, topk_accuracy
+from milan.schedule import scaled_lr, warmup_cosine
+from milan.weights import WeightsError, encoder_state_dict, load_encoder, timm_kwargs
+
+__all__ = ["FinetuneConfig", "CONFIG", "main", "build_classifier", "evaluate"]
+
+
+@dataclass
+class ModelConfig:
+    weights: str | None = None  # pretrain checkpoint, export (.safetensors) or authors' checkpoint
+    preset: str | None = None  # encoder preset; alone (no weights) finetunes from scratch (a baseline)
+    drop_path: float = 0.1  # 0.1 for ViT-B, 0.2 for ViT-L
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["imagefolder", "shapes"] = "imagefolder"
+    path: str | None = None  # root with train/ and val/ (imagefolder) or the shapes folder
+    label: str = "shape"  # shapes only
+    img_size: int | None = None  # default: the encoder's; e.g. 384 (position embedding resampled)
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre-crop
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; None turns it off
+    reprob: float = 0.25  # random erasing probability
+    hflip: float = 0.5
+    num_workers: int = 8
+
+
+@dataclass
+class MixupConfig:
+    mixup: float = 0.8  # alpha; 0 turns mixup off
+    cutmix: float = 1.0  # alpha; 0 turns cutmix off
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    warmup_epochs: int = 5
+    batch_size: int = 64  # per process; effective = batch_size × world size
+    base_lr: float = 1e-4  # lr = base_lr × effective batch / 256 (A.1: 4e-4 at 1024)
+    lr: float | None = None  # absolute lr; overrides base_lr scaling
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65  # 0.65 for ViT-B, 0.75 for ViT-L
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = None
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/finetune"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    log_every: int = 50
+    tensorboard: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CONFIG = FinetuneConfig
+
+
+def build_classifier(config: EncoderConfig, num_classes: int, *, drop_path: float = 0.0) -> torch.nn.Module:
+    """timm `VisionTransformer` of this encoder shape with average pooling + fc_norm and a head."""
+    from timm.models import VisionTransformer
+
+    return VisionTransformer(**timm_kwargs(config), num_classes=num_classes, global_pool="avg",
+                             drop_path_rate=drop_path)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, *,
+             class_index: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None,
+             desc: str = "eval") -> dict[str, float]:
+    """Top-1/top-5 and mean CE of `model` over `loader`.
+
+    Args:
+        class_index: restrict the logits to these output classes (e.g. the 200 ImageNet-R
+            classes among the 1000); targets index into it.
+    """
+    model.eval()
+    hits1 = hits5 = loss = 0.0
+    count = 0
+    bar = progress(len(loader), desc=desc, unit="batch", active=distr.is_main())
+    for images, targets in loader:
+        bar.update(1)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images.to(device)).float()  # [B, C]
+        if class_index is not None:
+            logits = logits[:, class_index.to(device)]  # [B, C_subset]
+        targets = torch.as_tensor(targets).to(device)
+        top1, top5 = topk_accuracy(logits, targets)
+        n = len(targets)
+        hits1, hits5, count = hits1 + top1 * n, hits5 + top5 * n, count + n
+        loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+    bar.close()
+    return {"top1": hits1 / count, "top5": hits5 / count, "loss": loss / count, "count": count}
+
+
+def main(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Finetune; returns best/last top-1/top-5 and the run dir (on every rank)."""
+    from timm.data import Mixup, create_transform
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+
+    log = get_logger()
+    info = distr.init_distributed(cfg.run.device)
+    device = info.device
+    run_dir = Path(cfg.run.out_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.run.seed + info.rank)
+    precision = cfg.run.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    # --- encoder weights and shape -------------------------------------------------------------
+    if cfg.model.weights is not None:
+        state, meta = encoder_state_dict(cfg.model.weights)
+        config = EncoderConfig(**meta["encoder"])
+        preset = meta["preset"]
+    elif cfg.model.preset in ENCODER_PRESETS:
+        state, config, preset = None, ENCODER_PRESETS[cfg.model.preset], cfg.model.preset
+    else:
+        raise SystemExit("milan finetune: give model.weights=<pretrain checkpoint or export>, or "
+                         f"model.preset=<one of: {', '.join(ENCODER_PRESETS)}> to train from scratch")
+    img_size = cfg.data.img_size or config.img_size
+    config = replace(config, img_size=img_size)
+
+    # --- data ----------------------------------------------------------------------------------
+    if cfg.data.kind == "imagefolder" and not cfg.data.path:
+        raise SystemExit("milan finetune: set data.path=<root with train/ and val/>")
+    train_tf = create_transform(
+        img_size, is_training=True, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+        auto_augment=cfg.data.auto_augment, interpolation="bicubic", re_prob=cfg.data.reprob,
+        re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    )
+    _keep_posterize_bits(train_tf)
+    train_set = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=train_tf, label=cfg.data.label)
+    val_set = build_dataset(cfg.data.kind, cfg.data.path, split="val",
+                            transform=eval_transform(img_size, crop_pct=cfg.data.crop_pct), label=cfg.data.label)
+    classes = list(getattr(train_set, "classes", []))
+    if classes and getattr(val_set, "classes", None) not in (None, classes):
+        lut = remap_labels(torch.arange(len(val_set.classes)), val_set.classes, classes)
+        val_set = _Relabel(val_set, lut)
+    num_classes = len(classes)
+    batch = cfg.optim.batch_size
+    sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=cfg.run.seed,
+                                 drop_last=True)
+    loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    if len(loader) == 0:
+        raise SystemExit(f"milan finetune: {len(train_set)} training images are fewer than one batch "
+                         f"per process; lower optim.batch_size={batch}")
+    val_loader = DataLoader(val_set, batch_size=batch, num_workers=cfg.data.num_workers)
+
+    # --- model ---------------------------------------------------------------------------------
+    model = build_classifier(config, num_classes, drop_path=cfg.model.drop_path)
+    if state is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a new task's head
+        # Average pooling uses fc_norm (fresh) in place of the final norm, as MAE finetuning.
+        allow_unexpected = ("norm.",) if "norm.weight" in state else ()
+        try:
+            load_encoder(model, state, allow_missing=("head.", "fc_norm."), allow_unexpected=allow_unexpected)
+        except WeightsError as err:
+            raise SystemExit(f"milan finetune: {err}") from None
+    torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: start near a uniform prediction
+    torch.nn.init.zeros_(model.head.bias)
+    model.to(device)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.world_size > 1 else model
+
+    steps_per_epoch = len(loader)
+    total = cfg.optim.epochs * steps_per_epoch
+    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+    peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, batch * info.world_size)
+    optimizer = create_optimizer_v2(model, "adamw", lr=peak, weight_decay=cfg.optim.weight_decay,
+                                     layer_decay=cfg.optim.layer_decay, betas=cfg.optim.betas)
+    mix = cfg.mixup
+    mixup = None
+    if mix.mixup > 0 or mix.cutmix > 0:
+        if batch % 2:
+            raise SystemExit(f"milan finetune: mixup/cutmix need an even optim.batch_size, got {batch}")
+        mixup = Mixup(mixup_alpha=mix.mixup, cutmix_alpha=mix.cutmix, prob=mix.prob, switch_prob=mix.switch_prob,
+                      label_smoothing=mix.label_smoothing, num_classes=num_classes)
+        criterion: torch.nn.Module = SoftTargetCrossEntropy()
+    elif mix.label_smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=mix.label_smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard)
+    if info.is_main:
+        log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, lr %.3g, layer decay %.2f",
+                 preset or "encoder", img_size, num_classes, len(train_set), cfg.optim.epochs, steps_per_epoch,
+                 peak, cfg.optim.layer_decay)
+    best = {"top1": -1.0}
+    step = 0
+    bar = progress(total, desc="finetune", active=info.is_main)
+    for epoch in range(cfg.optim.epochs):
+        sampler.set_epoch(epoch)
+        ddp.train()
+        for images, targets in loader:
+            images, targets = images.to(device), torch.as_tensor(targets).to(device)
+            if mixup is not None:
+                images, targets = mixup(images, targets)  # soft targets [B, C]
+            lr = warmup_cosine(step, total=total, warmup=warmup, peak=peak, final=cfg.optim.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise decay
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = criterion(ddp(images).float(), targets)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"milan finetune: loss is {loss.item()} at step {step}; lower the lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.run.log_every == 0:
+                metrics.log(step, loss=loss.item(), lr=lr)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if info.is_main:  # rank 0 evaluates the whole val set; others wait at the barrier
+            result = evaluate(model, val_loader, device, amp_dtype=amp_dtype, desc=f"val {epoch + 1}")
+            metrics.log(step, epoch=epoch + 1, loss=loss.item(), top1=result["top1"], top5=result["top5"],
+                        val_loss=result["loss"])
+            ckpt = {"model": model.state_dict(), "kind": "finetune", "preset": preset,
+                    "encoder": asdict(config), "num_classes": num_classes, "classes": classes,
+                    "epoch": epoch + 1, "step": step, "top1": result["top1"], "top5": result["top5"],
+                    "config": to_dict(cfg), "version": milan.__version__}
+            save_checkpoint({**ckpt, "optimizer": optimizer.state_dict()}, run_dir / "checkpoint-last.pt")
+            if result["top1"] > best["top1"]:
+                best = {"top1": result["top1"], "top5": result["top5"], "epoch": epoch + 1}
+                save_checkpoint(ckpt, run_dir / "checkpoint-best.pt")
+            log.info("epoch %d: top-1 %.2f%% top-5 %.2f%%", epoch + 1, 100 * result["top1"], 100 * result["top5"])
+        distr.barrier()
+    bar.close()
+    metrics.close()
+    summary = {"best": best, "last": {k: result[k] for k in ("top1", "top5")} if info.is_main else None,
+               "num_classes": num_classes, "run_dir": str(run_dir)}
+    if info.is_main:
+        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+class _PosterizeLevel:
+    """timm's PosterizeIncreasing level with at least 1 bit kept.
+
+    At the top magnitude (reached by mstd noise ~2% of the time at m9) timm asks Pillow to keep
+    0 bits, which Pillow >= 10 rejects with a ValueError mid-epoch; older Pillow returned black.
+    A module-level class so DataLoader workers can pickle the transform.
+    """
+
+    def __init__(self, level_fn: Any) -> None:
+        self.level_fn = level_fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[int]:
+        return (max(1, self.level_fn(*args, **kwargs)[0]),)
+
+
+def _keep_posterize_bits(transform: Any) -> None:
+    from timm.data.auto_augment import RandAugment
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name == "PosterizeIncreasing" and not isinstance(op.level_fn, _PosterizeLevel):
+                    op.level_fn = _PosterizeLevel(op.level_fn)
+
+
+class _Relabel(torch.utils.data.Dataset):
+    """A dataset with its labels passed through a lookup table (val classes onto train's)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, lut: torch.Tensor) -> None:
+        self.dataset, self.lut = dataset, lut
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.dataset[index]
+        return image, int(self.lut[label])

@@ -1,0 +1,259 @@
+"""`milan linprobe`: linear probing of a frozen encoder (MAE/MILAN recipe, appendix A.1).
+
+    frozen encoder ─► CLS after the final norm [B, D] ─► BatchNorm1d(affine=False) ─► Linear ─► CE
+
+LARS (momentum 0.9, trust ratio on weight matrices), lr = base_lr × batch / 256, no weight
+decay, linear warmup then cosine. `cache_features=true` runs the encoder once over the training
+set (centre crops, no augmentation) so each epoch is a pass over a feature matrix.
+
+Semantic-aware probing (Table 7 #6): with `semantic_topk=x` the encoder sees only the top-x
+fraction of patches ranked by the teacher's CLS attention, in training and evaluation alike.
+
+Runs on rank 0 only (other ranks wait at a barrier): the head is tiny and the encoder frozen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from timm.optim import Lars
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+import milan
+from milan import distributed as distr
+from milan.checkpoint import save_checkpoint
+from milan.config import save_config, to_dict
+from milan.data import build_dataset
+from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from milan.log import MetricsLogger, get_logger, progress
+from milan.probe import extract_features, remap_labels, topk_accuracy
+from milan.schedule import scaled_lr, warmup_cosine
+from milan.weights import build_encoder
+
+__all__ = ["LinprobeConfig", "CONFIG", "main", "ProbeHead"]
+
+
+@dataclass
+class ModelConfig:
+    weights: str | None = None  # pretrain checkpoint, export (.safetensors) or authors' checkpoint
+    preset: str | None = None  # encoder preset; alone (no weights) gives a random-init baseline
+    semantic_topk: float | None = None  # e.g. 0.5: keep the top half of patches by teacher CLS attention
+
+
+@dataclass
+class TeacherConfig:
+    """Only used for semantic-aware probing (model.semantic_topk)."""
+
+    spec: str | None = None  # e.g. openclip:ViT-B-16, builtin:shapes
+    weights: str | None = None
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["imagefolder", "shapes"] = "imagefolder"
+    path: str | None = None  # root with train/ and val/ (imagefolder) or the shapes folder
+    label: str = "shape"  # shapes only
+    img_size: int | None = None  # default: the encoder's
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre-crop
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # train RandomResizedCrop (when not cached)
+    hflip: bool = True
+    num_workers: int = 8
+    train_limit: int | None = None
+    val_limit: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 256
+    base_lr: float = 0.1  # lr = base_lr × batch / 256 (3.2 at 16384 for ViT-B)
+    lr: float | None = None  # absolute lr; overrides base_lr scaling
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    cache_features: bool = False  # extract frozen features once; epochs become cheap (no augmentation)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/linprobe"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tensorboard: bool = True
+
+
+@dataclass
+class LinprobeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CONFIG = LinprobeConfig
+
+
+class ProbeHead(nn.Sequential):
+    """BatchNorm1d without affine (feature standardisation, MAE) followed by a linear classifier."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self[1].weight, std=0.01)
+        nn.init.zeros_(self[1].bias)
+
+
+def _feature_fn(encoder: nn.Module, teacher: nn.Module | None, topk: float | None) -> Callable[[Tensor], Tensor]:
+    @torch.no_grad()
+    def features(images: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, D]
+        keep = None
+        if teacher is not None:
+            attn = teacher(images).cls_attn  # [B, N]
+            k = max(1, int(round(attn.shape[1] * topk)))
+            keep = attn.topk(k, dim=1).indices  # [B, K] most-attended patches
+        return encoder(images, keep)[:, 0]  # CLS after the final norm
+    return features
+
+
+def main(cfg: LinprobeConfig) -> dict[str, Any]:
+    """Train a linear head on frozen features; returns best/last top-1/top-5 (rank 0; {} elsewhere)."""
+    log = get_logger()
+    info = distr.init_distributed(cfg.run.device)
+    if not info.is_main:
+        distr.barrier()
+        return {}
+    device = info.device
+    run_dir = Path(cfg.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.run.seed)
+
+    # --- frozen encoder (and teacher for semantic-aware probing) --------------------------------
+    encoder, meta = build_encoder(cfg.model.weights, preset=cfg.model.preset, img_size=cfg.data.img_size)
+    encoder.requires_grad_(False)  # frozen: only the head learns
+    encoder.eval().to(device)
+    img_size = encoder.patch_embed.img_size[0]
+    teacher = None
+    topk = cfg.model.semantic_topk
+    if topk is not None:
+        if not 0 < topk <= 1:
+            raise SystemExit(f"milan linprobe: model.semantic_topk={topk} must be in (0, 1], e.g. 0.5")
+        if not cfg.teacher.spec:
+            raise SystemExit("milan linprobe: model.semantic_topk needs teacher.spec=... "
+                             "(and teacher.weights=... except for builtin:shapes)")
+        teacher = milan.build_teacher(cfg.teacher.spec, weights=cfg.teacher.weights,
+                                      student_patch_size=encoder.patch_size).to(device)
+    features = _feature_fn(encoder, teacher, topk)
+
+    # --- data ----------------------------------------------------------------------------------
+    if cfg.data.kind == "imagefolder" and not cfg.data.path:
+        raise SystemExit("milan linprobe: set data.path=<root with train/ and val/>")
+    val_tf = eval_transform(img_size, crop_pct=cfg.data.crop_pct)
+    train_tf = val_tf
+    if not cfg.optim.cache_features:
+        steps = [T.RandomResizedCrop(img_size, scale=cfg.data.crop_scale, interpolation=T.InterpolationMode.BICUBIC)]
+        steps += [T.RandomHorizontalFlip()] if cfg.data.hflip else []
+        train_tf = T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    train_set = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=train_tf, label=cfg.data.label)
+    val_set = build_dataset(cfg.data.kind, cfg.data.path, split="val", transform=val_tf, label=cfg.data.label)
+    classes = {"train": getattr(train_set, "classes", None), "val": getattr(val_set, "classes", None)}
+    for name, limit in (("train", cfg.data.train_limit), ("val", cfg.data.val_limit)):
+        if limit is not None:
+            subset = torch.utils.data.Subset(train_set if name == "train" else val_set, range(limit))
+            train_set, val_set = (subset, val_set) if name == "train" else (train_set, subset)
+    batch = cfg.optim.batch_size
+    common = dict(batch_size=batch, num_workers=cfg.data.num_workers, device=device)
+    val_x, val_y = extract_features(features, val_set, desc="val features", **common)
+    if classes["train"] is not None and classes["val"] is not None:
+        val_y = remap_labels(val_y, classes["val"], classes["train"])
+    if cfg.optim.cache_features:
+        train_x, train_y = extract_features(features, train_set, desc="train features (cached)", **common)
+        num_train = len(train_x)
+    else:
+        loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=len(train_set) >= batch,
+                            num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.run.seed))
+        num_train = len(train_set)
+    labels = train_y if cfg.optim.cache_features else torch.as_tensor(_targets(train_set))
+    num_classes = len(classes["train"]) if classes["train"] else int(max(labels.max(), val_y.max())) + 1
+
+    def train_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        if cfg.optim.cache_features:
+            order = torch.randperm(num_train, generator=torch.Generator().manual_seed(cfg.run.seed + epoch))
+            for i in range(steps_per_epoch):
+                idx = order[i * batch:(i + 1) * batch]
+                yield train_x[idx].to(device), train_y[idx].to(device)
+        else:
+            for images, targets in loader:
+                yield features(images.to(device)), torch.as_tensor(targets).to(device)
+
+    # --- head, LARS, schedule ------------------------------------------------------------------
+    head = ProbeHead(encoder.embed_dim, num_classes).to(device)
+    steps_per_epoch = max(1, num_train // batch)
+    total = cfg.optim.epochs * steps_per_epoch
+    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+    peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, batch)
+    matrices = [p for p in head.parameters() if p.ndim > 1]
+    vectors = [p for p in head.parameters() if p.ndim <= 1]
+    # MAE's LARS adapts weight matrices always and leaves biases alone.
+    optimizer = Lars([{"params": matrices, "always_adapt": True}, {"params": vectors, "always_adapt": False}],
+                     lr=peak, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard)
+    log.info("linear probe: %d train / %d val images, %d classes, %d epochs × %d steps, lr %.4g%s",
+             num_train, len(val_x), num_classes, cfg.optim.epochs, steps_per_epoch, peak,
+             f", semantic top-{topk:.0%} patches" if topk is not None else "")
+    best: dict[str, Any] = {"top1": -1.0}
+    step = 0
+    bar = progress(total, desc="linprobe")
+    for epoch in range(cfg.optim.epochs):
+        head.train()
+        for x, y in train_batches(epoch):
+            lr = warmup_cosine(step, total=total, warmup=warmup, peak=peak)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = F.cross_entropy(head(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+        head.eval()
+        with torch.no_grad():
+            logits = torch.cat([head(val_x[i:i + 1024].to(device)).cpu() for i in range(0, len(val_x), 1024)])
+        top1, top5 = topk_accuracy(logits, val_y)
+        metrics.log(step, epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5, lr=lr)
+        state = {"head": head.state_dict(), "epoch": epoch + 1, "top1": top1, "top5": top5,
+                 "num_classes": num_classes, "config": to_dict(cfg), "version": milan.__version__}
+        save_checkpoint(state, run_dir / "head-last.pt")
+        if top1 > best["top1"]:
+            best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
+            save_checkpoint(state, run_dir / "head-best.pt")
+    bar.close()
+    metrics.close()
+    result = {"best": best, "last": {"top1": top1, "top5": top5, "epoch": cfg.optim.epochs},
+              "num_classes": num_classes, "semantic_topk": topk, "weights": cfg.model.weights}
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    log.info("linear probe top-1 %.2f%% (best %.2f%% at epoch %d)", 100 * top1, 100 * best["top1"], best["epoch"])
+    distr.barrier()
+    return result
+
+
+def _targets(dataset: Any) -> list[int]:
+    """Integer labels of a dataset (ShapesDataset.targets, ImageFolder samples, or a Subset of one)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return [_targets(dataset.dataset)[i] for i in dataset.indices]
+    if hasattr(dataset, "targets"):
+        return [int(t) for t in dataset.targets]
+    if hasattr(dataset, "samples"):
+        return [int(s[1]) for s in dataset.samples]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+

@@ -1,0 +1,254 @@
+"""Recipe tests of the evaluation commands (knn, linprobe, finetune, eval) on tiny shapes data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from milan.cli import main as cli
+from milan.data.shapes import generate_shapes
+from milan.model import build_model
+from milan.probe import knn_classify
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shapes") / "data"
+    generate_shapes(root, num_train=160, num_val=64, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pretrain checkpoint in our format (random weights: evaluation plumbing, not quality)."""
+    torch.manual_seed(0)
+    model = build_model("milan_vit_shapes_patch8", target_dim=32, decoder_depth=1, decoder_dim=64, decoder_heads=2)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint-2.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": {"name": "milan_vit_shapes_patch8"}}}, path)
+    return path
+
+
+def _classes(root: Path, label: str) -> int:
+    return len(json.loads((root / "meta.json").read_text())["classes"][label])
+
+
+def test_knn_classify_known_neighbours() -> None:
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    queries = torch.tensor([[2.0, 0.1], [0.05, 3.0], [-1.0, 0.05]])  # scale must not matter (cosine)
+    assert knn_classify(train, labels, queries, k=1).tolist() == [0, 1, 2]
+    # k=3 for the last query: one close neighbour of class 2 outweighs two far ones (exp(sim/T))
+    assert knn_classify(train, labels, queries, k=3, temperature=0.07).tolist() == [0, 1, 2]
+    # with a huge temperature the weights are ~uniform and the majority of the 3 wins
+    far = torch.tensor([[-1.0, 0.6]])
+    assert knn_classify(train, labels, far, k=3, temperature=100.0).tolist() == [1]
+    assert knn_classify(train, labels, far, k=3, temperature=0.01).tolist() == [2]
+
+
+def test_knn_cli_on_shapes(shapes_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "knn"
+    cli(["knn", f"model.weights={checkpoint}", "data.kind=shapes", f"data.path={shapes_root}",
+         "data.label=colour", "data.crop_pct=1.0", "data.num_workers=0", "data.batch_size=64",
+         "model.pool=mean", f"run.out_dir={out}", "run.device=cpu"])
+    result = json.loads((out / "results.json").read_text())
+    assert result["num_val"] == 64 and result["num_train"] == 160 and result["preset"] == "vit_shapes_patch8"
+    assert result["num_classes"] == _classes(shapes_root, "colour") and 0 <= result["knn_top1"] <= 1
+    assert (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file()
+
+
+def test_knn_cli_finds_its_own_images(shapes_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """Queries that are also in the reference set must be their own nearest neighbour.
+
+    A random-init encoder does not beat chance on held-out shapes, but any mix-up of features,
+    labels or order in extraction would break this exact-match case.
+    """
+    import shutil
+
+    from milan.data.shapes import ShapesDataset
+
+    shapes = ShapesDataset(shapes_root, split="train", label="colour")
+    for i in range(48):
+        for split in ("train", "val") if i < 24 else ("train",):
+            folder = tmp_path / "folder" / split / shapes.classes[int(shapes.targets[i])]
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shapes.split_dir / shapes.files[i], folder / f"{i}.png")
+    out = tmp_path / "knn"
+    cli(["knn", f"model.weights={checkpoint}", "data.kind=imagefolder", f"data.path={tmp_path / 'folder'}",
+         "data.img_size=64", "data.crop_pct=1.0", "data.num_workers=0", "knn.k=1",
+         f"run.out_dir={out}", "run.device=cpu"])
+    result = json.loads((out / "results.json").read_text())
+    assert result["num_train"] == 48 and result["num_val"] == 24
+    assert result["knn_top1"] == 1.0, result
+
+
+def test_knn_without_weights_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="model.weights"):
+        cli(["knn", "data.kind=shapes", f"run.out_dir={tmp_path}", "run.device=cpu"])
+
+
+def _linprobe_args(root: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return ["linprobe", f"model.weights={ckpt}", "data.kind=shapes", f"data.path={root}", "data.label=colour",
+            "data.crop_pct=1.0", "data.num_workers=0", "optim.batch_size=32", "optim.epochs=4",
+            "optim.warmup_epochs=1", f"run.out_dir={out}", "run.device=cpu", "run.tensorboard=false", *extra]
+
+
+def test_linprobe_cached_beats_chance(shapes_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lp"
+    cli(_linprobe_args(shapes_root, checkpoint, out, "optim.cache_features=true", "optim.epochs=30",
+                       "optim.lr=100"))  # LARS steps are lr × 0.001 × |w| / |g|: tiny batches need a big lr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 31))
+    assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in records)
+    result = json.loads((out / "results.json").read_text())
+    assert result["best"]["top1"] > 2 / _classes(shapes_root, "colour"), result
+    best = torch.load(out / "head-best.pt", weights_only=True)
+    assert best["top1"] == result["best"]["top1"] and set(best["head"]) >= {"1.weight", "1.bias"}
+    assert (out / "head-last.pt").is_file()
+
+
+def test_linprobe_leaves_encoder_frozen(shapes_root: Path, checkpoint: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import milan.recipes.linprobe as linprobe
+    from milan.weights import build_encoder
+
+    built = []
+
+    def spy(*args, **kwargs):
+        encoder, meta = build_encoder(*args, **kwargs)
+        built.append(encoder)
+        return encoder, meta
+
+    monkeypatch.setattr(linprobe, "build_encoder", spy)
+    cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "lp", "optim.epochs=1", "data.train_limit=64"))
+    reference, _ = build_encoder(checkpoint)
+    assert not any(p.requires_grad for p in built[0].parameters())
+    for key, value in reference.state_dict().items():
+        assert torch.equal(built[0].state_dict()[key], value), key
+
+
+def test_semantic_aware_linprobe_runs(shapes_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lp"
+    cli(_linprobe_args(shapes_root, checkpoint, out, "optim.cache_features=true", "optim.epochs=2",
+                       "model.semantic_topk=0.5", "teacher.spec=builtin:shapes"))
+    result = json.loads((out / "results.json").read_text())
+    assert result["semantic_topk"] == 0.5 and 0 <= result["last"]["top1"] <= 1
+
+
+def test_semantic_topk_without_teacher_names_the_fix(shapes_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="teacher.spec"):
+        cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "lp", "model.semantic_topk=0.5"))
+
+
+def _finetune_args(root: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", f"model.weights={ckpt}", "data.kind=shapes", f"data.path={root}", "data.label=colour",
+            "data.crop_pct=1.0", "data.num_workers=0", "data.auto_augment=null", "data.reprob=0.0",
+            "data.hflip=0.0", "data.crop_scale=[1.0,1.0]", "mixup.mixup=0", "mixup.cutmix=0",
+            "mixup.label_smoothing=0", "model.drop_path=0", "optim.batch_size=32",
+            "optim.warmup_epochs=0", "optim.lr=1e-3", "optim.layer_decay=0.75", "optim.epochs=5", f"run.out_dir={out}",
+            "run.device=cpu", "run.tensorboard=false", "run.log_every=1", *extra]
+
+
+def test_finetune_cli_beats_chance_and_exports(shapes_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    import safetensors.torch
+    import timm
+
+    out = tmp_path / "ft"
+    cli(_finetune_args(shapes_root, checkpoint, out))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5]
+    result = json.loads((out / "results.json").read_text())
+    assert result["best"]["top1"] > 1.5 / _classes(shapes_root, "colour"), result
+    best = torch.load(out / "checkpoint-best.pt", weights_only=True)
+    assert best["kind"] == "finetune" and best["num_classes"] == _classes(shapes_root, "colour")
+    assert "optimizer" in torch.load(out / "checkpoint-last.pt", weights_only=True)
+    # the finetuned classifier exports with its head and runs in timm unchanged
+    exported = tmp_path / "ft.safetensors"
+    cli(["export", str(out / "checkpoint-best.pt"), "--out", str(exported)])
+    sidecar = json.loads(exported.with_suffix(".json").read_text())
+    vit = timm.models.VisionTransformer(**sidecar["vision_transformer_kwargs"]).eval()
+    vit.load_state_dict(safetensors.torch.load_file(exported))
+    assert sidecar["create_model_kwargs"]["num_classes"] == best["num_classes"]
+
+
+def test_finetune_full_recipe_at_higher_resolution(shapes_root: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """Mixup/cutmix, RandAugment, erasing, drop path and pos-embed resampling all run together."""
+    out = tmp_path / "ft"
+    cli(_finetune_args(shapes_root, checkpoint, out, "mixup.mixup=0.8", "mixup.cutmix=1.0",
+                       "mixup.label_smoothing=0.1", "data.auto_augment=rand-m9-mstd0.5-inc1", "data.reprob=0.25",
+                       "model.drop_path=0.1", "data.img_size=80", "optim.epochs=1", "data.crop_scale=[0.5,1.0]"))
+    best = torch.load(out / "checkpoint-best.pt", weights_only=True)
+    assert best["model"]["pos_embed"].shape == (1, 1 + 10 * 10, 192)
+    assert best["encoder"]["img_size"] == 80
+
+
+def test_imagenet_r_and_a_class_index_matches_timm() -> None:
+    """Our wnid → 1000-way index mapping equals timm's published ImageNet-A/-R index lists."""
+    import importlib.resources
+
+    from milan.recipes.evaluate import class_index, imagenet_classes
+
+    info = importlib.resources.files("timm.data") / "_info"
+    classes = imagenet_classes()
+    assert len(classes) == 1000 and classes[0] == "n01440764"
+    for subset in ("imagenet_r", "imagenet_a"):
+        synsets = (info / f"{subset}_synsets.txt").read_text().split()
+        indices = [int(i) for i in (info / f"{subset}_indices.txt").read_text().split()]
+        assert len(synsets) == 200
+        assert class_index(sorted(synsets), classes).tolist() == [indices[synsets.index(s)] for s in sorted(synsets)]
+
+
+def test_eval_restricts_logits_to_the_folder_classes(tmp_path: Path) -> None:
+    """A rigged 1000-way head: class 0 wins overall, class 4 (n01491361) wins among the folder's."""
+    from PIL import Image
+    from timm.models import VisionTransformer
+
+    from milan.encoder import ENCODER_PRESETS
+    from milan.weights import timm_kwargs
+
+    wnids = ["n01443537", "n01484850", "n01491361"]  # indices 1, 2, 4 of ImageNet-1k
+    for wnid in wnids:
+        (tmp_path / "imagenet-r" / wnid).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(tmp_path / "imagenet-r" / wnid / f"{i}.png")
+    (tmp_path / "bad" / "cat").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "bad" / "cat" / "0.png")
+    vit = VisionTransformer(**timm_kwargs(ENCODER_PRESETS["vit_shapes_patch8"]), num_classes=1000, global_pool="avg")
+    with torch.no_grad():
+        vit.head.weight.zero_()
+        vit.head.bias.zero_()
+        vit.head.bias[0], vit.head.bias[4], vit.head.bias[2], vit.head.bias[1] = 10.0, 5.0, 4.0, -1.0
+    ckpt = tmp_path / "ft.pt"
+    torch.save({"model": vit.state_dict(), "kind": "finetune", "preset": "vit_shapes_patch8"}, ckpt)
+    common = [f"model.weights={ckpt}", "data.crop_pct=1.0", "data.num_workers=0", "run.device=cpu"]
+    restricted = cli(["eval", *common, f"data.paths=[{tmp_path / 'imagenet-r'}]", f"run.out_dir={tmp_path / 'a'}"])
+    result = json.loads((tmp_path / "a" / "results.json").read_text())["imagenet-r"]
+    assert result["restricted"] and result["num_classes"] == 3 and result["count"] == 6
+    assert result["top1"] == pytest.approx(1 / 3) and result["top5"] == 1.0  # always predicts n01491361
+    assert restricted is None  # the CLI returns nothing; results are on disk
+    cli(["eval", *common, f"data.paths=[{tmp_path / 'imagenet-r'}]", "data.restrict_logits=never",
+         f"run.out_dir={tmp_path / 'b'}"])
+    result = json.loads((tmp_path / "b" / "results.json").read_text())["imagenet-r"]
+    assert result["top1"] == 0.0 and result["top5"] == pytest.approx(2 / 3)  # class 0 wins; 4 and 2 in top-5, 1 not
+    with pytest.raises(SystemExit, match="WordNet id"):
+        cli(["eval", *common, f"data.paths=[{tmp_path / 'bad'}]", f"run.out_dir={tmp_path / 'c'}"])
+
+
+def test_randaugment_posterize_at_top_magnitude_keeps_a_bit() -> None:
+    """timm asks Pillow for 0 posterize bits at magnitude 10, which Pillow >= 10 rejects."""
+    from PIL import Image
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
+
+    from milan.recipes.finetune import _keep_posterize_bits
+
+    tf = create_transform(64, is_training=True, auto_augment="rand-m10-inc1")
+    _keep_posterize_bits(tf)
+    ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
+    op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    image = Image.new("RGB", (64, 64), (200, 100, 50))
+    assert op(image).getpixel((0, 0)) == (128, 0, 0)  # 1 bit (the MSB) kept, not a crash
