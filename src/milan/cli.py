@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _recipe_parser(sub, "pretrain", "pretrain a ViT with MILAN (or an ablation variant)", "milan.recipes.pretrain")
 
+    _recipe_parser(sub, "knn", "weighted kNN top-1 of a frozen encoder (k=20, T=0.07, cosine)", "milan.recipes.knn")
+
+    _recipe_parser(sub, "linprobe", "linear probe of a frozen encoder (BN + linear head, LARS)", "milan.recipes.linprobe")
+
+    _recipe_parser(sub, "finetune", "finetune a pretrained encoder as a timm ViT classifier (A.1 recipe)",
+                   "milan.recipes.finetune")
+
+    _recipe_parser(sub, "eval", "top-1/top-5 of a finetuned classifier on ImageFolder val sets "
+                   "(ImageNet, -A, -R, -Sketch)", "milan.recipes.evaluate")
+
     export = sub.add_parser(
         "export", help="export encoder (or finetuned classifier) weights for timm (.safetensors + .json)",
         description="Write a checkpoint's encoder as timm-named safetensors plus a JSON sidecar with the "
@@ -166,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_module.add_arguments(speed)
     speed.set_defaults(func=bench_module.run_from_args)
+
+    from milan import viz_cli
+
+    viz_cli.add_arguments(sub.add_parser("viz", help="paper figures as PNG files: masks, attention, tsne, curves"))
 
     info = sub.add_parser("info", help="list models, teacher specs and shipped configs")
     info.set_defaults(func=_cmd_info)

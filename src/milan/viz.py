@@ -1,4 +1,9 @@
-"""Figures (headless matplotlib): masks as the encoder sees them, and teacher attention maps."""
+"""Figures (headless matplotlib): masks, attention maps, per-patch losses, t-SNE and curves.
+
+The pure pieces (`masked_view`, `per_patch_feature_loss`, `per_patch_pixel_loss`,
+`student_cls_attention`, `tsne_embed`, `read_metrics`) are tested on their own; the `plot_*`
+functions only lay them out. `milan viz` (`milan.viz_cli`) wires them to checkpoints and data.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,25 @@ from torch import Tensor
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from milan.masking import Mask
 
-__all__ = ["to_display", "masked_view", "plot_masks", "plot_attention"]
+__all__ = [
+    "to_display",
+    "masked_view",
+    "plot_masks",
+    "plot_attention",
+    "per_patch_feature_loss",
+    "per_patch_pixel_loss",
+    "student_cls_attention",
+    "plot_mask_loss",
+    "plot_attention_columns",
+    "tsne_embed",
+    "plot_tsne",
+    "read_metrics",
+    "plot_curves",
+    "CURVE_METRICS",
+]
+
+#: Figure width in inches at `DPI`: ≈ 1200 px, readable in a README.
+WIDTH, DPI = 11.0, 110
 
 
 def to_display(images: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
@@ -89,3 +112,229 @@ def plot_attention(images: Tensor, cls_attn: Tensor, path: str | Path, *, title:
         ax.imshow(heat, cmap="inferno", alpha=0.55, extent=(0, pic.shape[1], pic.shape[0], 0),
                   interpolation="nearest")
     return _save(fig, path, title)
+
+
+# --- per-patch losses (Figure 4) ---------------------------------------------------------------
+
+
+def per_patch_feature_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Eq. 1 per token: ‖p/‖p‖ − t/‖t‖‖², `[B, T, D]` × 2 → `[B, T]`; its mean is `feature_loss`."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    p = torch.nn.functional.normalize(pred.float(), dim=-1)
+    t = torch.nn.functional.normalize(target.float(), dim=-1)
+    return (p - t).pow(2).sum(dim=-1)
+
+
+def per_patch_pixel_loss(pred: Tensor, images: Tensor, hidden: Tensor, *, patch_size: int,
+                         norm_pix: bool = True) -> Tensor:
+    """MAE's loss per patch: `[B, N, p·p·C]` vs normalised pixels → `[B, N]`, NaN on visible patches.
+
+    The mean over the non-NaN entries equals `pixel_loss` (which only scores masked patches).
+
+    Args:
+        pred: predicted pixels in patch order (CLS excluded).
+        images: `[B, C, H, W]` the input images.
+        hidden: `[B, N]` bool, True where a patch is masked (`Mask.is_masked()`).
+        patch_size: p.
+        norm_pix: normalise each target patch to zero mean, unit variance (MAE's default).
+    """
+    from milan.loss import patchify
+
+    target = patchify(images.float(), patch_size)  # [B, N, P]
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    loss = (pred.float() - target).pow(2).mean(-1)  # [B, N]
+    return loss.masked_fill(~hidden, float("nan"))
+
+
+# --- student attention (Figure 3) --------------------------------------------------------------
+
+
+@torch.no_grad()
+def student_cls_attention(encoder: torch.nn.Module, images: Tensor) -> Tensor:
+    """Last-block CLS attention of a `MaskedViTEncoder` over all patches: `[B, 3, H, W]` → `[B, N]`.
+
+    Recomputed from the last timm `Block`'s own `attn.qkv`, `num_heads` and `scale` (timm's fused
+    attention never materialises the map): softmax of the CLS query row over all 1+N keys,
+    averaged over heads, patch columns kept — the same definition as the teacher's `cls_attn`.
+    """
+    x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]  # [B, N, D]
+    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)  # [B, 1+N, D]
+    for block in encoder.blocks[:-1]:
+        x = block(x)
+    last = encoder.blocks[-1]
+    attn = last.attn
+    h = last.norm1(x)
+    batch, tokens, _ = h.shape
+    qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    logits = q[:, :, :1].float() @ k.float().transpose(-2, -1) * attn.scale  # [B, H, 1, L]
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0, 1:]  # [B, N]
+
+
+# --- layout -------------------------------------------------------------------------------------
+
+
+def _grid_figure(rows: int, cols: int, *, width: float = WIDTH):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cell = width / cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width, cell * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig, axes
+
+
+def _save_fixed(fig, path: str | Path, title: str) -> Path:
+    """Save at `DPI` with the figure's own size, so the PNG is `WIDTH × DPI` pixels wide."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _grid(values: Tensor | np.ndarray) -> np.ndarray:
+    arr = values.float().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=np.float32)
+    side = int(round(arr.shape[-1] ** 0.5))
+    return arr.reshape(side, side)
+
+
+def plot_mask_loss(images: Tensor, semantic: Mask, random: Mask, loss: Tensor, patch_size: int,
+                   path: str | Path, *, title: str = "", loss_label: str = "per-patch loss") -> Path:
+    """Figure 4. Rows: image | semantic-aware mask | random mask | per-patch loss (heat map + colour bar).
+
+    Kept patches keep their pixels, masked ones are dimmed; NaN loss cells (not scored) are blank.
+    """
+    pics = to_display(images)
+    fig, axes = _grid_figure(len(pics), 4)
+    sem, rnd = semantic.is_masked().cpu().numpy(), random.is_masked().cpu().numpy()
+    for i, pic in enumerate(pics):
+        axes[i, 0].imshow(pic)
+        axes[i, 1].imshow(masked_view(pic, sem[i], patch_size))
+        axes[i, 2].imshow(masked_view(pic, rnd[i], patch_size))
+        im = axes[i, 3].imshow(_grid(loss[i]), cmap="magma", interpolation="nearest")
+        fig.colorbar(im, ax=axes[i, 3], fraction=0.046, pad=0.04)
+    heads = ["image", "semantic-aware mask (kept bright)", "random mask (kept bright)", loss_label]
+    for ax, head in zip(axes[0], heads):
+        ax.set_title(head, fontsize=9)
+    return _save_fixed(fig, path, title)
+
+
+def plot_attention_columns(images: Tensor, maps: dict[str, Tensor], path: str | Path, *,
+                           title: str = "") -> Path:
+    """Figure 3. Columns: image, then one CLS-attention overlay per source (`name → [B, N]`)."""
+    pics = to_display(images)
+    cols = 1 + len(maps)
+    fig, axes = _grid_figure(len(pics), cols, width=min(WIDTH, max(9.2, 2.6 * cols + 1.0)))
+    for i, pic in enumerate(pics):
+        axes[i, 0].imshow(pic)
+        for j, attn in enumerate(maps.values(), start=1):
+            axes[i, j].imshow(pic)
+            im = axes[i, j].imshow(_grid(attn[i]), cmap="inferno", alpha=0.6, interpolation="nearest",
+                                   extent=(0, pic.shape[1], pic.shape[0], 0))
+            fig.colorbar(im, ax=axes[i, j], fraction=0.046, pad=0.04)
+    for ax, head in zip(axes[0], ["image", *maps]):
+        ax.set_title(head, fontsize=9)
+    return _save_fixed(fig, path, title)
+
+
+# --- t-SNE (Figure 2) ---------------------------------------------------------------------------
+
+
+def tsne_embed(features: Tensor | np.ndarray, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """2-D t-SNE of `[M, D]` features (sklearn, fixed `random_state`; PCA init) → `[M, 2]`."""
+    from sklearn.manifold import TSNE
+
+    x = features.float().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features, np.float32)
+    perplexity = min(perplexity, max(1.0, (len(x) - 1) / 3))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
+def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, title: str = "",
+              classes: list[str] | None = None) -> Path:
+    """One scatter per source (`name → (coords [M, 2], labels [M])`), coloured by class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(WIDTH, WIDTH / n + 0.9), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for ax, (name, (coords, labels)) in zip(axes[0], panels.items()):
+        labels = np.asarray(labels)
+        for j, c in enumerate(np.unique(labels)):
+            sel = labels == c
+            name_c = classes[c] if classes is not None and c < len(classes) else str(c)
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=8, color=cmap(j % 20), label=name_c)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    if len(names) <= 20:
+        fig.legend(handles, names, loc="lower center", ncol=min(10, len(names)), fontsize=7, markerscale=2,
+                   frameon=False)
+        fig.subplots_adjust(bottom=0.15)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+# --- training curves ----------------------------------------------------------------------------
+
+#: metrics.jsonl key → panel title.
+CURVE_METRICS = {"loss": "loss", "lr": "learning rate", "img_per_s": "throughput (img/s)",
+                 "knn_acc": "kNN accuracy"}
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The JSON lines of `run_dir/metrics.jsonl` (or a path to the file itself); blank lines skipped."""
+    import json
+
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl at {path}; pass a run folder written by `milan pretrain`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(runs: dict[str, list[dict]], path: str | Path, *, title: str = "") -> Path:
+    """One panel per metric in `CURVE_METRICS` that some run has, one line per run (x = step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in CURVE_METRICS if any(k in r for recs in runs.values() for r in recs)]
+    if not present:
+        raise ValueError(f"no run has any of {list(CURVE_METRICS)} in its metrics.jsonl")
+    fig, axes = plt.subplots(1, len(present), figsize=(WIDTH, 3.4), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        for name, recs in runs.items():
+            pts = [(r["step"], r[key]) for r in recs if key in r and "step" in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=name, marker="o" if len(pts) < 20 else None, markersize=3)
+        ax.set_title(CURVE_METRICS[key], fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    return _save_fixed(fig, path, title)
