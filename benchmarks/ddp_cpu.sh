@@ -6,7 +6,7 @@ set -euo pipefail
 steps=${1:-40}; batch=${2:-128}
 out=$(mktemp -d)
 common=(--config pretrain_shapes "optim.steps=$steps" run.log_every=10 run.tensorboard=false
-        monitor.every=0 data.num_workers=0 run.ckpt_every=100000 run.device=cpu)
+        monitor.every=0 data.num_workers=0 run.ckpt_every=100000 run.device=cpu ${MILAN_BENCH_ARGS:-})
 rate() { python - "$1" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if '"loss"' in l]
