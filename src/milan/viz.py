@@ -55,26 +55,19 @@ def masked_view(image: np.ndarray, hidden: np.ndarray, patch_size: int, *, dim: 
 
 
 def _figure(rows: int, cols: int, scale: float = 1.6):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * scale, rows * scale), squeeze=False)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return fig, axes
+    """Square cells of `scale` inches (the demo's figures)."""
+    return _grid_figure(rows, cols, width=cols * scale)
 
 
-def _save(fig, path: str | Path, title: str) -> Path:
+def _save(fig, path: str | Path, title: str, *, dpi: int = 110, fontsize: int = 9) -> Path:
     import matplotlib.pyplot as plt
 
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -193,16 +186,7 @@ def _grid_figure(rows: int, cols: int, *, width: float = WIDTH):
 
 def _save_fixed(fig, path: str | Path, title: str) -> Path:
     """Save at `DPI` with the figure's own size, so the PNG is `WIDTH × DPI` pixels wide."""
-    import matplotlib.pyplot as plt
-
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=DPI, fontsize=11)
 
 
 def _grid(values: Tensor | np.ndarray) -> np.ndarray:
