@@ -21,7 +21,7 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
         assert all(0.0 <= v <= 1.0 for v in row.values()) and "linear shape" in row and "knn colour" in row
     report = (out / "report.md").read_text()
     assert "| MILAN |" in report and "masks_semantic_vs_random.png" in report
-    for name in ("masks_semantic_vs_random.png", "teacher_attention.png"):
+    for name in ("masks_semantic_vs_random.png", "teacher_attention.png", "tsne_shape.png", "training_curves.png"):
         with Image.open(out / name) as img:
             assert img.size[0] > 300 and img.size[1] > 200
     assert (out / "milan_vit_shapes_patch8" / "config.yaml").is_file()

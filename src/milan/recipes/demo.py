@@ -34,6 +34,7 @@ from milan.recipes import pretrain
 __all__ = ["add_arguments", "run_from_args", "run", "PROBE_LABELS"]
 
 PROBE_LABELS = ("shape", "colour", "count", "position", "shape_colour")
+TSNE_IMAGES = 1200  # held-out images in the t-SNE figure (sklearn t-SNE is O(M log M); ~10 s per panel)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,6 +121,7 @@ def run(
     encoders.append(Encoder("random init", _student_encoder(None, "milan_vit_shapes_patch8", teacher.dim, seed)))
     encoders.append(Encoder("teacher (builtin:shapes)", lambda x: teacher(x).tokens[:, 1:].mean(1)))
     results: dict[str, dict[str, float]] = {}
+    tsne_features: dict[str, torch.Tensor] = {}
     for enc in encoders:
         xtr, _ = extract_features(enc.encode, train_ds, limit=n_train)
         xte, _ = extract_features(enc.encode, val_ds)
@@ -129,9 +131,12 @@ def run(
             row[f"linear {lab}"] = linear_probe(xtr, ytr, xte, yte, seed=seed)
             row[f"knn {lab}"] = knn_accuracy(xtr, ytr, xte, yte)
         results[enc.name] = row
+        tsne_features[enc.name] = xte[:TSNE_IMAGES]
         log.info("  %-26s %s", enc.name, "  ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("linear")))
 
     figures = _figures(out, teacher, val_ds, seed)
+    figures += _tsne_and_curves(out, tsne_features, val_ds.labels["shape"][:TSNE_IMAGES],
+                                {label: out / name for label, (name, _) in runs.items()}, seed)
     minutes = (time.perf_counter() - started) / 60
     table = _table(results)
     print("\n" + table)
@@ -165,6 +170,20 @@ def _figures(out: Path, teacher: torch.nn.Module, val_ds: ShapesDataset, seed: i
                    title="builtin:shapes teacher, mask ratio 0.75 (dimmed = masked)"),
         plot_attention(images, attn, out / "teacher_attention.png",
                        title="builtin:shapes teacher: last-layer CLS attention"),
+    ]
+
+
+def _tsne_and_curves(out: Path, features: dict[str, torch.Tensor], labels: torch.Tensor,
+                     run_dirs: dict[str, Path], seed: int) -> list[Path]:
+    from milan.data.shapes import SHAPES
+    from milan.viz import plot_curves, plot_tsne, read_metrics, tsne_embed
+
+    panels = {name: (tsne_embed(x, seed=seed), labels.numpy()) for name, x in features.items()}
+    return [
+        plot_tsne(panels, out / "tsne_shape.png", classes=list(SHAPES),
+                  title=f"t-SNE of mean-pooled patch tokens, {len(labels)} held-out images, by shape"),
+        plot_curves({name: read_metrics(d) for name, d in run_dirs.items()}, out / "training_curves.png",
+                    title="pretraining on shapes: " + ", ".join(run_dirs)),
     ]
 
 
