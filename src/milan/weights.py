@@ -202,7 +202,8 @@ def load_encoder(
 
 
 def build_encoder(
-    weights: str | Path | None, *, preset: str | None = None, img_size: int | None = None
+    weights: str | Path | None, *, preset: str | None = None, img_size: int | None = None,
+    drop_path_rate: float = 0.0,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A `MaskedViTEncoder` with the weights in `weights` (any supported file), loaded strictly.
 
@@ -211,6 +212,7 @@ def build_encoder(
             (a baseline).
         preset: encoder preset; needed without weights, else checked against the file's shape.
         img_size: resolution to run at (position embedding resampled); default the file's.
+        drop_path_rate: stochastic depth of the last block (linear from 0), for transfer.
 
     Returns:
         the encoder (eval mode, gradients on; freeze it yourself if needed) and the file's meta.
@@ -237,7 +239,7 @@ def build_encoder(
                                    f"(width {config.embed_dim}, depth {config.depth}), not {preset}")
     fields = timm_kwargs(config)
     fields.update(img_size=img_size or config.img_size)
-    encoder = MaskedViTEncoder(**fields)
+    encoder = MaskedViTEncoder(**fields, drop_path_rate=drop_path_rate)
     if state is not None:
         load_encoder(encoder, state, allow_missing=(), allow_unexpected=HEAD_KEYS)
     return encoder.eval(), meta
