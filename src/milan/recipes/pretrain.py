@@ -343,12 +343,14 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
                     loss_sum.zero_()
                     window_steps, window_start = 0, time.perf_counter()
+                paused = time.perf_counter()  # monitor and checkpoint time is not training throughput
                 if knn is not None and (step % cfg.monitor.every == 0 or step == last_step):
                     acc = knn(model.encoder)
                     metrics.log(step, knn_acc=acc)
                     log.info("step %d: kNN %s accuracy %.3f", step, cfg.monitor.label, acc)
                 if step % cfg.run.ckpt_every == 0 or step == last_step or step % steps_per_epoch == 0:
                     checkpoint(step, step // steps_per_epoch)
+                window_start += time.perf_counter() - paused
                 if step >= last_step:
                     break
     finally:
