@@ -189,6 +189,14 @@ def _save_fixed(fig, path: str | Path, title: str) -> Path:
     return _save(fig, path, title, dpi=DPI, fontsize=11)
 
 
+def _heads(axes, heads: list[str], width: int = 30) -> None:
+    """Column titles, wrapped to `width` characters so long checkpoint names don't collide."""
+    import textwrap
+
+    for ax, head in zip(axes, heads):
+        ax.set_title(textwrap.fill(head, width), fontsize=9)
+
+
 def _grid(values: Tensor | np.ndarray) -> np.ndarray:
     arr = values.float().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=np.float32)
     side = int(round(arr.shape[-1] ** 0.5))
@@ -210,9 +218,7 @@ def plot_mask_loss(images: Tensor, semantic: Mask, random: Mask, loss: Tensor, p
         axes[i, 2].imshow(masked_view(pic, rnd[i], patch_size))
         im = axes[i, 3].imshow(_grid(loss[i]), cmap="magma", interpolation="nearest")
         fig.colorbar(im, ax=axes[i, 3], fraction=0.046, pad=0.04)
-    heads = ["image", "semantic-aware mask (kept bright)", "random mask (kept bright)", loss_label]
-    for ax, head in zip(axes[0], heads):
-        ax.set_title(head, fontsize=9)
+    _heads(axes[0], ["image", "semantic-aware mask (kept bright)", "random mask (kept bright)", loss_label])
     return _save_fixed(fig, path, title)
 
 
@@ -229,8 +235,7 @@ def plot_attention_columns(images: Tensor, maps: dict[str, Tensor], path: str | 
             im = axes[i, j].imshow(_grid(attn[i]), cmap="inferno", alpha=0.6, interpolation="nearest",
                                    extent=(0, pic.shape[1], pic.shape[0], 0))
             fig.colorbar(im, ax=axes[i, j], fraction=0.046, pad=0.04)
-    for ax, head in zip(axes[0], ["image", *maps]):
-        ax.set_title(head, fontsize=9)
+    _heads(axes[0], ["image", *maps], width=24)
     return _save_fixed(fig, path, title)
 
 
