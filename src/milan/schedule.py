@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["warmup_cosine", "scaled_lr"]
+__all__ = ["warmup_cosine", "warmup_poly", "scaled_lr"]
 
 
 def scaled_lr(base_lr: float, effective_batch: int) -> float:
@@ -18,3 +18,16 @@ def warmup_cosine(step: int, *, total: int, warmup: int, peak: float, final: flo
         return peak * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_poly(step: int, *, total: int, warmup: int, peak: float, power: float = 1.0, final: float = 0.0) -> float:
+    """Poly decay from `peak` at step 0 to `final` at `total`, times a linear warmup over `warmup` steps.
+
+    lr = (final + (peak − final)·(1 − step/total)^power) · min(1, step/warmup): mmcv's poly schedule
+    with linear warmup, used by the ADE20K UperNet recipes (A.1: 1500 warmup of 160k iterations).
+    """
+    progress = min(1.0, max(0, step) / max(1, total))
+    lr = final + (peak - final) * (1.0 - progress) ** power
+    if step < warmup:
+        lr *= step / warmup
+    return lr

@@ -1,0 +1,424 @@
+"""`milan segment`: semantic segmentation transfer, UperNet on a pretrained ViT (Tables 3 and 6).
+
+    encoder ─► ViTPyramid (blocks 4/6/8/12 → strides 4/8/16/32) ─► UperNet (+ FCN aux, 0.4) ─► CE
+
+The recipe of appendix A.1 (MAE's ADE20K recipe, `segment_ade20k_vit_base.yaml`): AdamW
+β=(0.9, 0.999), batch 16, lr 3e-5, 1500 linear warmup iterations then poly (power 1) decay to
+0 at 160k iterations, layer-wise lr decay 0.9, weight decay 0.05, drop path 0.1, 512×512 crops,
+single-scale (sliding-window) evaluation. `optim.batch_size` is the total over processes.
+
+Data: an ADE20K-layout folder (`data.kind=ade20k`) or the built-in shapes masks
+(`data.kind=shapes`, 7 classes); see `milan.dense.seg_data`. The loss is pixel cross-entropy
+averaged over labelled pixels (255 = ignored). Evaluation (every `run.eval_every` iterations
+and at the end) reports mIoU, mAcc and aAcc from a confusion matrix summed over processes.
+
+Run folder: `config.yaml`, `metrics.jsonl`, `checkpoint-last.pt` (model, optimizer, step, RNG,
+best so far: `run.resume=auto` continues exactly), `checkpoint-best.pt` (best mIoU; model only)
+and `results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+
+import milan
+from milan import distributed as distr
+from milan.checkpoint import load_checkpoint, save_checkpoint
+from milan.config import save_config, to_dict
+from milan.data.sampler import EpochSampler
+from milan.dense.backbone import layer_decay_groups
+from milan.dense.seg_data import (
+    IGNORE_INDEX,
+    ADE20KDataset,
+    SegEvalTransform,
+    SegSamples,
+    SegTrainTransform,
+    ShapesSegDataset,
+    collate_eval,
+)
+from milan.dense.seg_metrics import SegMetric
+from milan.dense.upernet import Segmenter, build_segmenter
+from milan.log import MetricsLogger, get_logger, progress
+from milan.schedule import warmup_poly
+from milan.weights import WeightsError, build_encoder
+
+__all__ = ["SegmentConfig", "CONFIG", "main", "evaluate", "predict", "seg_loss", "build_datasets"]
+
+
+@dataclass
+class ModelConfig:
+    weights: str | None = None  # pretrain checkpoint, `milan export` .safetensors, or timm/authors' ViT weights
+    preset: str | None = None  # encoder preset; alone (no weights) trains from random init (a baseline)
+    drop_path: float = 0.1
+    pyramid: Literal["intermediate", "simple"] = "intermediate"  # MAE/BEiT necks, or ViTDet's
+    out_indices: tuple[int, ...] | None = None  # intermediate: tapped blocks (default 4/6/8/12 of 12)
+    out_channels: int = 256  # simple pyramid only
+    channels: int = 768  # UperNet width (MAE ViT-B recipe: 768)
+    pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+    dropout: float = 0.1
+    aux: bool = True  # FCN auxiliary head on the stride-p level
+    aux_channels: int = 256
+    aux_weight: float = 0.4
+    sync_bn: bool = True  # SyncBatchNorm under multi-GPU DDP
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["ade20k", "shapes"] = "ade20k"
+    path: str | None = None  # ADE20K-layout root; shapes: default a small set in the milan cache
+    num_classes: int | None = None  # default: the dataset's (150 ADE20K, 7 shapes)
+    reduce_zero_label: bool = True  # ade20k: id 0 ("other") ignored, 1..150 → 0..149
+    crop_size: int = 512  # a multiple of the patch size
+    scale: tuple[int, int] = (2048, 512)  # base (long, short) size: train rescales ×ratio, eval fits in it
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75  # re-draw crops dominated by one class (1.0: off)
+    hflip: float = 0.5
+    eval_mode: Literal["slide", "whole"] = "slide"  # slide: crop_size windows; whole: the full image
+    eval_stride: int | None = None  # slide stride (default: 2/3 of crop_size, 341 at 512)
+    eval_batch_size: int = 1  # per process; images of equal size are stacked
+    val_limit: int | None = None  # evaluate on the first N val images only (quick runs)
+    num_workers: int = 8
+
+
+@dataclass
+class OptimConfig:
+    iters: int = 160_000
+    warmup_iters: int = 1500
+    batch_size: int = 16  # total over all processes (A.1: 16 = 8 GPUs × 2)
+    lr: float = 3e-5
+    min_lr: float = 0.0
+    power: float = 1.0  # poly exponent
+    weight_decay: float = 0.05
+    layer_decay: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = None
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/segment"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    log_every: int = 50
+    eval_every: int = 16_000  # also evaluated at the end; 0: only at the end
+    ckpt_every: int = 2000  # checkpoint-last.pt; also written at the end
+    resume: str = "auto"  # auto: out_dir/checkpoint-last.pt if present; none; or a path
+    max_iters: int | None = None  # stop here (the schedule still spans optim.iters); resume later
+    tensorboard: bool = True
+
+
+@dataclass
+class SegmentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CONFIG = SegmentConfig
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"milan segment: {message}")
+
+
+def seg_loss(logits: Tensor, target: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Pixel cross-entropy averaged over labelled pixels (0, not NaN, when none is labelled)."""
+    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+    return total / (target != ignore_index).sum().clamp(min=1)
+
+
+def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset, tuple[str, ...] | None]:
+    """Raw (image, label) train and val datasets and the class names (None if unknown)."""
+    if data.kind == "ade20k":
+        if not data.path:
+            raise _fail("set data.path=<ADE20K root with images/{training,validation} and "
+                        "annotations/{training,validation}>")
+        try:
+            train = ADE20KDataset(data.path, "train", reduce_zero_label=data.reduce_zero_label)
+            val = ADE20KDataset(data.path, "val", reduce_zero_label=data.reduce_zero_label)
+        except (FileNotFoundError, ValueError) as err:
+            raise _fail(str(err)) from None
+        return train, val, train.classes
+    if data.kind == "shapes":
+        from milan.data.shapes import default_shapes_root, generate_shapes
+
+        if data.path:
+            root = Path(data.path).expanduser()
+        else:  # a small set of its own: never replaces the (larger) default pretraining set
+            root = generate_shapes(default_shapes_root().parent / "shapes-seg", num_train=2000, num_val=500)
+        try:
+            train, val = ShapesSegDataset(root, "train"), ShapesSegDataset(root, "val")
+        except (FileNotFoundError, ValueError) as err:
+            raise _fail(f"{err} (data.path={data.path})") from None
+        return train, val, train.classes
+    raise _fail(f"unknown data.kind {data.kind!r}")
+
+
+def _forward_padded(model: nn.Module, images: Tensor, patch: int) -> Tensor:
+    """Logits of images padded (bottom/right, zeros) to a multiple of the patch, cropped back."""
+    h, w = images.shape[-2:]
+    ph, pw = -h % patch, -w % patch
+    if ph or pw:
+        images = F.pad(images, (0, pw, 0, ph))
+    return model(images)[..., :h, :w].float()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, *, num_classes: int, patch: int, mode: str = "whole",
+            crop: int = 512, stride: int = 341, amp_dtype: torch.dtype | None = None) -> Tensor:
+    """Logits `[B, K, H, W]` of normalised images `[B, 3, H, W]`, whole-image or sliding-window.
+
+    Sliding window (mmseg's): `crop`-sized windows every `stride` pixels, the last one flush with
+    the border; overlapping logits are averaged.
+    """
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        if mode == "whole":
+            return _forward_padded(model, images, patch)
+        if mode != "slide":
+            raise ValueError(f"mode must be 'whole' or 'slide', not {mode!r}")
+        b, _, h, w = images.shape
+        out = images.new_zeros(b, num_classes, h, w, dtype=torch.float32)
+        count = images.new_zeros(1, 1, h, w, dtype=torch.float32)
+        rows = max(h - crop + stride - 1, 0) // stride + 1
+        cols = max(w - crop + stride - 1, 0) // stride + 1
+        for r in range(rows):
+            for c in range(cols):
+                y1, x1 = min(r * stride + crop, h), min(c * stride + crop, w)
+                y0, x0 = max(y1 - crop, 0), max(x1 - crop, 0)
+                out[..., y0:y1, x0:x1] += _forward_padded(model, images[..., y0:y1, x0:x1], patch)
+                count[..., y0:y1, x0:x1] += 1
+        return out / count
+
+
+@torch.no_grad()
+def evaluate(model: Segmenter, loader: DataLoader, device: torch.device, *, num_classes: int,
+             mode: str = "whole", crop: int = 512, stride: int = 341, amp_dtype: torch.dtype | None = None,
+             class_names: tuple[str, ...] | None = None, desc: str = "eval") -> dict[str, Any]:
+    """mIoU / mAcc / aAcc (+ per-class IoU) of `model` on this process's share of `loader`, summed over
+    processes. Logits are resized (bilinear) to each label's original size before the argmax."""
+    was_training = model.training
+    model.eval()
+    patch = model.backbone.encoder.patch_size
+    metric = SegMetric(num_classes, device=device)
+    bar = progress(len(loader), desc=desc, unit="batch", active=distr.is_main())
+    for images, labels in loader:
+        bar.update(1)
+        same = len({tuple(x.shape) for x in images}) == 1 and len({tuple(y.shape) for y in labels}) == 1
+        groups = [(images, labels)] if same else [([x], [y]) for x, y in zip(images, labels)]
+        for xs, ys in groups:
+            logits = predict(model, torch.stack(xs).to(device), num_classes=num_classes, patch=patch, mode=mode,
+                             crop=crop, stride=stride, amp_dtype=amp_dtype)
+            target = torch.stack(ys).to(device)
+            if logits.shape[-2:] != target.shape[-2:]:
+                logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            metric.update(logits.argmax(1), target)
+    bar.close()
+    metric.all_reduce()
+    model.train(was_training)
+    return metric.compute(class_names)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    if resume == "none":
+        return None
+    path = run_dir / "checkpoint-last.pt" if resume == "auto" else Path(resume)
+    if resume == "auto" and not path.is_file():
+        return None
+    return path, load_checkpoint(path)
+
+
+def _brief(result: dict[str, Any], step: int) -> dict[str, Any]:
+    return {"mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"], "step": step}
+
+
+def main(cfg: SegmentConfig) -> dict[str, Any]:
+    """Train (or resume) and evaluate; returns the summary written to results.json (on every rank)."""
+    log = get_logger()
+    info = distr.init_distributed(cfg.run.device)
+    device = info.device
+    run_dir = Path(cfg.run.out_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.run.seed + info.rank)
+    precision = cfg.run.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    # --- data ----------------------------------------------------------------------------------
+    d, o = cfg.data, cfg.optim
+    train_raw, val_raw, classes = build_datasets(d)
+    num_classes = d.num_classes or (len(classes) if classes else None)
+    if num_classes is None:
+        raise _fail("set data.num_classes (the class names are unknown without reduce_zero_label)")
+    if classes is not None and len(classes) != num_classes:
+        classes = None
+    if o.batch_size % info.world_size:
+        raise _fail(f"optim.batch_size={o.batch_size} (total) is not divisible by {info.world_size} processes")
+    per_rank = o.batch_size // info.world_size
+
+    # --- model ---------------------------------------------------------------------------------
+    m = cfg.model
+    try:
+        encoder, meta = build_encoder(m.weights, preset=m.preset, img_size=d.crop_size, drop_path_rate=m.drop_path)
+    except WeightsError as err:
+        raise _fail(str(err)) from None
+    patch = encoder.patch_size
+    if d.crop_size % patch:
+        raise _fail(f"data.crop_size={d.crop_size} is not a multiple of the patch size {patch}; "
+                    f"use e.g. {max(patch, d.crop_size // patch * patch)}")
+    if per_rank < 2 and not (m.sync_bn and device.type == "cuda" and info.world_size > 1):
+        raise _fail(f"{per_rank} image per process is too few for BatchNorm in the UperNet head; "
+                    "raise optim.batch_size (or use SyncBatchNorm on several GPUs)")
+    model = build_segmenter(encoder, num_classes, pyramid=m.pyramid, out_indices=m.out_indices,
+                            out_channels=m.out_channels, channels=m.channels, pool_scales=m.pool_scales,
+                            dropout=m.dropout, aux=m.aux, aux_channels=m.aux_channels)
+    if info.world_size > 1 and m.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    groups = layer_decay_groups(model, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
+                                num_layers=model.backbone.num_layers)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+
+    # --- resume --------------------------------------------------------------------------------
+    step, best = 0, None
+    found = _find_resume(cfg.run.resume, run_dir)
+    if found is not None:
+        path, state = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best = int(state["step"]), state.get("best")
+        rng = state.get("rng") or []
+        if len(rng) == info.world_size:
+            torch.set_rng_state(rng[info.rank]["torch"])
+            if "cuda" in rng[info.rank] and device.type == "cuda":
+                torch.cuda.set_rng_state(rng[info.rank]["cuda"])
+        if info.is_main:
+            log.info("resumed from %s at iteration %d", path, step)
+
+    unused = m.pyramid == "intermediate" and max(model.backbone.out_indices) < model.backbone.num_layers - 1
+    ddp: nn.Module = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=unused) if info.world_size > 1 else model)
+
+    train_tf = SegTrainTransform(d.crop_size, scale=d.scale, ratio_range=d.ratio_range,
+                                 cat_max_ratio=d.cat_max_ratio, hflip=d.hflip)
+    try:
+        sampler = EpochSampler(len(train_raw), rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
+                               batch_size=per_rank)
+    except ValueError as err:
+        raise _fail(f"{err} (optim.batch_size is the total over processes)") from None
+    pin = device.type == "cuda"
+    loader = DataLoader(SegSamples(train_raw, train_tf, seed=cfg.run.seed), batch_size=per_rank, sampler=sampler,
+                        drop_last=True, num_workers=d.num_workers, pin_memory=pin,
+                        generator=torch.Generator())  # keeps the global RNG (dropout, drop path) untouched
+    steps_per_epoch = sampler.per_rank // per_rank
+    num_val = len(val_raw) if d.val_limit is None else min(d.val_limit, len(val_raw))
+    val_loader = DataLoader(SegSamples(val_raw, SegEvalTransform(d.scale)), batch_size=d.eval_batch_size,
+                            sampler=list(range(info.rank, num_val, info.world_size)), num_workers=d.num_workers,
+                            collate_fn=collate_eval, generator=torch.Generator())
+    stride = d.eval_stride or max(patch, d.crop_size * 2 // 3)
+
+    last_step = o.iters if cfg.run.max_iters is None else min(o.iters, cfg.run.max_iters)
+    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard)
+    if info.is_main:
+        log.info("segment %s (%s) at %dpx: %d classes, %d train / %d val images, %d iterations, batch %d, "
+                 "lr %.3g, layer decay %.2f, %d params", meta.get("preset") or "encoder", meta.get("format") or
+                 "random init", d.crop_size, num_classes, len(train_raw), num_val, o.iters, o.batch_size, o.lr,
+                 o.layer_decay, sum(p.numel() for p in model.parameters()))
+
+    def run_eval(step: int) -> dict[str, Any]:
+        result = evaluate(model, val_loader, device, num_classes=num_classes, mode=d.eval_mode,
+                          crop=d.crop_size, stride=stride, amp_dtype=amp_dtype, class_names=classes,
+                          desc=f"val @{step}")
+        metrics.log(step, mIoU=result["mIoU"], mAcc=result["mAcc"], aAcc=result["aAcc"])
+        if info.is_main:
+            log.info("iteration %d: mIoU %.2f  mAcc %.2f  aAcc %.2f", step, 100 * result["mIoU"],
+                     100 * result["mAcc"], 100 * result["aAcc"])
+        return result
+
+    def ckpt_meta(step: int) -> dict[str, Any]:
+        return {"kind": "segment", "preset": meta.get("preset"), "encoder": {**meta["encoder"], "img_size": d.crop_size},
+                "num_classes": num_classes, "classes": list(classes) if classes else None, "step": step,
+                "config": to_dict(cfg), "version": milan.__version__}
+
+    def save_last(step: int) -> None:
+        rng = distr.all_gather_object(_rng_state())
+        if info.is_main:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
+                             "rng": rng, "world_size": info.world_size, **ckpt_meta(step)},
+                            run_dir / "checkpoint-last.pt")
+
+    result = None
+    bar = progress(last_step, initial=step, desc="segment", active=info.is_main)
+    ddp.train()
+    while step < last_step:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start_batch=in_epoch, batch_size=per_rank)
+        for images, targets in loader:
+            images, targets = images.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
+            lr = warmup_poly(step, total=o.iters, warmup=o.warmup_iters, peak=o.lr, power=o.power, final=o.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits, aux = ddp(images, with_aux=True)
+            main_loss = seg_loss(logits, targets)
+            loss = main_loss + m.aux_weight * seg_loss(aux, targets) if aux is not None else main_loss
+            if not math.isfinite(loss.item()):
+                raise _fail(f"loss is {loss.item()} at iteration {step}; lower optim.lr or set optim.clip_grad=1.0, "
+                            "then resume from checkpoint-last.pt")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.run.log_every == 0 or step == last_step:
+                metrics.log(step, loss=loss.item(), seg_loss=main_loss.item(), lr=lr)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == last_step:
+                result = run_eval(step)
+                if best is None or result["mIoU"] > best["mIoU"]:
+                    best = _brief(result, step)
+                    if info.is_main:
+                        save_checkpoint({"model": model.state_dict(), **ckpt_meta(step), "mIoU": result["mIoU"],
+                                         "aAcc": result["aAcc"]}, run_dir / "checkpoint-best.pt")
+            if step % cfg.run.ckpt_every == 0 or step == last_step:
+                save_last(step)
+            if step >= last_step:
+                break
+    bar.close()
+    if result is None:  # resumed at (or past) the end: evaluate the loaded model
+        result = run_eval(step)
+        if best is None:
+            best = _brief(result, step)
+    metrics.close()
+    last = _brief(result, step)
+    if classes:
+        last["IoU"] = dict(zip(classes, result["IoU"]))
+    summary = {"best": best, "last": last, "num_classes": num_classes, "iters": o.iters, "step": step,
+               "run_dir": str(run_dir)}
+    if info.is_main:
+        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    distr.barrier()
+    return summary
