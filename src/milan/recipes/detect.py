@@ -1,0 +1,439 @@
+"""`milan detect`: detection + instance segmentation transfer, Mask R-CNN + FPN on a pretrained ViT (Table 3).
+
+    encoder ─► ViTPyramid (4 blocks → strides 4/8/16/32) ─► FPN ─► RPN ─► box + mask heads
+    (torchvision MaskRCNN; `milan.dense.detection`) ─► COCO box AP / mask AP (pycocotools)
+
+The recipe of appendix A.1 (`detect_coco_vit_base.yaml`): AdamW β=(0.9, 0.999), batch 16 (total
+over processes), lr 2e-4, layer-wise lr decay 0.75 (ViT-B; 0.85 ViT-L), weight decay 0.1, drop
+path 0.1 (B; 0.2 L), 1× schedule: 12 epochs with the lr divided by 10 at epochs 8 and 11 (after a
+linear warmup of `optim.warmup_iters` iterations from 0.001 × lr, Detectron's), 1024×1024 input
+(long side resized to 1024, padded to a square), horizontal flip, single-scale test.
+
+Data: a COCO-format folder (`data.kind=coco`, see `milan.dense.det_data`) or the built-in shapes
+scenes (`data.kind=shapes`, 6 classes). Losses: the sum of torchvision's five (RPN objectness and
+box regression, RoI classification, box regression and mask). On GPU the ViT + FPN run under bf16
+autocast, the RPN / RoI heads in float32 (anchors and box decoding need the precision).
+Evaluation at the end of every `run.eval_every_epochs`-th epoch and at the end: pycocotools
+COCOeval "bbox" and "segm" (AP values are fractions in results.json, percentages in the log).
+
+Run folder: `config.yaml`, `metrics.jsonl` (losses, lr; box_AP / mask_AP per evaluation),
+`checkpoint-last.pt` (model, optimizer, step, epoch, RNG; written every `run.ckpt_every`
+iterations and at every epoch end), `results.json`, and with `run.save_detections` the final
+evaluation's COCO-format results `detections_bbox.json` / `detections_segm.json` (COCO category ids). `run.resume=auto` continues from
+checkpoint-last.pt exactly: the data order and flips depend only on (seed, epoch, index), the
+sampler skips the batches already seen in the epoch and the RNG state (drop path, RPN / RoI
+sampling) is restored; `run.max_steps` stops early (the schedule still spans `optim.epochs`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+
+import milan
+from milan import distributed as distr
+from milan.checkpoint import load_checkpoint, save_checkpoint
+from milan.config import save_config, to_dict
+from milan.data.sampler import EpochSampler
+from milan.dense.backbone import layer_decay_groups
+from milan.dense.coco_eval import evaluate_results, to_coco_results
+from milan.dense.det_data import (
+    CocoDetection,
+    DetSamples,
+    ShapesDetection,
+    collate,
+    load_coco,
+    shapes_coco_gt,
+)
+from milan.dense.detection import ENCODER_PREFIX, build_mask_rcnn
+from milan.log import MetricsLogger, get_logger, progress
+from milan.weights import WeightsError, build_encoder
+
+__all__ = ["DetectConfig", "CONFIG", "main", "evaluate", "warmup_step_lr", "build_datasets"]
+
+
+@dataclass
+class ModelConfig:
+    weights: str | None = None  # pretrain checkpoint, `milan export` .safetensors, or timm/authors' ViT weights
+    preset: str | None = None  # encoder preset; alone (no weights) trains from random init (a baseline)
+    drop_path: float = 0.1  # 0.1 ViT-B, 0.2 ViT-L
+    pyramid: Literal["intermediate", "simple"] = "intermediate"  # MAE necks + FPN, or ViTDet's (no FPN)
+    out_indices: tuple[int, ...] | None = None  # intermediate: tapped blocks (default 4/6/8/12 of 12)
+    fpn_channels: int = 256
+    min_size: int = 1024  # resize: short side to min_size unless the long side exceeds max_size
+    max_size: int = 1024
+    pad_to: int | None = 1024  # pad every batch to at least this square (A.1: 1024 × 1024)
+    anchor_sizes: tuple[tuple[int, ...], ...] | None = None  # per level p2..p5, pool; default 8 × stride
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    box_head_dim: int = 1024
+    mask_head_channels: int = 256
+    mask_head_layers: int = 4
+    rpn_batch_size_per_image: int = 256
+    rpn_pre_nms_top_n: tuple[int, int] = (2000, 1000)  # (train, test), per level
+    rpn_post_nms_top_n: tuple[int, int] = (1000, 1000)  # (train, test)
+    box_batch_size_per_image: int = 512
+    box_score_thresh: float = 0.05
+    detections_per_img: int = 100
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["coco", "shapes"] = "coco"
+    path: str | None = None  # COCO root (annotations/, train2017/, val2017/) or a shapes folder
+    train_json: str | None = None  # default path/annotations/instances_train2017.json (relative: to path)
+    train_images: str | None = None  # default path/train2017
+    val_json: str | None = None  # default path/annotations/instances_val2017.json
+    val_images: str | None = None  # default path/val2017
+    hflip: float = 0.5
+    val_limit: int | None = None  # evaluate on the first N val images only (quick runs)
+    eval_batch_size: int = 2  # per process
+    num_workers: int = 8
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 12
+    lr_steps: tuple[float, ...] = (8, 11)  # epochs after which the lr is multiplied by gamma (fractions ok)
+    gamma: float = 0.1
+    warmup_iters: int = 250  # linear warmup from warmup_factor × lr
+    warmup_factor: float = 0.001
+    batch_size: int = 16  # total over all processes (A.1: 16)
+    lr: float = 2e-4
+    weight_decay: float = 0.1
+    layer_decay: float = 0.75  # 0.75 ViT-B, 0.85 ViT-L
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = None
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/detect"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    log_every: int = 20
+    ckpt_every: int = 1000  # checkpoint-last.pt every N iterations; also at every epoch end
+    eval_every_epochs: int = 1  # also evaluated at the end
+    resume: str = "auto"  # auto: out_dir/checkpoint-last.pt if present; none; or a path
+    save_detections: bool = False  # write the last evaluation's COCO results (detections_{bbox,segm}.json)
+    max_steps: int | None = None  # stop here (the schedule still spans optim.epochs); resume later
+    tensorboard: bool = True
+
+
+@dataclass
+class DetectConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CONFIG = DetectConfig
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"milan detect: {message}")
+
+
+def warmup_step_lr(step: int, *, peak: float, milestones: tuple[int, ...] | list[int], warmup: int,
+                   gamma: float = 0.1, warmup_factor: float = 0.001) -> float:
+    """Step decay (× `gamma` at each milestone iteration passed) times Detectron's linear warmup.
+
+    lr = peak · gamma^#{m ≤ step} · (warmup_factor + (1 − warmup_factor) · step / warmup while step < warmup).
+    """
+    lr = peak * gamma ** sum(step >= m for m in milestones)
+    if step < warmup:
+        alpha = step / warmup
+        lr *= warmup_factor * (1 - alpha) + alpha
+    return lr
+
+
+def _under(root: Path | None, path: str | None, default: str, what: str) -> Path:
+    if path is not None:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() or root is None else root / p
+    if root is None:
+        raise _fail(f"set data.path=<COCO root> (or data.{what})")
+    return root / default
+
+
+def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset, Any, dict[int, int], tuple[str, ...]]:
+    """Train and val datasets, the val ground truth (pycocotools COCO), label → category id, class names."""
+    if data.kind == "coco":
+        root = Path(data.path).expanduser() if data.path else None
+        train_json = _under(root, data.train_json, "annotations/instances_train2017.json", "train_json")
+        train_images = _under(root, data.train_images, "train2017", "train_images")
+        val_json = _under(root, data.val_json, "annotations/instances_val2017.json", "val_json")
+        val_images = _under(root, data.val_images, "val2017", "val_images")
+        try:
+            train = CocoDetection(train_images, train_json, train=True)
+            val = CocoDetection(val_images, val_json, train=False)
+        except (FileNotFoundError, ValueError) as err:
+            raise _fail(str(err)) from None
+        if train.cat_ids != val.cat_ids:
+            raise _fail(f"{train_json} and {val_json} have different categories")
+        if data.val_limit is not None:
+            val.ids = val.ids[: data.val_limit]
+        return train, val, val.coco, train.label_to_cat, train.classes
+    if data.kind == "shapes":
+        from milan.data.shapes import default_shapes_root, generate_shapes
+
+        if data.path:
+            root = Path(data.path).expanduser()
+        else:  # a set of its own: never replaces the (larger) default pretraining set
+            root = generate_shapes(default_shapes_root().parent / "shapes-det", num_train=2000, num_val=500)
+        try:
+            train = ShapesDetection(root, "train")
+            val = ShapesDetection(root, "val", limit=data.val_limit)
+            coco_gt = load_coco(shapes_coco_gt(root, "val", limit=data.val_limit))
+        except (FileNotFoundError, ValueError) as err:
+            raise _fail(f"{err} (data.path={data.path})") from None
+        return train, val, coco_gt, train.label_to_cat, train.classes
+    raise _fail(f"unknown data.kind {data.kind!r}")
+
+
+def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, coco_gt: Any,
+             label_to_cat: dict[int, int], *, image_ids: list[int] | None = None, masks: bool = True,
+             keep_detections: bool = False, desc: str = "eval") -> dict[str, Any]:
+    """COCO box (and mask) AP of `model` over `loader` (each process its share; rank 0 scores all).
+
+    Mixed precision is the model's own (`model.backbone.amp_dtype`, see `milan.dense.detection`).
+
+    Returns {"bbox": {...}, "segm": {...}} as `milan.dense.coco_eval.evaluate_results`, on every rank;
+    with `keep_detections`, rank 0's also holds "detections": {"bbox": [...], "segm": [...]}, the
+    COCO-format results (COCO category ids) of every process.
+    """
+    was_training = model.training
+    model.eval()
+    boxes: list[dict] = []
+    segms: list[dict] = []
+    bar = progress(len(loader), desc=desc, unit="batch", active=distr.is_main())
+    for images, targets in loader:
+        bar.update(1)
+        outputs = model([img.to(device, non_blocking=True) for img in images])
+        b, s = to_coco_results(outputs, [t["image_id"] for t in targets], label_to_cat, masks=masks)
+        boxes += b
+        segms += s
+    bar.close()
+    model.train(was_training)
+    gathered = distr.all_gather_object((boxes, segms))
+    result = detections = None
+    if distr.is_main():
+        all_boxes = [r for part in gathered for r in part[0]]
+        all_segms = [r for part in gathered for r in part[1]]
+        result = evaluate_results(coco_gt, all_boxes, all_segms if masks else None, image_ids=image_ids)
+        if keep_detections:
+            detections = {"bbox": all_boxes, "segm": all_segms}
+    result = distr.all_gather_object(result)[0]
+    if detections is not None:
+        result["detections"] = detections
+    return result
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    if resume == "none":
+        return None
+    path = run_dir / "checkpoint-last.pt" if resume == "auto" else Path(resume)
+    if resume == "auto" and not path.is_file():
+        return None
+    return path, load_checkpoint(path)
+
+
+def _brief(result: dict[str, Any], step: int, epoch: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"step": step, "epoch": epoch}
+    for kind, name in (("bbox", "box"), ("segm", "mask")):
+        if kind in result:
+            for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+                out[f"{name}_{key}"] = result[kind][key]
+            out[f"{name}_stats"] = result[kind]["stats"]
+    return out
+
+
+def main(cfg: DetectConfig) -> dict[str, Any]:
+    """Train (or resume) and evaluate; returns the summary written to results.json (on every rank)."""
+    log = get_logger()
+    info = distr.init_distributed(cfg.run.device)
+    device = info.device
+    run_dir = Path(cfg.run.out_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.run.seed + info.rank)
+    precision = cfg.run.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    # --- data ----------------------------------------------------------------------------------
+    d, o, m = cfg.data, cfg.optim, cfg.model
+    train_raw, val_raw, coco_gt, label_to_cat, classes = build_datasets(d)
+    num_classes = len(classes)
+    if o.batch_size % info.world_size:
+        raise _fail(f"optim.batch_size={o.batch_size} (total) is not divisible by {info.world_size} processes")
+    per_rank = o.batch_size // info.world_size
+
+    # --- model ---------------------------------------------------------------------------------
+    try:
+        encoder, meta = build_encoder(m.weights, preset=m.preset, img_size=m.pad_to, drop_path_rate=m.drop_path)
+    except WeightsError as err:
+        raise _fail(str(err)) from None
+    try:
+        model = build_mask_rcnn(
+            encoder, num_classes, pyramid_mode=m.pyramid, out_indices=m.out_indices, fpn_channels=m.fpn_channels,
+            min_size=m.min_size, max_size=m.max_size, pad_to=m.pad_to, anchor_sizes=m.anchor_sizes,
+            aspect_ratios=m.aspect_ratios, box_head_dim=m.box_head_dim, mask_head_channels=m.mask_head_channels,
+            mask_head_layers=m.mask_head_layers, rpn_batch_size_per_image=m.rpn_batch_size_per_image,
+            rpn_pre_nms_top_n=m.rpn_pre_nms_top_n, rpn_post_nms_top_n=m.rpn_post_nms_top_n,
+            box_batch_size_per_image=m.box_batch_size_per_image, box_score_thresh=m.box_score_thresh,
+            detections_per_img=m.detections_per_img)
+    except ValueError as err:
+        raise _fail(f"{err} (model.*)") from None
+    model.backbone.amp_dtype = amp_dtype  # bf16 ViT + FPN on GPU; RPN / RoI heads stay float32
+    model.to(device)
+    groups = layer_decay_groups(model, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
+                                num_layers=model.backbone.num_layers, backbone=ENCODER_PREFIX)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+
+    # --- resume --------------------------------------------------------------------------------
+    step, history = 0, []
+    found = _find_resume(cfg.run.resume, run_dir)
+    if found is not None:
+        path, state = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history = int(state["step"]), list(state.get("history") or [])
+        rng = state.get("rng") or []
+        if len(rng) == info.world_size:
+            torch.set_rng_state(rng[info.rank]["torch"])
+            if "cuda" in rng[info.rank] and device.type == "cuda":
+                torch.cuda.set_rng_state(rng[info.rank]["cuda"])
+        if info.is_main:
+            log.info("resumed from %s at iteration %d", path, step)
+
+    body = model.backbone.body
+    unused = m.pyramid == "intermediate" and max(body.out_indices) < body.num_layers - 1
+    ddp: nn.Module = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=unused) if info.world_size > 1 else model)
+
+    try:
+        sampler = EpochSampler(len(train_raw), rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
+                               batch_size=per_rank)
+    except ValueError as err:
+        raise _fail(f"{err} (optim.batch_size is the total over processes)") from None
+    pin = device.type == "cuda"
+    loader = DataLoader(DetSamples(train_raw, hflip=d.hflip, seed=cfg.run.seed), batch_size=per_rank,
+                        sampler=sampler, drop_last=True, num_workers=d.num_workers, pin_memory=pin,
+                        collate_fn=collate, generator=torch.Generator())  # keeps the global RNG untouched
+    steps_per_epoch = sampler.per_rank // per_rank
+    total = o.epochs * steps_per_epoch
+    milestones = [round(e * steps_per_epoch) for e in o.lr_steps]
+    last_step = total if cfg.run.max_steps is None else min(total, cfg.run.max_steps)
+    val_ids = list(val_raw.ids)
+    val_loader = DataLoader(val_raw, batch_size=d.eval_batch_size, sampler=list(range(info.rank, len(val_raw),
+                            info.world_size)), num_workers=d.num_workers, collate_fn=collate,
+                            generator=torch.Generator())
+
+    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard)
+    if info.is_main:
+        log.info("detect %s (%s): %d classes, %d train / %d val images, %d epochs × %d iterations, batch %d, "
+                 "lr %.3g (÷%g after epochs %s), layer decay %.2f, input %d–%d px (pad %s), %.1fM params",
+                 meta.get("preset") or "encoder", meta.get("format") or "random init", num_classes, len(train_raw),
+                 len(val_raw), o.epochs, steps_per_epoch, o.batch_size, o.lr, 1 / o.gamma, ", ".join(f"{e:g}" for e in o.lr_steps),
+                 o.layer_decay, m.min_size, m.max_size, m.pad_to, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    def run_eval(step: int) -> dict[str, Any]:
+        epoch = step / steps_per_epoch
+        final = step >= last_step
+        result = evaluate(model, val_loader, device, coco_gt, label_to_cat, image_ids=val_ids, desc=f"val @{step}",
+                          keep_detections=final and cfg.run.save_detections)
+        for kind, found in result.pop("detections", {}).items():
+            (run_dir / f"detections_{kind}.json").write_text(json.dumps(found))
+        metrics.log(step, epoch=epoch, box_AP=result["bbox"]["AP"], box_AP50=result["bbox"]["AP50"],
+                    mask_AP=result["segm"]["AP"], mask_AP50=result["segm"]["AP50"])
+        if info.is_main:
+            log.info("iteration %d (epoch %.2f): box AP %.1f (AP50 %.1f, AP75 %.1f)  mask AP %.1f (AP50 %.1f, "
+                     "AP75 %.1f)\nbbox:\n%s\nsegm:\n%s", step, epoch,
+                     *(100 * result[k][s] for k in ("bbox", "segm") for s in ("AP", "AP50", "AP75")),
+                     result["bbox"]["summary"], result["segm"]["summary"])
+        history.append(_brief(result, step, round(epoch, 3)))
+        return result
+
+    def save_last(step: int) -> None:
+        rng = distr.all_gather_object(_rng_state())
+        if info.is_main:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
+                             "world_size": info.world_size, "kind": "detect", "preset": meta.get("preset"),
+                             "encoder": {**meta["encoder"], "img_size": m.pad_to or meta["encoder"]["img_size"]},
+                             "num_classes": num_classes, "classes": list(classes),
+                             "label_to_cat": {int(k): int(v) for k, v in label_to_cat.items()},
+                             "step": step, "epoch": step / steps_per_epoch, "history": history,
+                             "config": to_dict(cfg), "version": milan.__version__},
+                            run_dir / "checkpoint-last.pt")
+
+    result = None
+    bar = progress(last_step, initial=step, desc="detect", active=info.is_main)
+    ddp.train()
+    while step < last_step:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start_batch=in_epoch, batch_size=per_rank)
+        for images, targets in loader:
+            images = [img.to(device, non_blocking=pin) for img in images]
+            targets = _to_device(targets, device)
+            lr = warmup_step_lr(step, peak=o.lr, milestones=milestones, warmup=o.warmup_iters, gamma=o.gamma,
+                                warmup_factor=o.warmup_factor)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            losses = ddp(images, targets)  # autocast (bf16) inside the backbone only
+            loss = sum(v.float() for v in losses.values())
+            if not math.isfinite(loss.item()):
+                parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+                raise _fail(f"loss is {loss.item()} at iteration {step} ({parts}); lower optim.lr or set "
+                            "optim.clip_grad=1.0, then resume from checkpoint-last.pt")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.run.log_every == 0 or step == last_step:
+                metrics.log(step, loss=loss.item(), lr=lr, **{k: v.item() for k, v in losses.items()})
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            epoch_end = step % steps_per_epoch == 0
+            if (epoch_end and (step // steps_per_epoch) % max(1, cfg.run.eval_every_epochs) == 0) or step == last_step:
+                result = run_eval(step)
+            if epoch_end or step % cfg.run.ckpt_every == 0 or step == last_step:
+                save_last(step)
+            if step >= last_step:
+                break
+    bar.close()
+    if result is None:  # resumed at (or past) the end: evaluate the loaded model
+        result = run_eval(step)
+    metrics.close()
+    last = _brief(result, step, round(step / steps_per_epoch, 3))
+    summary = {"last": last, "history": history, "num_classes": num_classes, "classes": list(classes),
+               "epochs": o.epochs, "steps_per_epoch": steps_per_epoch, "step": step, "run_dir": str(run_dir)}
+    if info.is_main:
+        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    distr.barrier()
+    return summary
