@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_parser(sub, "eval", "top-1/top-5 of a finetuned classifier on ImageFolder val sets "
                    "(ImageNet, -A, -R, -Sketch)", "milan.recipes.evaluate")
 
+    _recipe_parser(sub, "segment", "semantic segmentation transfer: UperNet on a ViT pyramid (ADE20K folder or shapes)",
+                   "milan.recipes.segment")
+
+    _recipe_parser(sub, "detect", "detection / instance segmentation transfer: Mask R-CNN + FPN on a ViT pyramid "
+                   "(COCO json or shapes)", "milan.recipes.detect")
+
     export = sub.add_parser(
         "export", help="export encoder (or finetuned classifier) weights for timm (.safetensors + .json)",
         description="Write a checkpoint's encoder as timm-named safetensors plus a JSON sidecar with the "
