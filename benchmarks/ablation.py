@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-test", type=int, default=2000, help="held-out images the probes are scored on")
     p.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs")
     p.add_argument("--data", type=Path, help="shapes dataset folder (default: the demo's cache)")
+    p.add_argument("--workers", type=int, default=1, help="data-loading worker processes per run")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint (38 MB each)")
     p.add_argument("--quick", action="store_true",
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.steps, args.batch_size = args.seeds[:2], 2, 16
         args.data_size, args.val_size, args.probe_train, args.probe_test = 96, 48, 96, 48
-        args.probe_epochs = 5
+        args.probe_epochs, args.workers = 5, 0
     return args
 
 
@@ -92,6 +93,7 @@ def pretrain_and_probe(row: str, seed: int, args: argparse.Namespace, root: Path
         f"optim.warmup_steps={max(1, args.steps // 10)}", f"optim.batch_size={args.batch_size}",
         f"optim.lr={args.lr}", f"run.out_dir={run_dir}", f"run.seed={seed}", "run.tensorboard=false",
         f"run.ckpt_every={args.steps}", "run.keep_last=1", "run.resume=none", "monitor.every=0",
+        f"data.num_workers={args.workers}",
     ])
     started = time.perf_counter()
     pretrain.main(cfg)
