@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from milan.dense.backbone import ViTPyramid, default_out_indices, layer_decay_groups, resample_pos_embed
+from milan.dense.backbone import (
+    ViTPyramid,
+    default_out_indices,
+    layer_decay_groups,
+    resample_pos_embed,
+)
 from milan.encoder import MaskedViTEncoder, sincos_pos_embed_2d
 from milan.weights import build_encoder
 
