@@ -34,6 +34,16 @@ def test_pretrain_checkpoint_reads_as_timm_encoder(tmp_path: Path) -> None:
         assert torch.equal(encoder.state_dict()[key], value), key
 
 
+def test_run_folder_means_its_newest_checkpoint(tmp_path: Path) -> None:
+    _pretrain_ckpt(tmp_path / "checkpoint-00000002.pt")
+    newest = _pretrain_ckpt(tmp_path / "checkpoint-00000010.pt")
+    state, _ = encoder_state_dict(tmp_path)
+    assert torch.equal(state["cls_token"], newest.encoder.state_dict()["cls_token"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="folder without checkpoint"):
+        encoder_state_dict(tmp_path / "empty")
+
+
 def test_reference_checkpoint_drops_decoder(tmp_path: Path) -> None:
     enc = MaskedViTEncoder.from_config(ENCODER_PRESETS["vit_shapes_patch8"])
     raw = dict(enc.state_dict())

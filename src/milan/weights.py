@@ -43,7 +43,17 @@ def _is_encoder_key(key: str) -> bool:
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The raw object in `path` and, for safetensors, the header metadata."""
+    """The raw object in `path` and, for safetensors, the header metadata.
+
+    A pretraining run folder stands for its newest `checkpoint-<step>.pt`.
+    """
+    if path.is_dir():
+        from milan.checkpoint import step_checkpoints
+
+        found = step_checkpoints(path)
+        if not found:
+            raise WeightsError(f"{path} is a folder without checkpoint-<step>.pt files; give a checkpoint file")
+        path = found[-1]
     if not path.is_file():
         raise WeightsError(f"weights not found: {path} (give a milan checkpoint, a .safetensors export "
                            "or an authors' MILAN/MAE checkpoint)")
