@@ -51,3 +51,12 @@ def test_quick_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         "milan_over_mae_step_time", "prompting_over_mae_decoder_step_time",
         "prompting_over_mae_decoder_forward_flops", "teacher_cls_attn_overhead"}
     assert "| variant |" in capsys.readouterr().out
+
+
+def test_matmul_peak_is_the_best_size() -> None:
+    import torch
+
+    peak = bench.matmul_peak(torch.device("cpu"), torch.float32, (64, 128), repeats=2)
+    assert set(peak["per_size"]) == {"64", "128"}
+    assert peak["flops_per_s"] == max(peak["per_size"].values())
+    assert peak["per_size"][str(peak["n"])] == peak["flops_per_s"]
