@@ -365,3 +365,13 @@ def test_recipe_on_a_coco_folder_in_the_2017_layout(tmp_path: Path) -> None:
     assert detections and {d["category_id"] for d in detections} <= {5, 9}
     assert {d["image_id"] for d in detections} <= {11, 12, 13}
     assert len(json.loads((out / "detections_segm.json").read_text())) == len(detections)
+
+
+def test_missing_pycocotools_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sys
+
+    from milan.cli import main
+
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # import now raises ImportError
+    with pytest.raises(SystemExit, match=r"pip install 'milan\[dense\]'"):
+        main(["detect", "--config", "detect_shapes", f"run.out_dir={tmp_path}"])

@@ -272,6 +272,10 @@ def _brief(result: dict[str, Any], step: int, epoch: float) -> dict[str, Any]:
 def main(cfg: DetectConfig) -> dict[str, Any]:
     """Train (or resume) and evaluate; returns the summary written to results.json (on every rank)."""
     log = get_logger()
+    try:
+        import pycocotools  # noqa: F401  (masks and COCO AP)
+    except ImportError:
+        raise _fail("needs pycocotools: pip install 'milan[dense]'") from None
     info = distr.init_distributed(cfg.run.device)
     device = info.device
     run_dir = Path(cfg.run.out_dir)
