@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import milan
 from milan import distributed as distr
-from milan.checkpoint import load_checkpoint, save_checkpoint
-from milan.config import save_config, to_dict
+from milan.checkpoint import save_checkpoint
+from milan.config import to_dict
 from milan.data.sampler import EpochSampler
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.coco_eval import evaluate_results, to_coco_results
@@ -55,6 +55,7 @@ from milan.dense.det_data import (
 )
 from milan.dense.detection import ENCODER_PREFIX, build_mask_rcnn
 from milan.log import MetricsLogger, get_logger, progress
+from milan.recipes.common import find_resume_last, start_run
 from milan.weights import WeightsError, build_encoder
 
 __all__ = ["DetectConfig", "CONFIG", "main", "evaluate", "warmup_step_lr", "build_datasets"]
@@ -250,15 +251,6 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    if resume == "none":
-        return None
-    path = run_dir / "checkpoint-last.pt" if resume == "auto" else Path(resume)
-    if resume == "auto" and not path.is_file():
-        return None
-    return path, load_checkpoint(path)
-
-
 def _brief(result: dict[str, Any], step: int, epoch: float) -> dict[str, Any]:
     out: dict[str, Any] = {"step": step, "epoch": epoch}
     for kind, name in (("bbox", "box"), ("segm", "mask")):
@@ -276,17 +268,8 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         import pycocotools  # noqa: F401  (masks and COCO AP)
     except ImportError:
         raise _fail("needs pycocotools: pip install 'milan[dense]'") from None
-    info = distr.init_distributed(cfg.run.device)
+    info, run_dir, amp_dtype = start_run(cfg)
     device = info.device
-    run_dir = Path(cfg.run.out_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.run.seed + info.rank)
-    precision = cfg.run.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    amp_dtype = torch.bfloat16 if precision == "bf16" else None
 
     # --- data ----------------------------------------------------------------------------------
     d, o, m = cfg.data, cfg.optim, cfg.model
@@ -320,7 +303,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
 
     # --- resume --------------------------------------------------------------------------------
     step, history = 0, []
-    found = _find_resume(cfg.run.resume, run_dir)
+    found = find_resume_last(cfg.run.resume, run_dir)
     if found is not None:
         path, state = found
         model.load_state_dict(state["model"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -28,12 +27,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 import milan
 from milan import distributed as distr
 from milan.checkpoint import save_checkpoint
-from milan.config import save_config, to_dict
+from milan.config import to_dict
 from milan.data import build_dataset
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
 from milan.log import MetricsLogger, get_logger, progress
 from milan.probe import remap_labels, topk_accuracy
+from milan.recipes.common import start_run
 from milan.schedule import scaled_lr, warmup_cosine
 from milan.weights import WeightsError, encoder_state_dict, load_encoder, timm_kwargs
 
@@ -150,17 +150,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     from timm.optim import create_optimizer_v2
 
     log = get_logger()
-    info = distr.init_distributed(cfg.run.device)
+    info, run_dir, amp_dtype = start_run(cfg)
     device = info.device
-    run_dir = Path(cfg.run.out_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.run.seed + info.rank)
-    precision = cfg.run.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    amp_dtype = torch.bfloat16 if precision == "bf16" else None
 
     # --- encoder weights and shape -------------------------------------------------------------
     if cfg.model.weights is not None:

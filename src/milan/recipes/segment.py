@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import milan
 from milan import distributed as distr
-from milan.checkpoint import load_checkpoint, save_checkpoint
-from milan.config import save_config, to_dict
+from milan.checkpoint import save_checkpoint
+from milan.config import to_dict
 from milan.data.sampler import EpochSampler
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.seg_data import (
@@ -49,6 +49,7 @@ from milan.dense.seg_data import (
 from milan.dense.seg_metrics import SegMetric
 from milan.dense.upernet import Segmenter, build_segmenter
 from milan.log import MetricsLogger, get_logger, progress
+from milan.recipes.common import find_resume_last, start_run
 from milan.schedule import warmup_poly
 from milan.weights import WeightsError, build_encoder
 
@@ -237,15 +238,6 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    if resume == "none":
-        return None
-    path = run_dir / "checkpoint-last.pt" if resume == "auto" else Path(resume)
-    if resume == "auto" and not path.is_file():
-        return None
-    return path, load_checkpoint(path)
-
-
 def _brief(result: dict[str, Any], step: int) -> dict[str, Any]:
     return {"mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"], "step": step}
 
@@ -253,17 +245,8 @@ def _brief(result: dict[str, Any], step: int) -> dict[str, Any]:
 def main(cfg: SegmentConfig) -> dict[str, Any]:
     """Train (or resume) and evaluate; returns the summary written to results.json (on every rank)."""
     log = get_logger()
-    info = distr.init_distributed(cfg.run.device)
+    info, run_dir, amp_dtype = start_run(cfg)
     device = info.device
-    run_dir = Path(cfg.run.out_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.run.seed + info.rank)
-    precision = cfg.run.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    amp_dtype = torch.bfloat16 if precision == "bf16" else None
 
     # --- data ----------------------------------------------------------------------------------
     d, o = cfg.data, cfg.optim
@@ -302,7 +285,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
 
     # --- resume --------------------------------------------------------------------------------
     step, best = 0, None
-    found = _find_resume(cfg.run.resume, run_dir)
+    found = find_resume_last(cfg.run.resume, run_dir)
     if found is not None:
         path, state = found
         model.load_state_dict(state["model"])
