@@ -9,7 +9,7 @@ encoder's mean-pooled patch tokens are then probed on held-out labels: a linear 
 weighted kNN, for the object's shape (6 classes), shape×colour (36) and the object count (3).
 The table reports mean ± std over seeds.
 
-    python benchmarks/ablation.py                        # the committed run (≈ 45 min, 2 cores)
+    python benchmarks/ablation.py                        # the committed run (≈ 48 min on 2 quiet cores)
     python benchmarks/ablation.py --quick --out /tmp/abl # smoke check: every variant, tiny budget
 
 Results go to OUT/results.jsonl (one line per variant × seed, appended as each finishes, so a
