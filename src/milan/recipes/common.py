@@ -11,7 +11,7 @@ from milan import distributed as distr
 from milan.checkpoint import load_checkpoint
 from milan.config import save_config
 
-__all__ = ["start_run", "find_resume_last"]
+__all__ = ["start_run", "find_resume_last", "rng_state", "restore_rng"]
 
 
 def start_run(cfg: Any) -> tuple[distr.DistInfo, Path, torch.dtype | None]:
@@ -40,3 +40,21 @@ def find_resume_last(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] 
     if resume == "auto" and not path.is_file():
         return None
     return path, load_checkpoint(path)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global torch (and CUDA) RNG state, for a checkpoint (gather it over ranks)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(states: list[dict[str, Any]] | None, info: distr.DistInfo) -> None:
+    """Put back this rank's RNG state from a checkpoint's gathered list (skipped if the world size changed)."""
+    states = states or []
+    if len(states) != info.world_size:
+        return
+    torch.set_rng_state(states[info.rank]["torch"])
+    if "cuda" in states[info.rank] and info.device.type == "cuda":
+        torch.cuda.set_rng_state(states[info.rank]["cuda"])

@@ -55,7 +55,7 @@ from milan.dense.det_data import (
 )
 from milan.dense.detection import ENCODER_PREFIX, build_mask_rcnn
 from milan.log import MetricsLogger, get_logger, progress
-from milan.recipes.common import find_resume_last, start_run
+from milan.recipes.common import find_resume_last, restore_rng, rng_state, start_run
 from milan.weights import WeightsError, build_encoder
 
 __all__ = ["DetectConfig", "CONFIG", "main", "evaluate", "warmup_step_lr", "build_datasets"]
@@ -244,13 +244,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, coco_gt
     return result
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
 def _brief(result: dict[str, Any], step: int, epoch: float) -> dict[str, Any]:
     out: dict[str, Any] = {"step": step, "epoch": epoch}
     for kind, name in (("bbox", "box"), ("segm", "mask")):
@@ -309,11 +302,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = int(state["step"]), list(state.get("history") or [])
-        rng = state.get("rng") or []
-        if len(rng) == info.world_size:
-            torch.set_rng_state(rng[info.rank]["torch"])
-            if "cuda" in rng[info.rank] and device.type == "cuda":
-                torch.cuda.set_rng_state(rng[info.rank]["cuda"])
+        restore_rng(state.get("rng"), info)
         if info.is_main:
             log.info("resumed from %s at iteration %d", path, step)
 
@@ -366,7 +355,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         return result
 
     def save_last(step: int) -> None:
-        rng = distr.all_gather_object(_rng_state())
+        rng = distr.all_gather_object(rng_state())
         if info.is_main:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
                              "world_size": info.world_size, "kind": "detect", "preset": meta.get("preset"),

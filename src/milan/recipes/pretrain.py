@@ -31,6 +31,7 @@ from milan.data.transforms import pretrain_transform
 from milan.log import MetricsLogger, get_logger, progress
 from milan.masking import random_masking, semantic_masking
 from milan.model import TABLE5, MaskedAutoencoder, build_model, parse_name
+from milan.recipes.common import rng_state
 from milan.schedule import scaled_lr, warmup_cosine
 
 __all__ = ["PretrainConfig", "main", "param_groups"]
@@ -253,7 +254,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
 
     def checkpoint(step: int, epoch: int) -> None:
         _check_finite(bad_step)
-        rng = distr.all_gather_object(_rng_state())
+        rng = distr.all_gather_object(rng_state())
         if not info.is_main:
             return
         save_checkpoint({
@@ -460,13 +461,6 @@ def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device):
         return knn_accuracy(xtr, ytr, xte, yte)
 
     return evaluate
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
 
 
 CONFIG = PretrainConfig

@@ -49,7 +49,7 @@ from milan.dense.seg_data import (
 from milan.dense.seg_metrics import SegMetric
 from milan.dense.upernet import Segmenter, build_segmenter
 from milan.log import MetricsLogger, get_logger, progress
-from milan.recipes.common import find_resume_last, start_run
+from milan.recipes.common import find_resume_last, restore_rng, rng_state, start_run
 from milan.schedule import warmup_poly
 from milan.weights import WeightsError, build_encoder
 
@@ -231,13 +231,6 @@ def evaluate(model: Segmenter, loader: DataLoader, device: torch.device, *, num_
     return metric.compute(class_names)
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
 def _brief(result: dict[str, Any], step: int) -> dict[str, Any]:
     return {"mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"], "step": step}
 
@@ -291,11 +284,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best = int(state["step"]), state.get("best")
-        rng = state.get("rng") or []
-        if len(rng) == info.world_size:
-            torch.set_rng_state(rng[info.rank]["torch"])
-            if "cuda" in rng[info.rank] and device.type == "cuda":
-                torch.cuda.set_rng_state(rng[info.rank]["cuda"])
+        restore_rng(state.get("rng"), info)
         if info.is_main:
             log.info("resumed from %s at iteration %d", path, step)
 
@@ -345,7 +334,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                 "config": to_dict(cfg), "version": milan.__version__}
 
     def save_last(step: int) -> None:
-        rng = distr.all_gather_object(_rng_state())
+        rng = distr.all_gather_object(rng_state())
         if info.is_main:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
                              "rng": rng, "world_size": info.world_size, **ckpt_meta(step)},
