@@ -119,7 +119,7 @@ def build_mask_rcnn(
     encoder: MaskedViTEncoder,
     num_classes: int,
     *,
-    pyramid_mode: Literal["intermediate", "simple"] = "intermediate",
+    pyramid: Literal["intermediate", "simple"] = "intermediate",
     out_indices: tuple[int, ...] | None = None,
     fpn_channels: int = 256,
     min_size: int = 1024,
@@ -142,7 +142,7 @@ def build_mask_rcnn(
     Args:
         encoder: a `MaskedViTEncoder` (`milan.weights.build_encoder`); its final norm is dropped.
         num_classes: object classes, background excluded (the model predicts 1 + num_classes).
-        pyramid_mode: "intermediate" (MAE: 4 tapped blocks + deconv necks + FPN) or "simple" (ViTDet).
+        pyramid: "intermediate" (MAE: 4 tapped blocks + deconv necks + FPN) or "simple" (ViTDet).
         out_indices: blocks tapped in "intermediate" mode (default: spread over the depth).
         fpn_channels: width of every pyramid level and of the RPN / RoI heads' input.
         min_size, max_size: images are resized so the short side is `min_size` unless the long
@@ -154,7 +154,7 @@ def build_mask_rcnn(
         rpn_pre_nms_top_n, rpn_post_nms_top_n: (train, test) proposal counts per image.
         box_batch_size_per_image: RoIs sampled per image for the box / mask losses (25% positive).
     """
-    backbone = ViTFPNBackbone(encoder, mode=pyramid_mode, out_indices=out_indices, out_channels=fpn_channels)
+    backbone = ViTFPNBackbone(encoder, mode=pyramid, out_indices=out_indices, out_channels=fpn_channels)
     anchors = tuple(tuple(a) for a in (anchor_sizes or default_anchor_sizes(backbone.strides)))
     if len(anchors) != len(LEVELS):
         raise ValueError(f"anchor_sizes needs one tuple per level {LEVELS}, got {len(anchors)}")

@@ -279,7 +279,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         raise _fail(str(err)) from None
     try:
         model = build_mask_rcnn(
-            encoder, num_classes, pyramid_mode=m.pyramid, out_indices=m.out_indices, fpn_channels=m.fpn_channels,
+            encoder, num_classes, pyramid=m.pyramid, out_indices=m.out_indices, fpn_channels=m.fpn_channels,
             min_size=m.min_size, max_size=m.max_size, pad_to=m.pad_to, anchor_sizes=m.anchor_sizes,
             aspect_ratios=m.aspect_ratios, box_head_dim=m.box_head_dim, mask_head_channels=m.mask_head_channels,
             mask_head_layers=m.mask_head_layers, rpn_batch_size_per_image=m.rpn_batch_size_per_image,
