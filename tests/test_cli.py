@@ -35,3 +35,14 @@ def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     main(["pretrain", "--config", "pretrain_vit_base", "optim.epochs=7", "--print-config"])
     out = capsys.readouterr().out
     assert "epochs: 7" in out and "spec: openclip:ViT-B-16" in out
+
+
+def test_recipe_help_lists_only_its_own_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    from milan.cli import build_parser, config_recipe
+
+    assert config_recipe("segment_shapes") == "segment" and config_recipe("detect_shapes") == "detect"
+    assert config_recipe("pretrain_shapes") == config_recipe("kd_vit_base") == "pretrain"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["segment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "segment_shapes" in text and "pretrain_shapes" not in text and "detect_shapes" not in text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from milan.cli import CONFIG_DIR, shipped_configs
+from milan.cli import CONFIG_DIR, config_recipe, shipped_configs
 from milan.config import ConfigError, from_dict, load_config, to_dict
 from milan.recipes.pretrain import PretrainConfig
 
@@ -39,8 +39,7 @@ def test_base_inheritance_and_round_trip() -> None:
 
 @pytest.mark.parametrize("name", shipped_configs())
 def test_every_shipped_config_loads(name: str) -> None:
-    recipe = {"detect": "detect", "segment": "segment"}.get(name.split("_")[0], "pretrain")
-    schema = importlib.import_module(f"milan.recipes.{recipe}").CONFIG
+    schema = importlib.import_module(f"milan.recipes.{config_recipe(name)}").CONFIG
     load_config(schema, CONFIG_DIR / f"{name}.yaml")
 
 

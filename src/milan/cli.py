@@ -36,12 +36,24 @@ def config_path(name_or_path: str | None) -> Path | None:
     )
 
 
-def _recipe_parser(sub: argparse._SubParsersAction, name: str, help: str, config_cls_path: str) -> None:
+#: Recipes whose shipped configs carry their name as a prefix; every other shipped config is pretrain's.
+_PREFIXED_RECIPES = ("segment", "detect")
+
+
+def config_recipe(config_name: str) -> str:
+    """The recipe a shipped config is for: `segment_*` → segment, `detect_*` → detect, else pretrain."""
+    prefix = config_name.split("_", 1)[0]
+    return prefix if prefix in _PREFIXED_RECIPES else "pretrain"
+
+
+def _recipe_parser(sub: argparse._SubParsersAction, name: str, help: str, config_cls_path: str,
+                   example: str = "optim.epochs=100 data.path=/data/imagenet") -> None:
+    configs = [c for c in shipped_configs() if config_recipe(c) == name]
     p = sub.add_parser(
         name, help=help, description=help,
         epilog=(
-            "Overrides are dotted keys, e.g. optim.epochs=100 data.path=/data/imagenet run.out_dir=runs/x. "
-            f"Shipped configs: {', '.join(shipped_configs()) or 'none'}. "
+            f"Overrides are dotted keys, e.g. {example} run.out_dir=runs/x. "
+            f"Shipped configs for {name}: {', '.join(configs) or 'none (the defaults are the recipe)'}. "
             "Use --print-config to see every key with its resolved value."
         ),
     )
@@ -105,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _recipe_parser(sub, "pretrain", "pretrain a ViT with MILAN (or an ablation variant)", "milan.recipes.pretrain")
 
-    _recipe_parser(sub, "knn", "weighted kNN top-1 of a frozen encoder (k=20, T=0.07, cosine)", "milan.recipes.knn")
+    _recipe_parser(sub, "knn", "weighted kNN top-1 of a frozen encoder (k=20, T=0.07, cosine)", "milan.recipes.knn",
+                   "model.weights=runs/pretrain data.path=/data/imagenet")
 
     _recipe_parser(sub, "linprobe", "linear probe of a frozen encoder (BN + linear head, LARS)", "milan.recipes.linprobe")
 
@@ -113,13 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "milan.recipes.finetune")
 
     _recipe_parser(sub, "eval", "top-1/top-5 of a finetuned classifier on ImageFolder val sets "
-                   "(ImageNet, -A, -R, -Sketch)", "milan.recipes.evaluate")
+                   "(ImageNet, -A, -R, -Sketch)", "milan.recipes.evaluate",
+                   "model.weights=runs/finetune/checkpoint-best.pt data.paths=[/data/imagenet/val]")
 
     _recipe_parser(sub, "segment", "semantic segmentation transfer: UperNet on a ViT pyramid (ADE20K folder or shapes)",
-                   "milan.recipes.segment")
+                   "milan.recipes.segment", "optim.iters=1000 model.weights=runs/pretrain")
 
     _recipe_parser(sub, "detect", "detection / instance segmentation transfer: Mask R-CNN + FPN on a ViT pyramid "
-                   "(COCO json or shapes)", "milan.recipes.detect")
+                   "(COCO json or shapes)", "milan.recipes.detect", "optim.epochs=2 model.weights=runs/pretrain")
 
     export = sub.add_parser(
         "export", help="export encoder (or finetuned classifier) weights for timm (.safetensors + .json)",
