@@ -145,11 +145,6 @@ def test_pixel_target_needs_no_targets():
     assert torch.isfinite(model(images, mask).loss)
 
 
-@pytest.mark.parametrize("row", sorted(TABLE5))
-def test_variant_records_table5_masking(row):
-    assert _build(TABLE5[row]).variant == TABLE5[row]
-
-
 @pytest.mark.parametrize(
     ("name", "kwargs"),
     [

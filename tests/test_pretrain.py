@@ -63,6 +63,44 @@ def test_loss_decreases(shapes_root: Path, tmp_path: Path) -> None:
     assert losses[-1] < losses[0] - 0.02, losses
 
 
+@pytest.mark.parametrize("masking", ["semantic", "random"])
+def test_masks_come_from_the_teachers_cls_attention(shapes_root: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, masking: str) -> None:
+    """Semantic masks are drawn from the very cls_attn the teacher returned for this batch (eq. 3 →
+    sampling); random masking never reads it."""
+    import milan
+    import milan.masking
+    from milan.recipes import pretrain
+
+    attns: list[torch.Tensor] = []
+    passed: list[torch.Tensor] = []
+    calls = {"random": 0}
+    build_teacher = milan.build_teacher
+
+    def spy_teacher(*args, **kwargs):
+        teacher = build_teacher(*args, **kwargs)
+        teacher.register_forward_hook(lambda _m, _i, out: attns.append(out.cls_attn))
+        return teacher
+
+    def spy_semantic(cls_attn, *args, **kwargs):
+        passed.append(cls_attn)
+        return milan.masking.semantic_masking(cls_attn, *args, **kwargs)
+
+    def spy_random(*args, **kwargs):
+        calls["random"] += 1
+        return milan.masking.random_masking(*args, **kwargs)
+
+    monkeypatch.setattr(milan, "build_teacher", spy_teacher)
+    monkeypatch.setattr(pretrain, "semantic_masking", spy_semantic)
+    monkeypatch.setattr(pretrain, "random_masking", spy_random)
+    cli(_args(shapes_root, tmp_path / "run", "optim.steps=2", f"model.masking={masking}"))
+    assert len(attns) == 2
+    if masking == "semantic":
+        assert len(passed) == 2 and all(p is a for p, a in zip(passed, attns)) and calls["random"] == 0
+    else:
+        assert passed == [] and calls["random"] == 2
+
+
 def test_resume_is_exact(shapes_root: Path, tmp_path: Path) -> None:
     steps = ["optim.steps=6", "run.ckpt_every=100"]  # 8 steps/epoch: checkpoints only where we stop
     full, part = tmp_path / "full", tmp_path / "part"

@@ -37,11 +37,11 @@ def config_path(name_or_path: str | None) -> Path | None:
 
 
 #: Recipes whose shipped configs carry their name as a prefix; every other shipped config is pretrain's.
-_PREFIXED_RECIPES = ("segment", "detect")
+_PREFIXED_RECIPES = ("finetune", "linprobe", "segment", "detect")
 
 
 def config_recipe(config_name: str) -> str:
-    """The recipe a shipped config is for: `segment_*` → segment, `detect_*` → detect, else pretrain."""
+    """The recipe a shipped config is for: `finetune_*` → finetune (likewise linprobe, segment, detect), else pretrain."""
     prefix = config_name.split("_", 1)[0]
     return prefix if prefix in _PREFIXED_RECIPES else "pretrain"
 

@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -65,26 +65,20 @@ class PromptingAttention(nn.Module):
 class PromptingBlock(nn.Module):
     """Pre-norm transformer block whose attention also reads fixed prompts."""
 
-    def __init__(
-        self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, drop_path: float = 0.0
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.norm1 = _LayerNorm(dim)
         self.attn = PromptingAttention(dim, num_heads)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = _LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, x: Tensor, prompts: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), prompts))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.attn(self.norm1(x), prompts)
+        return x + self.mlp(self.norm2(x))
 
 
 class _DecoderBase(nn.Module):
     """Shared input/output parts: embedding, mask token, fixed pos-embed, final norm, head."""
-
-    #: which tokens the predictions cover: every token, or CLS + visible only (KD baseline).
-    covers: str = "all"
 
     def __init__(
         self, *, encoder_dim: int, num_patches: int, out_dim: int, dim: int
@@ -187,8 +181,6 @@ class VisibleHead(nn.Module):
 
     Predicts CLS + visible tokens only, so the loss is taken on those.
     """
-
-    covers: str = "visible"
 
     def __init__(self, *, encoder_dim: int, num_patches: int, out_dim: int) -> None:
         super().__init__()

@@ -133,7 +133,7 @@ def semantic_masking(
     """
     if importance.dim() != 2:
         raise ValueError(f"importance must be [batch, num_patches], got shape {tuple(importance.shape)}")
-    if importance.is_floating_point() is False:
+    if not importance.is_floating_point():
         raise ValueError(f"importance must be a floating tensor, got {importance.dtype}")
     if check_values and (not bool(torch.isfinite(importance).all()) or bool((importance < 0).any())):
         raise ValueError("importance must be finite and non-negative (e.g. the teacher's cls_attn)")

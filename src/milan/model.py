@@ -60,7 +60,7 @@ TABLE5: dict[int, Variant] = {
 }
 #: Table 9's knowledge-distillation baseline: MILAN without its decoder — the encoder itself
 #: regresses the teacher's tokens of the (semantically sampled) visible patches, "a semantic aware
-#: knowledge distillation method" (section 3.3).
+#: knowledge distillation method" (appendix A.2, Table 9).
 KD_BASELINE = Variant("clip", "none", "semantic")
 
 # Model-name prefix → default variant.

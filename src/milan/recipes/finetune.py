@@ -37,7 +37,7 @@ from milan.recipes.common import start_run
 from milan.schedule import scaled_lr, warmup_cosine
 from milan.weights import WeightsError, encoder_state_dict, load_encoder, timm_kwargs
 
-__all__ = ["FinetuneConfig", "CONFIG", "main", "build_classifier", "evaluate"]
+__all__ = ["FinetuneConfig", "CONFIG", "main", "build_classifier", "build_optimizer", "evaluate"]
 
 
 @dataclass
@@ -106,6 +106,16 @@ class FinetuneConfig:
 CONFIG = FinetuneConfig
 
 
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW with layer-wise lr decay (timm's): group["lr_scale"] = layer_decay^(depth + 1 − layer),
+    layer 0 = patch embedding, CLS token and position embedding, layer i = block i, depth + 1 = the
+    head and fc_norm; no weight decay on 1-D parameters and tokens."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=optim.weight_decay,
+                               layer_decay=optim.layer_decay, betas=optim.betas)
+
+
 def build_classifier(config: EncoderConfig, num_classes: int, *, drop_path: float = 0.0) -> torch.nn.Module:
     """timm `VisionTransformer` of this encoder shape with average pooling + fc_norm and a head."""
     from timm.models import VisionTransformer
@@ -147,7 +157,6 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     """Finetune; returns best/last top-1/top-5 and the run dir (on every rank)."""
     from timm.data import Mixup, create_transform
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
 
     log = get_logger()
     info, run_dir, amp_dtype = start_run(cfg)
@@ -212,8 +221,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     total = cfg.optim.epochs * steps_per_epoch
     warmup = cfg.optim.warmup_epochs * steps_per_epoch
     peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, batch * info.world_size)
-    optimizer = create_optimizer_v2(model, "adamw", lr=peak, weight_decay=cfg.optim.weight_decay,
-                                     layer_decay=cfg.optim.layer_decay, betas=cfg.optim.betas)
+    optimizer = build_optimizer(model, cfg.optim, peak)
     mix = cfg.mixup
     mixup = None
     if mix.mixup > 0 or mix.cutmix > 0:

@@ -75,7 +75,7 @@ class OptimConfig:
     epochs: int = 100
     warmup_epochs: int = 10
     batch_size: int = 256
-    base_lr: float = 0.1  # lr = base_lr × batch / 256 (3.2 at 16384 for ViT-B)
+    base_lr: float = 0.05  # lr = base_lr × batch / 256 (A.1: 3.2 at 16384 for ViT-B; 0.02 → 1.28 for ViT-L)
     lr: float | None = None  # absolute lr; overrides base_lr scaling
     momentum: float = 0.9
     weight_decay: float = 0.0
