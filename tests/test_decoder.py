@@ -248,6 +248,19 @@ def test_every_block_reads_the_same_fixed_prompts():
     torch.testing.assert_close(seen[0], expected)
 
 
+def test_q_and_kv_rows_are_initialised_as_separate_projections():
+    """xavier bounds of the authors' separate q [D, D] and kv [2D, D] layers, not of one [3D, D]."""
+    torch.manual_seed(0)
+    dim = 256
+    dec = PromptingDecoder(encoder_dim=ENC_DIM, num_patches=NUM_PATCHES, out_dim=OUT_DIM, dim=dim, depth=1,
+                           num_heads=4)
+    w_q, w_kv = dec.blocks[0].attn.qkv.weight.detach().split([dim, 2 * dim])
+    for w, fan_out in ((w_q, dim), (w_kv, 2 * dim)):
+        bound = math.sqrt(6 / (dim + fan_out))
+        assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.02 * bound
+
+
 def test_prompts_reach_masked_outputs_through_attention():
     """Gradient of masked outputs w.r.t. the prompts exists (K/V path)."""
     dec = _decoder(seed=15)

@@ -129,6 +129,16 @@ class PromptingDecoder(_DecoderBase):
         )
         self.reset_parameters()
 
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        # The authors' decoder has separate q [D, D] and kv [2D, D] projections, each xavier-initialised;
+        # init the two row blocks of our fused qkv the same way (the bounds differ from a [3D, D] init).
+        with torch.no_grad():
+            for block in self.blocks:
+                w_q, w_kv = block.attn.qkv.weight.split([self.embed.out_features, 2 * self.embed.out_features])
+                nn.init.xavier_uniform_(w_q)
+                nn.init.xavier_uniform_(w_kv)
+
     def forward(self, latent: Tensor, mask: Mask) -> Tensor:
         """latent: `[B, 1+K, De]` encoder output → predictions `[B, 1+N, out_dim]`."""
         pos = self.pos_embed.expand(latent.shape[0], -1, -1)  # [B, 1+N, Dd]
