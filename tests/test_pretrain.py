@@ -115,6 +115,27 @@ def test_resume_is_exact(shapes_root: Path, tmp_path: Path) -> None:
         assert torch.equal(value, b["model"][key]), key
 
 
+def test_crash_between_checkpoints_resumes_with_the_same_log(shapes_root: Path, tmp_path: Path) -> None:
+    """Killed after step 5 with the newest checkpoint at step 3: the resumed metrics.jsonl drops the
+    records of steps 4–5 that the crashed run wrote, and logs the same window averages as a run
+    that never stopped (the open window is part of the checkpoint)."""
+    steps = ["optim.steps=6", "run.log_every=2", "run.ckpt_every=3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    cli(_args(shapes_root, full, *steps))
+    cli(_args(shapes_root, part, *steps, "run.max_steps=5"))
+    (part / "checkpoint-00000005.pt").unlink()  # the crash: step 5 ran and was logged, not saved
+    with (part / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 0.')  # and its last line was cut short
+    cli(_args(shapes_root, part, *steps))
+
+    def records(run: Path) -> list[tuple[int, float, int]]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"], r["bad_images"]) for r in map(json.loads, lines) if "loss" in r]
+
+    assert [r[0] for r in records(full)] == [2, 4, 6]
+    assert records(part) == records(full)
+
+
 def _shards(root: Path, out: Path) -> Path:
     from milan.data.wds import write_shards
 
@@ -166,6 +187,35 @@ def test_unknown_key_and_bad_values_fail_early(shapes_root: Path, tmp_path: Path
         cli(_args(shapes_root, tmp_path, "optim.batch_size=big"))
     with pytest.raises(SystemExit, match="config 'nope' not found"):
         cli(["pretrain", "--config", "nope"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.batch_size=0", r"optim\.batch_size=0 must be at least 1"),
+    ("optim.accum_steps=0", r"optim\.accum_steps=0 must be at least 1"),
+    ("run.log_every=0", r"run\.log_every=0 must be at least 1"),
+    ("run.ckpt_every=0", r"run\.ckpt_every=0 must be at least 1"),
+    ("model.mask_ratio=1.0", r"model\.mask_ratio=1\.0 must be in \(0, 1\)"),
+    ("optim.warmup_steps=9", r"optim\.warmup_steps=9 exceeds optim\.steps=4"),
+    ("data.crop_scale=[0.9,0.2]", r"data\.crop_scale=\[0\.9, 0\.2\] must satisfy"),
+])
+def test_unusable_values_fail_before_anything_is_built(shapes_root: Path, tmp_path: Path, override: str,
+                                                       message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        cli(_args(shapes_root, tmp_path / "run", override))
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(shapes_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cli(_args(shapes_root, out, "optim.steps=1"))
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(SystemExit, match=r"checkpoint of milan_vit_shapes_patch8 clip/prompting/semantic, this run "
+                                         r"builds milan_vit_shapes_patch8 pixel/prompting/semantic\. Use a new "
+                                         r"run\.out_dir, or run\.resume=none"):
+        cli(_args(shapes_root, out, "optim.steps=2", "model.target=pixel"))
+    with pytest.raises(SystemExit, match=r"does not fit this model .*other model\.\* settings"):
+        cli(_args(shapes_root, out, "optim.steps=2", "model.decoder_dim=32"))
+    assert (out / "config.yaml").read_text() == before  # a refused resume leaves the folder as it was
 
 
 def test_missing_data_path_is_one_line(tmp_path: Path) -> None:

@@ -251,14 +251,20 @@ def test_resume_continues_exactly(shapes: Path, tiny_weights: Path, tmp_path: Pa
     cli(_small_args(shapes, straight, tiny_weights, "optim.iters=4"))
     cli(_small_args(shapes, split, tiny_weights, "optim.iters=4", "run.max_iters=2"))
     assert torch.load(split / "checkpoint-last.pt", weights_only=True)["step"] == 2
+    with (split / "metrics.jsonl").open("a") as f:  # a crash after logging iteration 3, before saving it
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
     cli(_small_args(shapes, split, tiny_weights, "optim.iters=4"))  # run.resume=auto
     a = torch.load(straight / "checkpoint-last.pt", weights_only=True)
     b = torch.load(split / "checkpoint-last.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
-    losses = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in losses if "loss" in r] == [1, 2, 3, 4]
+    def losses(run: Path) -> list[tuple[int, float]]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+    assert [step for step, _ in losses(split)] == [1, 2, 3, 4]  # the crashed run's iteration 3 is gone
+    assert losses(split) == losses(straight)
 
 
 def test_clear_errors(shapes: Path, tiny_weights: Path, tmp_path: Path) -> None:

@@ -31,11 +31,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # disk full, quota, permissions (torch reports some as RuntimeError)
+        tmp.unlink(missing_ok=True)  # never leave a partial file behind
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {err}. Free space in {path.parent} (or point "
+            "run.out_dir elsewhere) and rerun: the run resumes from the previous checkpoint"
+        ) from err
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:

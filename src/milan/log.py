@@ -26,10 +26,14 @@ def get_logger(name: str = "milan") -> logging.Logger:
 class MetricsLogger:
     """Appends one JSON object per call to `run_dir/metrics.jsonl` (and TensorBoard if available).
 
-    Inactive (all calls no-ops) on ranks other than 0.
+    Inactive (all calls no-ops) on ranks other than 0. `resume_from=step` (a run resumed from the
+    checkpoint of that step) first drops the records of later steps — written after that checkpoint
+    by the run that crashed, and about to be redone — from metrics.jsonl and TensorBoard, so the
+    resumed log reads as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: str | Path, *, active: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, *, active: bool = True, tensorboard: bool = True,
+                 resume_from: int | None = None) -> None:
         self.active = active
         self.file = None
         self.tb = None
@@ -37,12 +41,16 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (run_dir / "metrics.jsonl").open("a")
+        path = run_dir / "metrics.jsonl"
+        if resume_from is not None and path.is_file():
+            _truncate_records(path, resume_from)
+        self.file = path.open("a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                purge = None if resume_from is None else resume_from + 1  # drops events at steps ≥ purge
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
             except ImportError:  # tensorboard is an optional extra
                 self.tb = None
 
@@ -62,6 +70,21 @@ class MetricsLogger:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _truncate_records(path: Path, last_step: int) -> None:
+    """Keep the records of steps ≤ last_step (and drop a torn last line); atomic rewrite."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the crash
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
 
 
 def progress(total: int, *, initial: int = 0, desc: str = "", active: bool = True, unit: str = "step"):

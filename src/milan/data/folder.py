@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -33,6 +34,12 @@ class BadImage(Exception):
     """An image that cannot be used (corrupt, truncated, too small)."""
 
 
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    """16-bit grayscale → 8-bit by scaling 0..65535 to 0..255 (PIL's convert("L") would clip)."""
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
 def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | None = None) -> Image.Image:
     """Open an image file (path or binary stream) as RGB, fully decoded.
 
@@ -44,7 +51,12 @@ def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | No
             img.load()
             if img.mode in ("P", "LA", "RGBA", "PA") or "transparency" in img.info:
                 img = img.convert("RGBA")  # palette/alpha: resolve transparency first
+            elif img.mode.startswith("I"):  # 16-bit grayscale ("I;16*", or "I" from PNG/TIFF)
+                img = _sixteen_bit_to_l(img)
             rgb = img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise BadImage(f"{name}: {err} (resize it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust "
+                       "the file)") from err
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise BadImage(f"{name}: {err}") from err
     if min(rgb.size) < min_size:

@@ -329,7 +329,8 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                             info.world_size)), num_workers=d.num_workers, collate_fn=collate,
                             generator=torch.Generator())
 
-    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard)
+    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
+                            resume_from=step if found is not None else None)
     if info.is_main:
         log.info("detect %s (%s): %d classes, %d train / %d val images, %d epochs × %d iterations, batch %d, "
                  "lr %.3g (÷%g after epochs %s), layer decay %.2f, input %d–%d px (pad %s), %.1fM params",

@@ -155,6 +155,32 @@ def resolve_variant(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
+def _validate(cfg: PretrainConfig) -> None:
+    """Values the type check lets through but the run cannot use: one line naming the key."""
+    o, r = cfg.optim, cfg.run
+    positive = {"optim.batch_size": o.batch_size, "optim.accum_steps": o.accum_steps, "optim.epochs": o.epochs,
+                "optim.steps": o.steps, "run.log_every": r.log_every, "run.ckpt_every": r.ckpt_every,
+                "run.max_steps": r.max_steps, "data.img_size": cfg.data.img_size}
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise SystemExit(f"milan pretrain: {key}={value} must be at least 1")
+    for key, value in {"optim.warmup_epochs": o.warmup_epochs, "optim.warmup_steps": o.warmup_steps,
+                       "run.keep_last": r.keep_last, "data.num_workers": cfg.data.num_workers}.items():
+        if value is not None and value < 0:
+            raise SystemExit(f"milan pretrain: {key}={value} must not be negative")
+    if not 0.0 < cfg.model.mask_ratio < 1.0:
+        raise SystemExit(f"milan pretrain: model.mask_ratio={cfg.model.mask_ratio} must be in (0, 1); "
+                         "the paper uses 0.75")
+    if o.steps is None and o.warmup_steps is None and o.warmup_epochs > o.epochs:
+        raise SystemExit(f"milan pretrain: optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}")
+    if o.steps is not None and o.warmup_steps is not None and o.warmup_steps > o.steps:
+        raise SystemExit(f"milan pretrain: optim.warmup_steps={o.warmup_steps} exceeds optim.steps={o.steps}")
+    lo, hi = cfg.data.crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise SystemExit(f"milan pretrain: data.crop_scale={list(cfg.data.crop_scale)} must satisfy "
+                         "0 < min ≤ max ≤ 1, e.g. [0.2, 1.0]")
+
+
 def _mask_seed(seed: int, step: int, micro: int) -> int:
     return hash((seed, step, micro)) & 0x7FFF_FFFF_FFFF
 
@@ -165,10 +191,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     info = distr.init_distributed(cfg.run.device)
     device = info.device
     resolve_variant(cfg.model)
+    _validate(cfg)
     run_dir = Path(cfg.run.out_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.run.seed)
 
     precision = cfg.run.precision
@@ -226,16 +252,21 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # --- resume --------------------------------------------------------------------------------
-    step = 0
-    found = _find_resume(cfg.run.resume, run_dir)
+    step, resumed_window = 0, None
+    found = _find_resume(cfg.run.resume, run_dir, info)
     if found is not None:
         path, state = found
+        _check_resumable(path, state, cfg, model, world_size=info.world_size)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
+        windows = state.get("log_window") or []
+        resumed_window = windows[info.rank] if len(windows) == info.world_size else None
         if info.is_main:
             log.info("resumed from %s at step %d", path, step)
+    if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
 
     # The teacher stays outside DDP: it has no gradients to synchronise.
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.world_size > 1 else None
@@ -244,7 +275,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         net = torch.compile(net)
 
     last_step = total_steps if cfg.run.max_steps is None else min(total_steps, cfg.run.max_steps)
-    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard)
+    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
+                            resume_from=step if found is not None else None)
     if info.is_main:
         log.info(
             "%s | %d params | teacher %s | %d images | effective batch %d | lr %.3g | %d steps (%d/epoch)",
@@ -255,6 +287,9 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     def checkpoint(step: int, epoch: int) -> None:
         _check_finite(bad_step)
         rng = distr.all_gather_object(rng_state())
+        # the open log window of every rank, so that a resumed run logs the same averages
+        window = distr.all_gather_object({"loss_sum": loss_sum.detach().cpu(), "steps": window_steps,
+                                          "seen": seen, "bad_images": bad_images})
         if not info.is_main:
             return
         save_checkpoint({
@@ -262,13 +297,18 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
             "config": to_dict(cfg), "variant": list(_variant(model)),
             "version": milan.__version__, "rng": rng, "world_size": info.world_size,
+            "log_window": window,
         }, run_dir / f"checkpoint-{step:08d}.pt")
         prune_checkpoints(run_dir, keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every)
 
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, on device
     loss_sum = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
+    timed_steps = 0  # steps of the window run by this process (a resumed window's first part is not)
     seen = bad_images = 0
+    if resumed_window is not None:
+        loss_sum.copy_(resumed_window["loss_sum"])
+        window_steps, seen, bad_images = (resumed_window[k] for k in ("steps", "seen", "bad_images"))
     last_loss = float("nan")
     bar = progress(last_step, initial=step, desc="pretrain", active=info.is_main)
     autocast = (
@@ -331,19 +371,20 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                 bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
                 step += 1
                 window_steps += 1
+                timed_steps += 1
                 bar.update(1)
 
                 if step % cfg.run.log_every == 0 or step == last_step:
                     _check_finite(bad_step)
                     mean_loss = float(distr.all_reduce_mean(loss_sum / window_steps))
                     elapsed = time.perf_counter() - window_start
-                    img_s = window_steps * effective_batch / max(elapsed, 1e-9)
+                    img_s = timed_steps * effective_batch / max(elapsed, 1e-9)
                     last_loss = mean_loss
                     metrics.log(step, loss=mean_loss, lr=lr, img_per_s=img_s, epoch=epoch,
                                 bad_images=bad_images)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
                     loss_sum.zero_()
-                    window_steps, window_start = 0, time.perf_counter()
+                    window_steps, timed_steps, window_start = 0, 0, time.perf_counter()
                 paused = time.perf_counter()  # monitor and checkpoint time is not training throughput
                 if knn is not None and (step % cfg.monitor.every == 0 or step == last_step):
                     acc = knn(model.encoder)
@@ -404,12 +445,48 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
             sampler.per_rank, len(dataset))
 
 
-def _find_resume(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+def _find_resume(resume: str, run_dir: Path, info: distr.DistInfo) -> tuple[Path, dict[str, Any]] | None:
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        # Rank 0 chooses and every rank loads that file: on node-local disks the ranks could
+        # otherwise see different newest checkpoints.
+        found = latest_checkpoint(run_dir) if info.is_main else None
+        chosen = distr.all_gather_object(str(found[0]) if found is not None else None)[0]
+        if chosen is None or found is not None:
+            return found
+        resume = chosen
     return Path(resume), load_checkpoint(resume)
+
+
+def _check_resumable(path: Path, state: dict[str, Any], cfg: PretrainConfig, model: MaskedAutoencoder, *,
+                     world_size: int) -> None:
+    """Refuse a checkpoint of another model with one line naming the fix; warn when the batch changed."""
+    fix = (f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
+           "(its checkpoints would be pruned)")
+    if "model" not in state or "step" not in state:
+        raise SystemExit(f"milan pretrain: {path} is not a pretrain checkpoint (no model/step). {fix}")
+    saved = state.get("config", {}).get("model", {})
+    variant = list(_variant(model))
+    if state.get("variant") not in (None, variant) or saved.get("name", cfg.model.name) != cfg.model.name:
+        raise SystemExit(f"milan pretrain: {path} is a checkpoint of {saved.get('name')} "
+                         f"{'/'.join(state.get('variant') or [])}, this run builds {cfg.model.name} "
+                         f"{'/'.join(variant)}. {fix}")
+    ours = model.state_dict()
+    mismatched = [k for k, v in state["model"].items() if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
+    missing = sorted(set(ours) ^ set(state["model"]))
+    if mismatched or missing:
+        raise SystemExit(f"milan pretrain: {path} does not fit this model ({len(mismatched)} shape mismatches, "
+                         f"e.g. {(mismatched or missing)[0]}; {len(missing)} missing/unexpected keys): was it "
+                         f"trained with other model.* settings? {fix}")
+    optim = state.get("config", {}).get("optim", {})
+    before = optim.get("batch_size", cfg.optim.batch_size) * optim.get("accum_steps", cfg.optim.accum_steps) \
+        * state.get("world_size", world_size)
+    now = cfg.optim.batch_size * cfg.optim.accum_steps * world_size
+    if before != now:
+        get_logger().warning("resuming with effective batch %d (the checkpoint used %d): steps continue from "
+                             "the checkpoint, but the data order and schedule no longer match one "
+                             "uninterrupted run", now, before)
 
 
 def _check_finite(bad_step: torch.Tensor) -> None:
