@@ -2,6 +2,7 @@
 #   make demo   — the main job on the built-in default (shapes data + built-in teacher, CPU)
 #   make test   — the whole test suite
 VENV ?= .venv
+TORCH_PIP_ARGS ?=  # e.g. --index-url https://download.pytorch.org/whl/cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.milan-installed
 
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.milan-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -46,3 +46,20 @@ def test_recipe_help_lists_only_its_own_configs(capsys: pytest.CaptureFixture[st
         build_parser().parse_args(["segment", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "segment_shapes" in text and "pretrain_shapes" not in text and "detect_shapes" not in text
+
+
+def test_executable_prints_input_errors_as_one_line(tmp_path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from milan.cli import run
+
+    monkeypatch.delenv("MILAN_TRACEBACK", raising=False)
+    args = ["pretrain", "--config", "pretrain_shapes", "data.kind=imagefolder", f"data.path={tmp_path / 'nope'}",
+            f"run.out_dir={tmp_path / 'run'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        run(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("milan pretrain: error: data path not found:") and "Traceback" not in "".join(err)
+    monkeypatch.setenv("MILAN_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):  # the real exception, for debugging
+        run(args)

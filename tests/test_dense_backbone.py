@@ -119,3 +119,7 @@ def test_layer_decay_groups() -> None:
     assert scale("head.weight") == 1.0 and scale("backbone.necks.0.0.weight") == 1.0
     assert wd("head.weight") == 0.05 and wd("head.bias") == 0.0
     assert wd("backbone.encoder.cls_token") == 0.0 and wd("backbone.encoder.blocks.0.norm1.weight") == 0.0
+    with pytest.raises(ValueError, match=f"num_layers=12 but the encoder under backbone.encoder. has {depth} blocks"):
+        layer_decay_groups(net, weight_decay=0.05, layer_decay=0.5, num_layers=12)
+    with pytest.raises(ValueError, match="pass backbone= the encoder's prefix"):
+        layer_decay_groups(net, weight_decay=0.05, layer_decay=0.5, num_layers=depth, backbone="encoder.")

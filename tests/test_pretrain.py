@@ -136,6 +136,30 @@ def test_crash_between_checkpoints_resumes_with_the_same_log(shapes_root: Path, 
     assert records(part) == records(full)
 
 
+def test_rerunning_a_finished_run_does_nothing(shapes_root: Path, tmp_path: Path) -> None:
+    from milan.cli import CONFIG_DIR
+    from milan.config import load_config
+    from milan.recipes.pretrain import CONFIG, main
+
+    out = tmp_path / "run"
+    args = _args(shapes_root, out, "optim.steps=2")
+    cli(args)
+    before = (out / "metrics.jsonl").read_text(), sorted(p.name for p in out.iterdir())
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("milan").addHandler(handler)
+    try:
+        result = main(load_config(CONFIG, CONFIG_DIR / "pretrain_shapes.yaml", args[3:]))  # same run again
+    finally:
+        logging.getLogger("milan").removeHandler(handler)
+    assert result["step"] == 2
+    assert any(m.startswith("nothing to do:") and "at step 2, the run stops at 2" in m for m in records), records
+    assert ((out / "metrics.jsonl").read_text(), sorted(p.name for p in out.iterdir())) == before
+
+
 def _shards(root: Path, out: Path) -> Path:
     from milan.data.wds import write_shards
 

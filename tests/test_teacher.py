@@ -440,6 +440,25 @@ def test_teacher_is_frozen(tiny_ckpt: Path) -> None:
     assert teacher.state_dict().keys() == {f"backbone.{k}" for k in teacher.backbone.state_dict()}
 
 
+@pytest.mark.parametrize("name", ["garbage.pt", "garbage.safetensors", "truncated.pt"])
+def test_unreadable_weights_name_the_file_and_the_formats(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name == "truncated.pt":
+        torch.save({"w": torch.zeros(64)}, tmp_path / "whole.pt")
+        data = (tmp_path / "whole.pt").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_text("this is not a checkpoint\n")
+    with pytest.raises(ValueError, match=rf"cannot read teacher weights .*{name}: expected a \.safetensors file"):
+        build_teacher(f"openclip:{TINY}", weights=path)
+
+
+def test_builtin_teacher_with_unreadable_weights_says_so(tmp_path: Path) -> None:
+    (tmp_path / "w.safetensors").write_text("nope")
+    with pytest.raises(ValueError, match=r"cannot read the shapes teacher weights .*w\.safetensors"):
+        build_teacher("builtin:shapes", weights=tmp_path / "w.safetensors")
+
+
 class _Evil:
     """Unpickling this object would create a file."""
 

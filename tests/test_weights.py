@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,10 @@ def test_export_round_trip_through_timm_pretrained_cfg_overlay(tmp_path: Path) -
     cli(["export", str(tmp_path / "ckpt.pt"), "--to", "timm", "--out", str(out)])
     sidecar = json.loads(out.with_suffix(".json").read_text())
     kwargs = sidecar["vision_transformer_kwargs"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others, like the checkpoints
+    assert not out.with_name(out.name + ".tmp").exists()
     assert sidecar["timm_name"] is None and kwargs["patch_size"] == 8 and kwargs["num_classes"] == 0
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -98,7 +98,12 @@ def load_shapes_visual(weights: str | Path | None = None, card: str | Path | Non
         )
     config = read_card(card_path)["config"] if card_path.is_file() else SHAPES_CLIP_CONFIG
     visual = build_shapes_clip(config).visual
-    visual.load_state_dict(load_file(str(weights)), strict=True)
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error type for a file that is not one
+        raise ValueError(f"cannot read the shapes teacher weights {weights} as safetensors ({err}); "
+                         "give the shapes_clip_visual.safetensors written by `milan teacher train-shapes`") from err
+    visual.load_state_dict(state, strict=True)
     visual.image_mean, visual.image_std = SHAPES_CLIP_MEAN, SHAPES_CLIP_STD
     return visual.eval()
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["main", "config_path", "shipped_configs"]
+__all__ = ["main", "run", "config_path", "shipped_configs"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = teacher_sub.add_parser(
         "train-shapes", help="train the small CLIP shipped as builtin:shapes (≈10 min on 2 CPU cores)",
         description="Train the shapes CLIP with language supervision, report zero-shot accuracy and "
-        "attention on objects, export the vision tower and card (default: into the package).",
+        "attention on objects, export the vision tower and card (default: runs/shapes_teacher; use it with "
+        "teacher.spec=builtin:shapes teacher.weights=runs/shapes_teacher/shapes_clip_visual.safetensors).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     train_shapes_teacher.add_arguments(train)
@@ -207,10 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Parse and run one command; errors propagate (the form tests and Python callers want)."""
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     func(args)
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+    """The `milan` executable: `main`, with the errors our code raises for bad inputs (missing
+    files, unreadable checkpoints or weights, invalid values) printed as one line instead of a
+    traceback. MILAN_TRACEBACK=1 shows the traceback."""
+    import os
+
+    from milan.checkpoint import CheckpointError
+
+    try:
+        main(argv)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("MILAN_TRACEBACK"):
+            raise
+        command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
+        print(f"milan {command}: error: {err}\n(MILAN_TRACEBACK=1 shows where it was raised)".replace("  ", " "),
+              file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(sys.argv[1:])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,13 @@ def export_timm(checkpoint: str | Path, out: str | Path, *, head: bool = True) -
     }
     header = {"encoder": meta["encoder"], "preset": meta["preset"], "source_format": meta["format"]}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out),
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
               metadata={"milan": json.dumps(header), "format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files as 0600; exports are meant to be shared
+    os.replace(tmp, out)
     out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 

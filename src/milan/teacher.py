@@ -449,13 +449,19 @@ def load_weights(path: str | Path) -> tuple[dict[str, Tensor], bool]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"teacher weights not found: {path} (pass weights=<path to a checkpoint>)"
+            f"teacher weights not found: {path} (build_teacher(..., weights=PATH); on the command line "
+            "teacher.weights=PATH, e.g. OpenAI's ViT-B-16.pt or an open_clip checkpoint)"
         )
     is_openai = False
+    unreadable = (f"cannot read teacher weights {path}: expected a .safetensors file, OpenAI's TorchScript "
+                  "release (e.g. ViT-B-16.pt) or a torch.save'd state dict")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        obj: Any = load_file(str(path))
+        try:
+            obj: Any = load_file(str(path))
+        except Exception as e:  # safetensors' own error type
+            raise ValueError(f"{unreadable} ({e})") from e
     else:
         try:
             if _is_torchscript(path):
@@ -463,12 +469,19 @@ def load_weights(path: str | Path) -> tuple[dict[str, Tensor], bool]:
             else:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            refused = "Weights only load failed" in str(e) or str(e).startswith("refusing to load")
+            if not refused:  # not a pickle at all: garbage or another format
+                raise ValueError(f"{unreadable} ({str(e).strip().splitlines()[0]})") from e
             raise ValueError(
                 f"refused to load {path}: it holds Python objects other than tensors, and "
                 "unpickling them could run arbitrary code. Re-save only the state dict "
                 "(torch.save(model.state_dict(), ...) or safetensors) from a trusted environment."
                 f"\n({str(e).strip().splitlines()[0]})"
             ) from e
+        except ValueError:  # our own refusals (e.g. the restricted TorchScript unpickler)
+            raise
+        except Exception as e:  # truncated zip, garbage bytes: torch raises many different types
+            raise ValueError(f"{unreadable} ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") from e
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -147,6 +147,12 @@ def layer_decay_groups(model: nn.Module, *, weight_decay: float, layer_decay: fl
     `lr_scale` is layer_decay ** (num_layers + 1 − id); multiply the scheduled lr by it. Biases,
     norms (1-D parameters) and the CLS token get no weight decay.
     """
+    blocks = {int(n[len(backbone):].split(".")[1]) for n, _ in model.named_parameters()
+              if n.startswith(backbone + "blocks.")}
+    if not blocks:
+        raise ValueError(f"no parameters under {backbone}blocks.*: pass backbone= the encoder's prefix")
+    if max(blocks) + 1 != num_layers:
+        raise ValueError(f"num_layers={num_layers} but the encoder under {backbone} has {max(blocks) + 1} blocks")
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

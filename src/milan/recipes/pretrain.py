@@ -275,6 +275,18 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         net = torch.compile(net)
 
     last_step = total_steps if cfg.run.max_steps is None else min(total_steps, cfg.run.max_steps)
+    if found is not None and info.is_main:
+        saved_total = found[1].get("total_steps")
+        if saved_total is not None and saved_total != total_steps:
+            log.warning("the schedule now spans %d steps (the checkpoint's run: %d): from step %d the lr "
+                        "follows the new warmup/cosine; use run.max_steps to pause a run without changing it",
+                        total_steps, saved_total, step)
+    if step >= last_step:
+        if info.is_main:
+            log.info("nothing to do: %s is at step %d, the run stops at %d (optim.steps / optim.epochs / "
+                     "run.max_steps); raise it to continue", run_dir, step, last_step)
+        distr.cleanup()
+        return {"step": step, "loss": float("nan"), "run_dir": str(run_dir), "bad_images": 0}
     metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
                             resume_from=step if found is not None else None)
     if info.is_main:
@@ -297,7 +309,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
             "config": to_dict(cfg), "variant": list(_variant(model)),
             "version": milan.__version__, "rng": rng, "world_size": info.world_size,
-            "log_window": window,
+            "log_window": window, "total_steps": total_steps,
         }, run_dir / f"checkpoint-{step:08d}.pt")
         prune_checkpoints(run_dir, keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every)
 

@@ -45,7 +45,8 @@ __all__ = ["add_arguments", "run_from_args", "train", "zero_shot", "zero_shot_cl
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="shapes dataset folder (default: the cache; generated if missing)")
-    p.add_argument("--out", type=Path, default=ASSET_DIR, help="where to write the weights and card")
+    p.add_argument("--out", type=Path, default=Path("runs/shapes_teacher"),
+                   help="where to write the weights and card (--out src/milan/assets replaces the shipped teacher)")
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
