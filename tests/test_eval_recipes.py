@@ -252,3 +252,23 @@ def test_randaugment_posterize_at_top_magnitude_keeps_a_bit() -> None:
     op.prob = 1.0
     image = Image.new("RGB", (64, 64), (200, 100, 50))
     assert op(image).getpixel((0, 0)) == (128, 0, 0)  # 1 bit (the MSB) kept, not a crash
+
+
+def test_subset_labels_are_read_once_not_per_index() -> None:
+    """data.train_limit wraps the dataset in a Subset; its labels must not be recomputed per index."""
+    from milan.recipes.linprobe import _targets
+
+    class Labelled(torch.utils.data.Dataset):
+        reads = 0
+
+        def __len__(self) -> int:
+            return 5000
+
+        @property
+        def targets(self) -> list[int]:
+            Labelled.reads += 1
+            return [i % 7 for i in range(5000)]
+
+    subset = torch.utils.data.Subset(Labelled(), range(10, 1010))
+    assert _targets(subset) == [i % 7 for i in range(10, 1010)]
+    assert Labelled.reads <= 2

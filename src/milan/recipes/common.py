@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from milan import distributed as distr
 from milan.checkpoint import load_checkpoint
 from milan.config import save_config
 
-__all__ = ["start_run", "find_resume_last", "rng_state", "restore_rng"]
+__all__ = ["start_run", "seed_all", "find_resume_last", "rng_state", "restore_rng"]
 
 
-def start_run(cfg: Any) -> tuple[distr.DistInfo, Path, torch.dtype | None]:
+def start_run(cfg: Any, *, write_config: bool = True) -> tuple[distr.DistInfo, Path, torch.dtype | None]:
     """Join the process group, create `cfg.run.out_dir` with its config.yaml (rank 0), seed this rank.
+
+    `write_config=False` leaves config.yaml to the recipe (e.g. after a resume check, so that a
+    refused resume leaves the folder as it was).
 
     Returns (process info, run folder, autocast dtype: bf16 for `run.precision` bf16 or auto on
     CUDA, None for fp32).
@@ -24,27 +29,44 @@ def start_run(cfg: Any) -> tuple[distr.DistInfo, Path, torch.dtype | None]:
     run_dir = Path(cfg.run.out_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.run.seed + info.rank)
+        if write_config:
+            save_config(cfg, run_dir / "config.yaml")
+    seed_all(cfg.run.seed + info.rank)
     precision = cfg.run.precision
     if precision == "auto":
         precision = "bf16" if info.device.type == "cuda" else "fp32"
     return info, run_dir, torch.bfloat16 if precision == "bf16" else None
 
 
-def find_resume_last(resume: str, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """`run.resume` of a recipe that keeps one `checkpoint-last.pt`: auto (it, if present), none, or a path."""
+def seed_all(seed: int) -> None:
+    """Seed torch, numpy's global RNG and Python's `random` (timm's mixup draws from numpy, RandAugment
+    and random erasing from `random`, in the main process when data.num_workers=0)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def find_resume_last(resume: str, run_dir: Path, name: str = "checkpoint-last.pt") -> tuple[Path, dict[str, Any]] | None:
+    """`run.resume` of a recipe that keeps one last checkpoint (`name`): auto (it, if present), none, or a path."""
     if resume == "none":
         return None
-    path = run_dir / "checkpoint-last.pt" if resume == "auto" else Path(resume)
+    path = run_dir / name if resume == "auto" else Path(resume)
     if resume == "auto" and not path.is_file():
         return None
     return path, load_checkpoint(path)
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's global torch (and CUDA) RNG state, for a checkpoint (gather it over ranks)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    """This process's global torch (and CUDA), numpy and Python `random` RNG states, for a checkpoint
+    (gather it over ranks). Plain tensors and builtins only: it loads with `weights_only=True`."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "random": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -55,6 +77,14 @@ def restore_rng(states: list[dict[str, Any]] | None, info: distr.DistInfo) -> No
     states = states or []
     if len(states) != info.world_size:
         return
-    torch.set_rng_state(states[info.rank]["torch"])
-    if "cuda" in states[info.rank] and info.device.type == "cuda":
-        torch.cuda.set_rng_state(states[info.rank]["cuda"])
+    state = states[info.rank]
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and info.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:  # checkpoints written before numpy/random were saved lack these
+        saved = state["numpy"]
+        np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                             saved["has_gauss"], saved["gauss"]))
+    if "random" in state:
+        saved = state["random"]
+        random.setstate((saved["version"], tuple(saved["state"]), saved["gauss_next"]))

@@ -11,12 +11,18 @@ and `fc_norm` starts fresh (as MAE does with global pooling).
 
 Checkpoints (`checkpoint-last.pt`, `checkpoint-best.pt`) hold the timm model's state dict under
 "model", so `milan export` and `timm` read them directly; `milan eval` evaluates them.
+`checkpoint-last.pt`, written at the end of every epoch, also holds the optimizer, the step, the
+best top-1 so far and every RNG state (torch, CUDA, numpy, Python), so `run.resume=auto` (the
+default) continues an interrupted run exactly as if it had never stopped; `checkpoint-best.pt` is
+only replaced by a better epoch. `run.max_epochs` stops early (the schedule still spans
+`optim.epochs`) for a later resume.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -26,14 +32,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import milan
 from milan import distributed as distr
-from milan.checkpoint import save_checkpoint
-from milan.config import to_dict
+from milan.checkpoint import load_checkpoint, save_checkpoint
+from milan.config import save_config, to_dict
 from milan.data import build_dataset
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
 from milan.log import MetricsLogger, get_logger, progress
 from milan.probe import remap_labels, topk_accuracy
-from milan.recipes.common import start_run
+from milan.recipes.common import find_resume_last, restore_rng, rng_state, start_run
 from milan.schedule import scaled_lr, warmup_cosine
 from milan.weights import WeightsError, encoder_state_dict, load_encoder, timm_kwargs
 
@@ -91,6 +97,8 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     log_every: int = 50
+    resume: str = "auto"  # auto: out_dir/checkpoint-last.pt if present; none; or a path
+    max_epochs: int | None = None  # stop after this many epochs (the schedule still spans optim.epochs); resume later
     tensorboard: bool = True
 
 
@@ -104,6 +112,25 @@ class FinetuneConfig:
 
 
 CONFIG = FinetuneConfig
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"milan finetune: {message}")
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    """Values the type check lets through but the run cannot use: one line naming the key."""
+    o, r = cfg.optim, cfg.run
+    for key, value in {"optim.epochs": o.epochs, "optim.batch_size": o.batch_size, "run.log_every": r.log_every,
+                       "run.max_epochs": r.max_epochs, "data.img_size": cfg.data.img_size}.items():
+        if value is not None and value < 1:
+            raise _fail(f"{key}={value} must be at least 1")
+    for key, value in {"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers}.items():
+        if value < 0:
+            raise _fail(f"{key}={value} must not be negative")
+    if o.warmup_epochs > o.epochs:
+        raise _fail(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}; "
+                    "lower optim.warmup_epochs (A.1: 5 of 100)")
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
@@ -159,7 +186,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     log = get_logger()
-    info, run_dir, amp_dtype = start_run(cfg)
+    _validate(cfg)
+    info, run_dir, amp_dtype = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
     device = info.device
 
     # --- encoder weights and shape -------------------------------------------------------------
@@ -173,6 +201,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         raise SystemExit("milan finetune: give model.weights=<pretrain checkpoint or export>, or "
                          f"model.preset=<one of: {', '.join(ENCODER_PRESETS)}> to train from scratch")
     img_size = cfg.data.img_size or config.img_size
+    if img_size % config.patch_size:
+        patch = config.patch_size
+        raise _fail(f"data.img_size={img_size} is not a multiple of the patch size {patch}; "
+                    f"use e.g. {max(patch, img_size // patch * patch)}")
     config = replace(config, img_size=img_size)
 
     # --- data ----------------------------------------------------------------------------------
@@ -195,8 +227,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     batch = cfg.optim.batch_size
     sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=cfg.run.seed,
                                  drop_last=True)
+    # Workers are not persistent: each epoch's workers get their seeds from the global torch RNG, which
+    # checkpoint-last.pt holds, so that a resumed epoch augments exactly as the uninterrupted one.
     loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+                        num_workers=cfg.data.num_workers)
     if len(loader) == 0:
         raise SystemExit(f"milan finetune: {len(train_set)} training images are fewer than one batch "
                          f"per process; lower optim.batch_size={batch}")
@@ -215,7 +249,6 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: start near a uniform prediction
     torch.nn.init.zeros_(model.head.bias)
     model.to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.world_size > 1 else model
 
     steps_per_epoch = len(loader)
     total = cfg.optim.epochs * steps_per_epoch
@@ -235,15 +268,60 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     else:
         criterion = torch.nn.CrossEntropyLoss()
 
-    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard)
+    # --- resume --------------------------------------------------------------------------------
+    start_epoch, step, best, last = 0, 0, {"top1": -1.0}, None
+    rng = None
+    found = find_resume_last(cfg.run.resume, run_dir)
+    if found is not None:
+        path, state = found
+        _check_resumable(path, state, cfg, config, num_classes, model)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        best = dict(state["best"]) if state.get("best") else _best_of(run_dir / "checkpoint-best.pt")
+        last = {"top1": state["top1"], "top5": state["top5"]}
+        rng = state.get("rng")
+        if info.is_main:
+            log.info("resumed from %s after epoch %d (step %d, best top-1 %.2f%%)", path, start_epoch, step,
+                     100 * best["top1"])
+            if step != start_epoch * steps_per_epoch:
+                log.warning("the checkpoint has %d steps for %d epochs, this run %d per epoch (batch size, "
+                            "processes or data changed): the schedule no longer matches one uninterrupted run",
+                            step, start_epoch, steps_per_epoch)
+            if rng is None:
+                log.warning("%s holds no RNG state (an older milan): the resumed run is not exact", path)
+    if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.world_size > 1 else model
+
+    last_epoch = cfg.optim.epochs if cfg.run.max_epochs is None else min(cfg.optim.epochs, cfg.run.max_epochs)
+
+    def summary() -> dict[str, Any]:
+        out = {"best": best, "last": last, "epoch": epoch_done, "epochs": cfg.optim.epochs,
+               "num_classes": num_classes, "run_dir": str(run_dir)}
+        if info.is_main:
+            (run_dir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+        distr.barrier()
+        return out
+
+    epoch_done = start_epoch
+    if start_epoch >= last_epoch:  # nothing left to train: report, do not retrain
+        if info.is_main:
+            log.info("%s: %d of %d epochs done, best top-1 %.2f%% at epoch %s; nothing to train%s",
+                     "finished" if start_epoch >= cfg.optim.epochs else "stopped", start_epoch, cfg.optim.epochs,
+                     100 * best["top1"], best.get("epoch"),
+                     "" if start_epoch >= cfg.optim.epochs else " (raise run.max_epochs to continue)")
+        return summary()
+
+    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
+                            resume_from=step if found is not None else None)
     if info.is_main:
         log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, lr %.3g, layer decay %.2f",
                  preset or "encoder", img_size, num_classes, len(train_set), cfg.optim.epochs, steps_per_epoch,
                  peak, cfg.optim.layer_decay)
-    best = {"top1": -1.0}
-    step = 0
-    bar = progress(total, desc="finetune", active=info.is_main)
-    for epoch in range(cfg.optim.epochs):
+    restore_rng(rng, info)  # last: building the model and data above drew from the RNGs
+    bar = progress(last_epoch * steps_per_epoch, initial=step, desc="finetune", active=info.is_main)
+    for epoch in range(start_epoch, last_epoch):
         sampler.set_epoch(epoch)
         ddp.train()
         for images, targets in loader:
@@ -267,27 +345,67 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             if step % cfg.run.log_every == 0:
                 metrics.log(step, loss=loss.item(), lr=lr)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        if info.is_main:  # rank 0 evaluates the whole val set; others wait at the barrier
+        if info.is_main:  # rank 0 evaluates the whole val set; others wait at the RNG gather
             result = evaluate(model, val_loader, device, amp_dtype=amp_dtype, desc=f"val {epoch + 1}")
             metrics.log(step, epoch=epoch + 1, loss=loss.item(), top1=result["top1"], top5=result["top5"],
                         val_loss=result["loss"])
+            last = {"top1": result["top1"], "top5": result["top5"]}
             ckpt = {"model": model.state_dict(), "kind": "finetune", "preset": preset,
                     "encoder": asdict(config), "num_classes": num_classes, "classes": classes,
-                    "epoch": epoch + 1, "step": step, "top1": result["top1"], "top5": result["top5"],
-                    "config": to_dict(cfg), "version": milan.__version__}
-            save_checkpoint({**ckpt, "optimizer": optimizer.state_dict()}, run_dir / "checkpoint-last.pt")
+                    "epoch": epoch + 1, "step": step, **last, "config": to_dict(cfg), "version": milan.__version__}
             if result["top1"] > best["top1"]:
-                best = {"top1": result["top1"], "top5": result["top5"], "epoch": epoch + 1}
+                best = {**last, "epoch": epoch + 1}
                 save_checkpoint(ckpt, run_dir / "checkpoint-best.pt")
             log.info("epoch %d: top-1 %.2f%% top-5 %.2f%%", epoch + 1, 100 * result["top1"], 100 * result["top5"])
+        # every rank's RNG states after the epoch (and rank 0's evaluation): the next epoch's
+        # dropout, drop path, mixup, augmentation and worker seeds all follow from them
+        rngs = distr.all_gather_object(rng_state())
+        if info.is_main:
+            save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(), "best": best, "rng": rngs,
+                             "world_size": info.world_size}, run_dir / "checkpoint-last.pt")
+        epoch_done = epoch + 1
         distr.barrier()
     bar.close()
     metrics.close()
-    summary = {"best": best, "last": {k: result[k] for k in ("top1", "top5")} if info.is_main else None,
-               "num_classes": num_classes, "run_dir": str(run_dir)}
-    if info.is_main:
-        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    if epoch_done < cfg.optim.epochs and info.is_main:
+        log.info("stopped after epoch %d of %d (run.max_epochs): rerun to resume from checkpoint-last.pt",
+                 epoch_done, cfg.optim.epochs)
+    return summary()
+
+
+def _best_of(path: Path) -> dict[str, Any]:
+    """The best-so-far record from a checkpoint-best.pt (an older checkpoint-last.pt did not keep it)."""
+    if not path.is_file():
+        return {"top1": -1.0}
+    state = load_checkpoint(path)
+    return {"top1": state["top1"], "top5": state["top5"], "epoch": state["epoch"]}
+
+
+def _check_resumable(path: Path, state: dict[str, Any], cfg: FinetuneConfig, config: EncoderConfig,
+                     num_classes: int, model: torch.nn.Module) -> None:
+    """Refuse a checkpoint of another model or class count with one line naming the fix."""
+    fix = (f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
+           "(its checkpoint-best.pt would be replaced)")
+    if state.get("kind") != "finetune" or not {"model", "optimizer", "epoch", "step"} <= set(state):
+        raise _fail(f"{path} is not a finetune checkpoint-last.pt (kind {state.get('kind')!r}). {fix}")
+    saved = state.get("encoder") or {}
+    if saved != asdict(config) or state.get("num_classes") != num_classes:
+        def shape(enc: dict[str, Any], classes: Any) -> str:
+            return (f"width {enc.get('embed_dim')}, depth {enc.get('depth')}, patch {enc.get('patch_size')}, "
+                    f"{enc.get('img_size')}px, {classes} classes")
+
+        raise _fail(f"{path} is a checkpoint of another model ({shape(saved, state.get('num_classes'))}; this "
+                    f"run: {shape(asdict(config), num_classes)}). {fix}")
+    ours = model.state_dict()
+    mismatched = [k for k, v in state["model"].items() if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
+    missing = sorted(set(ours) ^ set(state["model"]))
+    if mismatched or missing:
+        raise _fail(f"{path} does not fit this model ({len(mismatched)} shape mismatches, "
+                    f"{len(missing)} missing/unexpected keys, e.g. {(mismatched or missing)[0]}). {fix}")
+    weights = (state.get("config") or {}).get("model", {}).get("weights")
+    if weights != cfg.model.weights:
+        get_logger().warning("resuming %s, finetuned from model.weights=%s (this run: %s); the weights it "
+                             "finetunes are the checkpoint's", path, weights, cfg.model.weights)
 
 
 class _PosterizeLevel:

@@ -10,6 +10,11 @@ Semantic-aware probing (Table 7 #6): with `semantic_topk=x` the encoder sees onl
 fraction of patches ranked by the teacher's CLS attention, in training and evaluation alike.
 
 Runs on rank 0 only (other ranks wait at a barrier): the head is tiny and the encoder frozen.
+
+`head-last.pt`, written at the end of every epoch, holds the head, the LARS state, the step, the
+best top-1 so far and the RNG states, so `run.resume=auto` (the default) continues an interrupted
+probe exactly; `head-best.pt` is only replaced by a better epoch. `run.max_epochs` stops early
+(the schedule still spans `optim.epochs`) for a later resume.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from milan.data import build_dataset
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.log import MetricsLogger, get_logger, progress
 from milan.probe import extract_features, remap_labels, topk_accuracy
+from milan.recipes.common import find_resume_last, restore_rng, rng_state, seed_all
 from milan.schedule import scaled_lr, warmup_cosine
 from milan.weights import build_encoder
 
@@ -87,6 +93,8 @@ class RunConfig:
     out_dir: str = "runs/linprobe"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: str = "auto"  # auto: out_dir/head-last.pt if present; none; or a path
+    max_epochs: int | None = None  # stop after this many epochs (the schedule still spans optim.epochs); resume later
     tensorboard: bool = True
 
 
@@ -100,6 +108,25 @@ class LinprobeConfig:
 
 
 CONFIG = LinprobeConfig
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"milan linprobe: {message}")
+
+
+def _validate(cfg: LinprobeConfig) -> None:
+    """Values the type check lets through but the run cannot use: one line naming the key."""
+    o = cfg.optim
+    for key, value in {"optim.epochs": o.epochs, "optim.batch_size": o.batch_size,
+                       "run.max_epochs": cfg.run.max_epochs, "data.img_size": cfg.data.img_size}.items():
+        if value is not None and value < 1:
+            raise _fail(f"{key}={value} must be at least 1")
+    for key, value in {"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers}.items():
+        if value < 0:
+            raise _fail(f"{key}={value} must not be negative")
+    if o.warmup_epochs > o.epochs:
+        raise _fail(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}; "
+                    "lower optim.warmup_epochs (A.1: 10 of 100)")
 
 
 class ProbeHead(nn.Sequential):
@@ -126,6 +153,7 @@ def _feature_fn(encoder: nn.Module, teacher: nn.Module | None, topk: float | Non
 def main(cfg: LinprobeConfig) -> dict[str, Any]:
     """Train a linear head on frozen features; returns best/last top-1/top-5 (rank 0; {} elsewhere)."""
     log = get_logger()
+    _validate(cfg)
     info = distr.init_distributed(cfg.run.device)
     if not info.is_main:
         distr.barrier()
@@ -133,11 +161,14 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     device = info.device
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.run.seed)
+    seed_all(cfg.run.seed)
 
     # --- frozen encoder (and teacher for semantic-aware probing) --------------------------------
     encoder, meta = build_encoder(cfg.model.weights, preset=cfg.model.preset, img_size=cfg.data.img_size)
+    patch = encoder.patch_size
+    if cfg.data.img_size is not None and cfg.data.img_size % patch:
+        raise _fail(f"data.img_size={cfg.data.img_size} is not a multiple of the patch size {patch}; "
+                    f"use e.g. {max(patch, cfg.data.img_size // patch * patch)}")
     encoder.requires_grad_(False)  # frozen: only the head learns
     encoder.eval().to(device)
     img_size = encoder.patch_embed.img_size[0]
@@ -170,19 +201,73 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
             subset = torch.utils.data.Subset(train_set if name == "train" else val_set, range(limit))
             train_set, val_set = (subset, val_set) if name == "train" else (train_set, subset)
     batch = cfg.optim.batch_size
+    num_train = len(train_set)
+    if classes["train"]:
+        num_classes = len(classes["train"])
+    else:  # labels only, no encoder pass: known before the (costly) features, for the resume check
+        num_classes = int(max(max(_targets(train_set)), max(_targets(val_set)))) + 1
+    steps_per_epoch = max(1, num_train // batch)
+
+    # --- head, LARS, schedule ------------------------------------------------------------------
+    head = ProbeHead(encoder.embed_dim, num_classes).to(device)
+    total = cfg.optim.epochs * steps_per_epoch
+    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+    peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, batch)
+    matrices = [p for p in head.parameters() if p.ndim > 1]
+    vectors = [p for p in head.parameters() if p.ndim <= 1]
+    # MAE's LARS adapts weight matrices always and leaves biases alone.
+    optimizer = Lars([{"params": matrices, "always_adapt": True}, {"params": vectors, "always_adapt": False}],
+                     lr=peak, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    encoder_meta = {"preset": meta.get("preset"), "encoder": {**meta["encoder"], "img_size": img_size},
+                    "semantic_topk": topk}
+
+    # --- resume (before the features: a finished or refused run costs no encoder pass) ----------
+    start_epoch, step, best, last, saved = 0, 0, {"top1": -1.0}, None, None
+    found = find_resume_last(cfg.run.resume, run_dir, "head-last.pt")
+    if found is not None:
+        path, saved = found
+        _check_resumable(path, saved, cfg, encoder_meta, num_classes, head)
+        head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start_epoch, step, best = int(saved["epoch"]), int(saved["step"]), dict(saved["best"])
+        last = {"top1": saved["top1"], "top5": saved["top5"], "epoch": start_epoch}
+        log.info("resumed from %s after epoch %d (step %d, best top-1 %.2f%%)", path, start_epoch, step,
+                 100 * best["top1"])
+        if step != start_epoch * steps_per_epoch:
+            log.warning("the checkpoint has %d steps for %d epochs, this run %d per epoch (batch size or data "
+                        "changed): the schedule no longer matches one uninterrupted run",
+                        step, start_epoch, steps_per_epoch)
+    save_config(cfg, run_dir / "config.yaml")  # only now: a refused resume leaves the folder as it was
+
+    last_epoch = cfg.optim.epochs if cfg.run.max_epochs is None else min(cfg.optim.epochs, cfg.run.max_epochs)
+
+    def finish(epochs_done: int) -> dict[str, Any]:
+        result = {"best": best, "last": last, "epoch": epochs_done, "epochs": cfg.optim.epochs,
+                  "num_classes": num_classes, "semantic_topk": topk, "weights": cfg.model.weights}
+        (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        distr.barrier()
+        return result
+
+    if start_epoch >= last_epoch:  # nothing left to train: report, do not retrain
+        done = start_epoch >= cfg.optim.epochs
+        log.info("%s: %d of %d epochs done, best top-1 %.2f%% at epoch %s; nothing to train%s",
+                 "finished" if done else "stopped", start_epoch, cfg.optim.epochs, 100 * best["top1"],
+                 best.get("epoch"), "" if done else " (raise run.max_epochs to continue)")
+        return finish(start_epoch)
+
+    # --- features ------------------------------------------------------------------------------
     common = dict(batch_size=batch, num_workers=cfg.data.num_workers, device=device)
     val_x, val_y = extract_features(features, val_set, desc="val features", **common)
     if classes["train"] is not None and classes["val"] is not None:
         val_y = remap_labels(val_y, classes["val"], classes["train"])
     if cfg.optim.cache_features:
         train_x, train_y = extract_features(features, train_set, desc="train features (cached)", **common)
-        num_train = len(train_x)
     else:
+        # its own generator (shuffle order, worker seeds): its state is part of head-last.pt
         loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=len(train_set) >= batch,
                             num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.run.seed))
-        num_train = len(train_set)
-    labels = train_y if cfg.optim.cache_features else torch.as_tensor(_targets(train_set))
-    num_classes = len(classes["train"]) if classes["train"] else int(max(labels.max(), val_y.max())) + 1
+        if saved is not None and saved.get("loader_rng") is not None:
+            loader.generator.set_state(saved["loader_rng"])
 
     def train_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         if cfg.optim.cache_features:
@@ -194,26 +279,14 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
             for images, targets in loader:
                 yield features(images.to(device)), torch.as_tensor(targets).to(device)
 
-    # --- head, LARS, schedule ------------------------------------------------------------------
-    head = ProbeHead(encoder.embed_dim, num_classes).to(device)
-    steps_per_epoch = max(1, num_train // batch)
-    total = cfg.optim.epochs * steps_per_epoch
-    warmup = cfg.optim.warmup_epochs * steps_per_epoch
-    peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, batch)
-    matrices = [p for p in head.parameters() if p.ndim > 1]
-    vectors = [p for p in head.parameters() if p.ndim <= 1]
-    # MAE's LARS adapts weight matrices always and leaves biases alone.
-    optimizer = Lars([{"params": matrices, "always_adapt": True}, {"params": vectors, "always_adapt": False}],
-                     lr=peak, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard)
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_from=step if found is not None else None)
     log.info("linear probe: %d train / %d val images, %d classes, %d epochs × %d steps, lr %.4g%s",
              num_train, len(val_x), num_classes, cfg.optim.epochs, steps_per_epoch, peak,
              f", semantic top-{topk:.0%} patches" if topk is not None else "")
-    best: dict[str, Any] = {"top1": -1.0}
-    step = 0
-    bar = progress(total, desc="linprobe")
-    for epoch in range(cfg.optim.epochs):
+    if saved is not None:  # last: building the head and extracting features above drew from the RNGs
+        restore_rng(saved.get("rng"), distr.DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+    bar = progress(last_epoch * steps_per_epoch, initial=step, desc="linprobe")
+    for epoch in range(start_epoch, last_epoch):
         head.train()
         for x, y in train_batches(epoch):
             lr = warmup_cosine(step, total=total, warmup=warmup, peak=peak)
@@ -231,26 +304,57 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
             logits = torch.cat([head(val_x[i:i + 1024].to(device)).cpu() for i in range(0, len(val_x), 1024)])
         top1, top5 = topk_accuracy(logits, val_y)
         metrics.log(step, epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5, lr=lr)
-        state = {"head": head.state_dict(), "epoch": epoch + 1, "top1": top1, "top5": top5,
-                 "num_classes": num_classes, "config": to_dict(cfg), "version": milan.__version__}
-        save_checkpoint(state, run_dir / "head-last.pt")
+        last = {"top1": top1, "top5": top5, "epoch": epoch + 1}
+        state = {"head": head.state_dict(), "kind": "linprobe", **encoder_meta, "epoch": epoch + 1, "step": step,
+                 "top1": top1, "top5": top5, "num_classes": num_classes, "config": to_dict(cfg),
+                 "version": milan.__version__}
         if top1 > best["top1"]:
             best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
             save_checkpoint(state, run_dir / "head-best.pt")
+        # everything the next epoch draws from: a resumed run continues exactly
+        save_checkpoint({**state, "optimizer": optimizer.state_dict(), "best": best, "rng": [rng_state()],
+                         "loader_rng": None if cfg.optim.cache_features else loader.generator.get_state()},
+                        run_dir / "head-last.pt")
     bar.close()
     metrics.close()
-    result = {"best": best, "last": {"top1": top1, "top5": top5, "epoch": cfg.optim.epochs},
-              "num_classes": num_classes, "semantic_topk": topk, "weights": cfg.model.weights}
-    (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if last["epoch"] < cfg.optim.epochs:
+        log.info("stopped after epoch %d of %d (run.max_epochs): rerun to resume from head-last.pt",
+                 last["epoch"], cfg.optim.epochs)
     log.info("linear probe top-1 %.2f%% (best %.2f%% at epoch %d)", 100 * top1, 100 * best["top1"], best["epoch"])
-    distr.barrier()
-    return result
+    return finish(last["epoch"])
+
+
+def _check_resumable(path: Path, state: dict[str, Any], cfg: LinprobeConfig, encoder_meta: dict[str, Any],
+                     num_classes: int, head: nn.Module) -> None:
+    """Refuse a head of another encoder, feature set or class count with one line naming the fix."""
+    fix = (f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
+           "(its head-best.pt would be replaced)")
+    if not {"head", "optimizer", "epoch", "step", "best"} <= set(state):
+        raise _fail(f"{path} is not a resumable linprobe head-last.pt (written by an older milan, or another "
+                    f"recipe's). {fix}")
+    ours = {"encoder": encoder_meta["encoder"], "semantic_topk": encoder_meta["semantic_topk"],
+            "num_classes": num_classes}
+    theirs = {key: state.get(key) for key in ours}
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    if theirs != ours or {k: tuple(v.shape) for k, v in state["head"].items()} != shapes:
+        def describe(d: dict[str, Any]) -> str:
+            enc = d["encoder"] or {}
+            topk = f", semantic top-{d['semantic_topk']}" if d["semantic_topk"] is not None else ""
+            return (f"width {enc.get('embed_dim')}, depth {enc.get('depth')}, patch {enc.get('patch_size')}, "
+                    f"{enc.get('img_size')}px{topk}, {d['num_classes']} classes")
+
+        raise _fail(f"{path} is a head of another model ({describe(theirs)}; this run: {describe(ours)}). {fix}")
+    weights = (state.get("config") or {}).get("model", {}).get("weights")
+    if weights != cfg.model.weights:
+        get_logger().warning("resuming %s, probed on model.weights=%s (this run: %s): the head continues on "
+                             "this run's encoder", path, weights, cfg.model.weights)
 
 
 def _targets(dataset: Any) -> list[int]:
     """Integer labels of a dataset (ShapesDataset.targets, ImageFolder samples, or a Subset of one)."""
     if isinstance(dataset, torch.utils.data.Subset):
-        return [_targets(dataset.dataset)[i] for i in dataset.indices]
+        labels = _targets(dataset.dataset)  # once, not once per index
+        return [labels[i] for i in dataset.indices]
     if hasattr(dataset, "targets"):
         return [int(t) for t in dataset.targets]
     if hasattr(dataset, "samples"):
