@@ -27,7 +27,7 @@ def test_disk_full_keeps_the_old_checkpoint_and_names_the_fix(tmp_path: Path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match=r"No space left on device.*Free space in .*resumes from the previous"):
+    with pytest.raises(CheckpointError, match=r"No space left on device.*previous checkpoint is intact.*free space in .*resume from it"):
         save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from milan.cli import main
 
@@ -60,6 +61,21 @@ def test_executable_prints_input_errors_as_one_line(tmp_path, capsys: pytest.Cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("milan pretrain: error: data path not found:") and "Traceback" not in "".join(err)
+    assert "raised at folder.py:" in err[1]
     monkeypatch.setenv("MILAN_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):  # the real exception, for debugging
         run(args)
+
+
+def test_executable_keeps_tracebacks_of_errors_raised_outside_milan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValueError from inside torch may be a bug in milan: it is not reduced to one line."""
+    import milan.cli
+    from milan.cli import run
+
+    def broken(_args) -> None:
+        torch.nn.functional.cross_entropy(torch.zeros(4, 3), torch.zeros(5, dtype=torch.long))
+
+    monkeypatch.delenv("MILAN_TRACEBACK", raising=False)
+    monkeypatch.setattr(milan.cli, "_cmd_info", broken)
+    with pytest.raises(ValueError, match="batch_size"):
+        run(["info"])

@@ -10,7 +10,6 @@ import torch
 
 from milan.cli import main as cli
 from milan.data.shapes import generate_shapes
-from milan.model import build_model
 from milan.probe import knn_classify
 
 
@@ -22,13 +21,8 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A pretrain checkpoint in our format (random weights: evaluation plumbing, not quality)."""
-    torch.manual_seed(0)
-    model = build_model("milan_vit_shapes_patch8", target_dim=32, decoder_depth=1, decoder_dim=64, decoder_heads=2)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint-2.pt"
-    torch.save({"model": model.state_dict(), "config": {"model": {"name": "milan_vit_shapes_patch8"}}}, path)
-    return path
+def checkpoint(random_pretrain_checkpoint: Path) -> Path:
+    return random_pretrain_checkpoint
 
 
 def _classes(root: Path, label: str) -> int:

@@ -242,6 +242,15 @@ def test_resume_refuses_a_checkpoint_of_another_model(shapes_root: Path, tmp_pat
     assert (out / "config.yaml").read_text() == before  # a refused resume leaves the folder as it was
 
 
+def test_resume_from_an_older_checkpoint_into_the_same_folder_is_refused(shapes_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cli(_args(shapes_root, out, "run.ckpt_every=2", "run.keep_last=5"))
+    with pytest.raises(SystemExit, match=r"run\.resume=.*checkpoint-00000002\.pt is older than checkpoint-00000004\.pt"):
+        cli(_args(shapes_root, out, f"run.resume={out / 'checkpoint-00000002.pt'}"))
+    with pytest.raises(Exception, match=r"cannot resume: checkpoint not found"):
+        cli(_args(shapes_root, tmp_path / "other", f"run.resume={tmp_path / 'missing.pt'}"))
+
+
 def test_missing_data_path_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="data path not found"):
         cli(["pretrain", "--config", "pretrain_shapes", "data.kind=imagefolder",
@@ -301,11 +310,14 @@ def test_ddp_two_processes_match_one(shapes_root: Path, tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     cli([*common, f"run.out_dir={one}"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-         "-m", "milan", *common, f"run.out_dir={two}", "optim.batch_size=4", "run.device=cpu"],
-        check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300,
-    )
+    # two processes, stopped after step 2 and resumed (rank 0 picks the checkpoint, both load it)
+    for stop in ("run.max_steps=2", "run.resume=auto"):
+        subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+             "-m", "milan", *common, f"run.out_dir={two}", "optim.batch_size=4", "run.device=cpu", stop],
+            check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300,
+        )
+    assert [r["step"] for r in map(json.loads, (two / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
     assert torch.allclose(torch.tensor(_losses(one)), torch.tensor(_losses(two)), atol=1e-5)
     a, b = latest_checkpoint(one)[1]["model"], latest_checkpoint(two)[1]["model"]
     for key in a:

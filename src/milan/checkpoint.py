@@ -9,6 +9,7 @@ truncated some other way: it falls back to the previous checkpoint with a warnin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints", "state_mismatch",
+           "CheckpointError"]
 
 _STEP_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
@@ -38,10 +40,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # disk full, quota, permissions (torch reports some as RuntimeError)
-        tmp.unlink(missing_ok=True)  # never leave a partial file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # never leave a partial file behind
         raise CheckpointError(
-            f"could not write checkpoint {path}: {err}. Free space in {path.parent} (or point "
-            "run.out_dir elsewhere) and rerun: the run resumes from the previous checkpoint"
+            f"could not write checkpoint {path}: {err}. The previous checkpoint is intact; fix the cause "
+            f"(a full disk or quota: free space in {path.parent} or point run.out_dir elsewhere) and rerun "
+            "to resume from it"
         ) from err
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
@@ -96,3 +100,12 @@ def prune_checkpoints(run_dir: str | Path, *, keep_last: int, keep_every: int = 
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
+    """None if `found` has exactly `expected`'s keys and shapes; else a short description of the first problems."""
+    shapes = [k for k, v in found.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    keys = sorted(set(expected) ^ set(found))
+    if not shapes and not keys:
+        return None
+    return f"{len(shapes)} shape mismatches, {len(keys)} missing/unexpected keys, e.g. {(shapes or keys)[0]}"

@@ -215,20 +215,25 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    """The `milan` executable: `main`, with the errors our code raises for bad inputs (missing
-    files, unreadable checkpoints or weights, invalid values) printed as one line instead of a
-    traceback. MILAN_TRACEBACK=1 shows the traceback."""
+    """The `milan` executable: `main`, with the errors milan's own code raises about bad inputs
+    (missing files, unreadable checkpoints or weights, invalid values) printed as one line with
+    where they were raised, instead of a traceback. Errors raised inside torch, timm or Python
+    keep their traceback (they may be bugs); MILAN_TRACEBACK=1 always shows it."""
     import os
+    import traceback
 
     from milan.checkpoint import CheckpointError
 
     try:
         main(argv)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
-        if os.environ.get("MILAN_TRACEBACK"):
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        ours = Path(frame.filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+        if os.environ.get("MILAN_TRACEBACK") or not ours:
             raise
         command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
-        print(f"milan {command}: error: {err}\n(MILAN_TRACEBACK=1 shows where it was raised)".replace("  ", " "),
+        where = f"{Path(frame.filename).name}:{frame.lineno}"
+        print(f"milan {command}: error: {err}\n(raised at {where}; MILAN_TRACEBACK=1 shows the traceback)",
               file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -45,7 +46,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # Rank 0 alone evaluates (finetune's val set, kNN, the probe) while the others wait in a
+        # collective: allow that much longer than NCCL's 10-minute default before calling it a hang.
+        minutes = float(os.environ.get("MILAN_DIST_TIMEOUT_MIN", 120))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=minutes))
     return DistInfo(rank, world, local, dev)
 
 
@@ -65,6 +69,14 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     out = value.clone()
     dist.all_reduce(out)
     return out / dist.get_world_size()
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """Maximum of a tensor over ranks (a copy; the input is untouched)."""
+    out = value.clone()
+    if dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -64,12 +64,15 @@ def export_timm(checkpoint: str | Path, out: str | Path, *, head: bool = True) -
     header = {"encoder": meta["encoder"], "preset": meta["preset"], "source_format": meta["format"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"milan": json.dumps(header), "format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files as 0600; exports are meant to be shared
-    os.replace(tmp, out)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={"milan": json.dumps(header), "format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files as 0600; exports are meant to be shared
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when something above failed
     out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 

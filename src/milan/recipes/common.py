@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,10 @@ import numpy as np
 import torch
 
 from milan import distributed as distr
-from milan.checkpoint import load_checkpoint
+from milan.checkpoint import CheckpointError, load_checkpoint
 from milan.config import save_config
 
-__all__ = ["start_run", "seed_all", "find_resume_last", "rng_state", "restore_rng"]
+__all__ = ["start_run", "check_values", "seed_all", "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng"]
 
 
 def start_run(cfg: Any, *, write_config: bool = True) -> tuple[distr.DistInfo, Path, torch.dtype | None]:
@@ -46,14 +47,43 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def find_resume_last(resume: str, run_dir: Path, name: str = "checkpoint-last.pt") -> tuple[Path, dict[str, Any]] | None:
-    """`run.resume` of a recipe that keeps one last checkpoint (`name`): auto (it, if present), none, or a path."""
+def find_resume_last(resume: str, run_dir: Path, name: str = "checkpoint-last.pt", *,
+                     info: distr.DistInfo | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """`run.resume` of a recipe that keeps one last checkpoint (`name`): auto (it, if present), none, or a
+    path. With `info` (every rank calls it), rank 0 decides and all ranks load that file."""
     if resume == "none":
         return None
     path = run_dir / name if resume == "auto" else Path(resume)
-    if resume == "auto" and not path.is_file():
-        return None
-    return path, load_checkpoint(path)
+
+    def choose() -> tuple[Path, dict[str, Any]] | None:
+        return None if resume == "auto" and not path.is_file() else (path, load_checkpoint(path))
+
+    return choose() if info is None else agree_on_checkpoint(choose, info)
+
+
+def agree_on_checkpoint(choose: Callable[[], tuple[Path, dict[str, Any]] | None],
+                        info: distr.DistInfo) -> tuple[Path, dict[str, Any]] | None:
+    """Rank 0 runs `choose` (→ (path, state) or None); every other rank loads the same file. A rank
+    that cannot read it fails the resume on every rank, so none is left waiting in a collective."""
+    found: tuple[Path, dict[str, Any]] | None = None
+    error = None
+    if info.is_main:
+        try:
+            found = choose()
+        except CheckpointError as err:
+            error = str(err)
+    chosen = distr.all_gather_object((str(found[0]) if found else None, error))[0]
+    path, error = chosen
+    if path is not None and not info.is_main:
+        try:
+            found = (Path(path), load_checkpoint(path))
+        except CheckpointError as err:
+            error = f"rank {info.rank}: {err}"
+    errors = [e for e in distr.all_gather_object(error) if e]
+    if errors:
+        raise CheckpointError(f"cannot resume: {errors[0]}. Every node must see the run folder (shared "
+                              "storage), or start over with run.resume=none")
+    return found
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,3 +118,15 @@ def restore_rng(states: list[dict[str, Any]] | None, info: distr.DistInfo) -> No
     if "random" in state:
         saved = state["random"]
         random.setstate((saved["version"], tuple(saved["state"]), saved["gauss_next"]))
+
+
+def check_values(command: str, *, at_least_one: dict[str, int | None],
+                 non_negative: dict[str, int | None] | None = None) -> None:
+    """Values the type check lets through but a run cannot use, refused with one line naming the key
+    (None means "not set" and passes)."""
+    for key, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise SystemExit(f"milan {command}: {key}={value} must be at least 1")
+    for key, value in (non_negative or {}).items():
+        if value is not None and value < 0:
+            raise SystemExit(f"milan {command}: {key}={value} must not be negative")

@@ -296,7 +296,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
 
     # --- resume --------------------------------------------------------------------------------
     step, history = 0, []
-    found = find_resume_last(cfg.run.resume, run_dir)
+    found = find_resume_last(cfg.run.resume, run_dir, info=info)
     if found is not None:
         path, state = found
         model.load_state_dict(state["model"])
@@ -338,21 +338,23 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                  len(val_raw), o.epochs, steps_per_epoch, o.batch_size, o.lr, 1 / o.gamma, ", ".join(f"{e:g}" for e in o.lr_steps),
                  o.layer_decay, m.min_size, m.max_size, m.pad_to, sum(p.numel() for p in model.parameters()) / 1e6)
 
-    def run_eval(step: int) -> dict[str, Any]:
+    def run_eval(step: int, record: bool = True) -> dict[str, Any]:
         epoch = step / steps_per_epoch
         final = step >= last_step
         result = evaluate(model, val_loader, device, coco_gt, label_to_cat, image_ids=val_ids, desc=f"val @{step}",
                           keep_detections=final and cfg.run.save_detections)
         for kind, found in result.pop("detections", {}).items():
             (run_dir / f"detections_{kind}.json").write_text(json.dumps(found))
-        metrics.log(step, epoch=epoch, box_AP=result["bbox"]["AP"], box_AP50=result["bbox"]["AP50"],
-                    mask_AP=result["segm"]["AP"], mask_AP50=result["segm"]["AP50"])
+        if record:  # not when re-evaluating a finished run: its log has this step already
+            metrics.log(step, epoch=epoch, box_AP=result["bbox"]["AP"], box_AP50=result["bbox"]["AP50"],
+                        mask_AP=result["segm"]["AP"], mask_AP50=result["segm"]["AP50"])
         if info.is_main:
             log.info("iteration %d (epoch %.2f): box AP %.1f (AP50 %.1f, AP75 %.1f)  mask AP %.1f (AP50 %.1f, "
                      "AP75 %.1f)\nbbox:\n%s\nsegm:\n%s", step, epoch,
                      *(100 * result[k][s] for k in ("bbox", "segm") for s in ("AP", "AP50", "AP75")),
                      result["bbox"]["summary"], result["segm"]["summary"])
-        history.append(_brief(result, step, round(epoch, 3)))
+        if record:
+            history.append(_brief(result, step, round(epoch, 3)))
         return result
 
     def save_last(step: int) -> None:
@@ -405,7 +407,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                 break
     bar.close()
     if result is None:  # resumed at (or past) the end: evaluate the loaded model
-        result = run_eval(step)
+        result = run_eval(step, record=False)
     metrics.close()
     last = _brief(result, step, round(step / steps_per_epoch, 3))
     summary = {"last": last, "history": history, "num_classes": num_classes, "classes": list(classes),

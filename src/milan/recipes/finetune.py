@@ -32,14 +32,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import milan
 from milan import distributed as distr
-from milan.checkpoint import load_checkpoint, save_checkpoint
+from milan.checkpoint import load_checkpoint, save_checkpoint, state_mismatch
 from milan.config import save_config, to_dict
 from milan.data import build_dataset
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
 from milan.log import MetricsLogger, get_logger, progress
 from milan.probe import remap_labels, topk_accuracy
-from milan.recipes.common import find_resume_last, restore_rng, rng_state, start_run
+from milan.recipes.common import check_values, find_resume_last, restore_rng, rng_state, start_run
 from milan.schedule import scaled_lr, warmup_cosine
 from milan.weights import WeightsError, encoder_state_dict, load_encoder, timm_kwargs
 
@@ -121,13 +121,10 @@ def _fail(message: str) -> SystemExit:
 def _validate(cfg: FinetuneConfig) -> None:
     """Values the type check lets through but the run cannot use: one line naming the key."""
     o, r = cfg.optim, cfg.run
-    for key, value in {"optim.epochs": o.epochs, "optim.batch_size": o.batch_size, "run.log_every": r.log_every,
-                       "run.max_epochs": r.max_epochs, "data.img_size": cfg.data.img_size}.items():
-        if value is not None and value < 1:
-            raise _fail(f"{key}={value} must be at least 1")
-    for key, value in {"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers}.items():
-        if value < 0:
-            raise _fail(f"{key}={value} must not be negative")
+    check_values("finetune", at_least_one={
+        "optim.epochs": o.epochs, "optim.batch_size": o.batch_size, "run.log_every": r.log_every,
+        "run.max_epochs": r.max_epochs, "data.img_size": cfg.data.img_size,
+    }, non_negative={"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers})
     if o.warmup_epochs > o.epochs:
         raise _fail(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}; "
                     "lower optim.warmup_epochs (A.1: 5 of 100)")
@@ -271,7 +268,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     # --- resume --------------------------------------------------------------------------------
     start_epoch, step, best, last = 0, 0, {"top1": -1.0}, None
     rng = None
-    found = find_resume_last(cfg.run.resume, run_dir)
+    found = find_resume_last(cfg.run.resume, run_dir, info=info)
     if found is not None:
         path, state = found
         _check_resumable(path, state, cfg, config, num_classes, model)
@@ -396,14 +393,11 @@ def _check_resumable(path: Path, state: dict[str, Any], cfg: FinetuneConfig, con
 
         raise _fail(f"{path} is a checkpoint of another model ({shape(saved, state.get('num_classes'))}; this "
                     f"run: {shape(asdict(config), num_classes)}). {fix}")
-    ours = model.state_dict()
-    mismatched = [k for k, v in state["model"].items() if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
-    missing = sorted(set(ours) ^ set(state["model"]))
-    if mismatched or missing:
-        raise _fail(f"{path} does not fit this model ({len(mismatched)} shape mismatches, "
-                    f"{len(missing)} missing/unexpected keys, e.g. {(mismatched or missing)[0]}). {fix}")
+    problem = state_mismatch(model.state_dict(), state["model"])
+    if problem:
+        raise _fail(f"{path} does not fit this model ({problem}). {fix}")
     weights = (state.get("config") or {}).get("model", {}).get("weights")
-    if weights != cfg.model.weights:
+    if weights != cfg.model.weights and distr.is_main():
         get_logger().warning("resuming %s, finetuned from model.weights=%s (this run: %s); the weights it "
                              "finetunes are the checkpoint's", path, weights, cfg.model.weights)
 

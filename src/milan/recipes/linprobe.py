@@ -9,7 +9,7 @@ set (centre crops, no augmentation) so each epoch is a pass over a feature matri
 Semantic-aware probing (Table 7 #6): with `semantic_topk=x` the encoder sees only the top-x
 fraction of patches ranked by the teacher's CLS attention, in training and evaluation alike.
 
-Runs on rank 0 only (other ranks wait at a barrier): the head is tiny and the encoder frozen.
+Runs on rank 0 only (other ranks return at once): the head is tiny and the encoder frozen.
 
 `head-last.pt`, written at the end of every epoch, holds the head, the LARS state, the step, the
 best top-1 so far and the RNG states, so `run.resume=auto` (the default) continues an interrupted
@@ -40,7 +40,7 @@ from milan.data import build_dataset
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.log import MetricsLogger, get_logger, progress
 from milan.probe import extract_features, remap_labels, topk_accuracy
-from milan.recipes.common import find_resume_last, restore_rng, rng_state, seed_all
+from milan.recipes.common import check_values, find_resume_last, restore_rng, rng_state, seed_all
 from milan.schedule import scaled_lr, warmup_cosine
 from milan.weights import build_encoder
 
@@ -117,13 +117,10 @@ def _fail(message: str) -> SystemExit:
 def _validate(cfg: LinprobeConfig) -> None:
     """Values the type check lets through but the run cannot use: one line naming the key."""
     o = cfg.optim
-    for key, value in {"optim.epochs": o.epochs, "optim.batch_size": o.batch_size,
-                       "run.max_epochs": cfg.run.max_epochs, "data.img_size": cfg.data.img_size}.items():
-        if value is not None and value < 1:
-            raise _fail(f"{key}={value} must be at least 1")
-    for key, value in {"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers}.items():
-        if value < 0:
-            raise _fail(f"{key}={value} must not be negative")
+    check_values("linprobe", at_least_one={
+        "optim.epochs": o.epochs, "optim.batch_size": o.batch_size, "run.max_epochs": cfg.run.max_epochs,
+        "data.img_size": cfg.data.img_size,
+    }, non_negative={"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers})
     if o.warmup_epochs > o.epochs:
         raise _fail(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}; "
                     "lower optim.warmup_epochs (A.1: 10 of 100)")
@@ -156,8 +153,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     _validate(cfg)
     info = distr.init_distributed(cfg.run.device)
     if not info.is_main:
-        distr.barrier()
-        return {}
+        return {}  # rank 0 computes alone; waiting in a collective could outlast its timeout
     device = info.device
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +241,6 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         result = {"best": best, "last": last, "epoch": epochs_done, "epochs": cfg.optim.epochs,
                   "num_classes": num_classes, "semantic_topk": topk, "weights": cfg.model.weights}
         (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        distr.barrier()
         return result
 
     if start_epoch >= last_epoch:  # nothing left to train: report, do not retrain

@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader
 
 import milan
 from milan import distributed as distr
-from milan.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from milan.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    state_mismatch,
+    step_checkpoints,
+)
 from milan.config import save_config, to_dict
 from milan.data import build_dataset
 from milan.data.folder import Samples
@@ -31,7 +38,7 @@ from milan.data.transforms import pretrain_transform
 from milan.log import MetricsLogger, get_logger, progress
 from milan.masking import random_masking, semantic_masking
 from milan.model import TABLE5, MaskedAutoencoder, build_model, parse_name
-from milan.recipes.common import rng_state
+from milan.recipes.common import agree_on_checkpoint, check_values, rng_state
 from milan.schedule import scaled_lr, warmup_cosine
 
 __all__ = ["PretrainConfig", "main", "param_groups"]
@@ -158,16 +165,12 @@ def resolve_variant(cfg: ModelConfig) -> ModelConfig:
 def _validate(cfg: PretrainConfig) -> None:
     """Values the type check lets through but the run cannot use: one line naming the key."""
     o, r = cfg.optim, cfg.run
-    positive = {"optim.batch_size": o.batch_size, "optim.accum_steps": o.accum_steps, "optim.epochs": o.epochs,
-                "optim.steps": o.steps, "run.log_every": r.log_every, "run.ckpt_every": r.ckpt_every,
-                "run.max_steps": r.max_steps, "data.img_size": cfg.data.img_size}
-    for key, value in positive.items():
-        if value is not None and value < 1:
-            raise SystemExit(f"milan pretrain: {key}={value} must be at least 1")
-    for key, value in {"optim.warmup_epochs": o.warmup_epochs, "optim.warmup_steps": o.warmup_steps,
-                       "run.keep_last": r.keep_last, "data.num_workers": cfg.data.num_workers}.items():
-        if value is not None and value < 0:
-            raise SystemExit(f"milan pretrain: {key}={value} must not be negative")
+    check_values("pretrain", at_least_one={
+        "optim.batch_size": o.batch_size, "optim.accum_steps": o.accum_steps, "optim.epochs": o.epochs,
+        "optim.steps": o.steps, "run.log_every": r.log_every, "run.ckpt_every": r.ckpt_every,
+        "run.max_steps": r.max_steps, "data.img_size": cfg.data.img_size,
+    }, non_negative={"optim.warmup_epochs": o.warmup_epochs, "optim.warmup_steps": o.warmup_steps,
+                     "run.keep_last": r.keep_last, "data.num_workers": cfg.data.num_workers})
     if not 0.0 < cfg.model.mask_ratio < 1.0:
         raise SystemExit(f"milan pretrain: model.mask_ratio={cfg.model.mask_ratio} must be in (0, 1); "
                          "the paper uses 0.75")
@@ -458,17 +461,25 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
 
 
 def _find_resume(resume: str, run_dir: Path, info: distr.DistInfo) -> tuple[Path, dict[str, Any]] | None:
+    """run.resume: auto (the newest readable checkpoint in run_dir), none, or a path. Rank 0 chooses
+    and every rank loads that file (ranks must not disagree on where they start)."""
     if resume == "none":
         return None
     if resume == "auto":
-        # Rank 0 chooses and every rank loads that file: on node-local disks the ranks could
-        # otherwise see different newest checkpoints.
-        found = latest_checkpoint(run_dir) if info.is_main else None
-        chosen = distr.all_gather_object(str(found[0]) if found is not None else None)[0]
-        if chosen is None or found is not None:
-            return found
-        resume = chosen
-    return Path(resume), load_checkpoint(resume)
+        return agree_on_checkpoint(lambda: latest_checkpoint(run_dir), info)
+    newer = [p for p in step_checkpoints(run_dir) if p.resolve() != Path(resume).resolve()
+             and int(p.stem.split("-")[1]) > _step_of(resume)]
+    if newer:
+        raise SystemExit(f"milan pretrain: run.resume={resume} is older than {newer[-1].name} in {run_dir}; "
+                         "resuming it there would mix two runs' checkpoints and logs. Use a new run.out_dir "
+                         "(or delete the newer checkpoints)")
+    return agree_on_checkpoint(lambda: (Path(resume), load_checkpoint(resume)), info)
+
+
+def _step_of(path: str) -> int:
+    """The step in a checkpoint-<step>.pt name (-1 for other names)."""
+    stem = Path(path).stem
+    return int(stem.split("-")[1]) if stem.startswith("checkpoint-") and stem.split("-")[1].isdigit() else -1
 
 
 def _check_resumable(path: Path, state: dict[str, Any], cfg: PretrainConfig, model: MaskedAutoencoder, *,
@@ -484,25 +495,22 @@ def _check_resumable(path: Path, state: dict[str, Any], cfg: PretrainConfig, mod
         raise SystemExit(f"milan pretrain: {path} is a checkpoint of {saved.get('name')} "
                          f"{'/'.join(state.get('variant') or [])}, this run builds {cfg.model.name} "
                          f"{'/'.join(variant)}. {fix}")
-    ours = model.state_dict()
-    mismatched = [k for k, v in state["model"].items() if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
-    missing = sorted(set(ours) ^ set(state["model"]))
-    if mismatched or missing:
-        raise SystemExit(f"milan pretrain: {path} does not fit this model ({len(mismatched)} shape mismatches, "
-                         f"e.g. {(mismatched or missing)[0]}; {len(missing)} missing/unexpected keys): was it "
-                         f"trained with other model.* settings? {fix}")
+    problem = state_mismatch(model.state_dict(), state["model"])
+    if problem:
+        raise SystemExit(f"milan pretrain: {path} does not fit this model ({problem}): was it trained with "
+                         f"other model.* settings? {fix}")
     optim = state.get("config", {}).get("optim", {})
     before = optim.get("batch_size", cfg.optim.batch_size) * optim.get("accum_steps", cfg.optim.accum_steps) \
         * state.get("world_size", world_size)
     now = cfg.optim.batch_size * cfg.optim.accum_steps * world_size
-    if before != now:
+    if before != now and distr.is_main():
         get_logger().warning("resuming with effective batch %d (the checkpoint used %d): steps continue from "
                              "the checkpoint, but the data order and schedule no longer match one "
                              "uninterrupted run", now, before)
 
 
 def _check_finite(bad_step: torch.Tensor) -> None:
-    first = int(bad_step)
+    first = int(distr.all_reduce_max(bad_step))  # every rank stops together, naming the same step
     if first >= 0:
         raise NonFiniteLoss(
             f"loss became NaN/inf at step {first}; no checkpoint was written after it. "

@@ -278,7 +278,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
 
     # --- resume --------------------------------------------------------------------------------
     step, best = 0, None
-    found = find_resume_last(cfg.run.resume, run_dir)
+    found = find_resume_last(cfg.run.resume, run_dir, info=info)
     if found is not None:
         path, state = found
         model.load_state_dict(state["model"])
@@ -319,11 +319,12 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                  "random init", d.crop_size, num_classes, len(train_raw), num_val, o.iters, o.batch_size, o.lr,
                  o.layer_decay, sum(p.numel() for p in model.parameters()))
 
-    def run_eval(step: int) -> dict[str, Any]:
+    def run_eval(step: int, record: bool = True) -> dict[str, Any]:
         result = evaluate(model, val_loader, device, num_classes=num_classes, mode=d.eval_mode,
                           crop=d.crop_size, stride=stride, amp_dtype=amp_dtype, class_names=classes,
                           desc=f"val @{step}")
-        metrics.log(step, mIoU=result["mIoU"], mAcc=result["mAcc"], aAcc=result["aAcc"])
+        if record:  # not when re-evaluating a finished run: its log has this step already
+            metrics.log(step, mIoU=result["mIoU"], mAcc=result["mAcc"], aAcc=result["aAcc"])
         if info.is_main:
             log.info("iteration %d: mIoU %.2f  mAcc %.2f  aAcc %.2f", step, 100 * result["mIoU"],
                      100 * result["mAcc"], 100 * result["aAcc"])
@@ -382,7 +383,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                 break
     bar.close()
     if result is None:  # resumed at (or past) the end: evaluate the loaded model
-        result = run_eval(step)
+        result = run_eval(step, record=False)
         if best is None:
             best = _brief(result, step)
     metrics.close()
