@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints", "state_mismatch",
-           "CheckpointError"]
+           "checkpoint_step", "step_checkpoints", "CheckpointError"]
 
 _STEP_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
@@ -69,13 +69,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step in a `checkpoint-<step>.pt` name, None for other names."""
+    m = _STEP_FILE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
     """`checkpoint-<step>.pt` files in `run_dir`, oldest first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_FILE.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in run_dir.iterdir() if checkpoint_step(p) is not None), key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
@@ -94,8 +99,7 @@ def prune_checkpoints(run_dir: str | Path, *, keep_last: int, keep_every: int = 
     doomed = paths[:-keep_last] if keep_last > 0 else []
     removed = []
     for path in doomed:
-        step = int(_STEP_FILE.match(path.name).group(1))
-        if keep_every and step % keep_every == 0:
+        if keep_every and checkpoint_step(path) % keep_every == 0:
             continue
         path.unlink(missing_ok=True)
         removed.append(path)

@@ -34,7 +34,7 @@ from torchvision import transforms as T
 
 import milan
 from milan import distributed as distr
-from milan.checkpoint import save_checkpoint
+from milan.checkpoint import save_checkpoint, state_mismatch
 from milan.config import save_config, to_dict
 from milan.data import build_dataset
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -330,8 +330,7 @@ def _check_resumable(path: Path, state: dict[str, Any], cfg: LinprobeConfig, enc
     ours = {"encoder": encoder_meta["encoder"], "semantic_topk": encoder_meta["semantic_topk"],
             "num_classes": num_classes}
     theirs = {key: state.get(key) for key in ours}
-    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    if theirs != ours or {k: tuple(v.shape) for k, v in state["head"].items()} != shapes:
+    if theirs != ours or state_mismatch(head.state_dict(), state["head"]):
         def describe(d: dict[str, Any]) -> str:
             enc = d["encoder"] or {}
             topk = f", semantic top-{d['semantic_topk']}" if d["semantic_topk"] is not None else ""

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 import milan
 from milan import distributed as distr
 from milan.checkpoint import (
+    checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -301,10 +302,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
 
     def checkpoint(step: int, epoch: int) -> None:
         _check_finite(bad_step)
-        rng = distr.all_gather_object(rng_state())
-        # the open log window of every rank, so that a resumed run logs the same averages
-        window = distr.all_gather_object({"loss_sum": loss_sum.detach().cpu(), "steps": window_steps,
-                                          "seen": seen, "bad_images": bad_images})
+        # every rank's RNG state and open log window (so that a resumed run logs the same averages)
+        ranks = distr.all_gather_object((rng_state(), {"loss_sum": loss_sum.detach().cpu(), "steps": window_steps,
+                                                       "seen": seen, "bad_images": bad_images}))
+        rng, window = [r for r, _ in ranks], [w for _, w in ranks]
         if not info.is_main:
             return
         save_checkpoint({
@@ -467,19 +468,14 @@ def _find_resume(resume: str, run_dir: Path, info: distr.DistInfo) -> tuple[Path
         return None
     if resume == "auto":
         return agree_on_checkpoint(lambda: latest_checkpoint(run_dir), info)
+    step = checkpoint_step(resume)
     newer = [p for p in step_checkpoints(run_dir) if p.resolve() != Path(resume).resolve()
-             and int(p.stem.split("-")[1]) > _step_of(resume)]
+             and checkpoint_step(p) > (-1 if step is None else step)]
     if newer:
         raise SystemExit(f"milan pretrain: run.resume={resume} is older than {newer[-1].name} in {run_dir}; "
                          "resuming it there would mix two runs' checkpoints and logs. Use a new run.out_dir "
                          "(or delete the newer checkpoints)")
     return agree_on_checkpoint(lambda: (Path(resume), load_checkpoint(resume)), info)
-
-
-def _step_of(path: str) -> int:
-    """The step in a checkpoint-<step>.pt name (-1 for other names)."""
-    stem = Path(path).stem
-    return int(stem.split("-")[1]) if stem.startswith("checkpoint-") and stem.split("-")[1].isdigit() else -1
 
 
 def _check_resumable(path: Path, state: dict[str, Any], cfg: PretrainConfig, model: MaskedAutoencoder, *,
