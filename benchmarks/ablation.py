@@ -34,15 +34,15 @@ from pathlib import Path
 import torch
 from torchvision import transforms as T
 
-from milan.cli import config_path
-from milan.config import load_config
 from milan.data.shapes import ShapesDataset, default_shapes_root, generate_shapes
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from milan.log import get_logger
+from milan.io.weights import build_encoder
 from milan.model import KD_BASELINE, TABLE5
-from milan.probe import extract_features, knn_accuracy, linear_probe
 from milan.recipes import pretrain
-from milan.weights import build_encoder
+from milan.train.config import config_path
+from milan.train.config import load_config
+from milan.train.log import get_logger
+from milan.train.probe import extract_features, knn_accuracy, linear_probe
 
 #: Row name → (model name, config overrides, (target, decoder, masking)).
 VARIANTS: dict[str, tuple[str, list[str], tuple[str, str, str]]] = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from milan import bench
+from milan.tools import bench
 
 
 def test_quick_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,9 @@ import torch
 from torchvision import transforms as T
 
 import milan
-from milan.builtin import (
+from milan.data.shapes import COLOURS, SHAPES, ShapesDataset, generate_shapes
+from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from milan.teacher.builtin import (
     CARD_FILE,
     WEIGHTS_FILE,
     ZEROSHOT_FILE,
@@ -19,9 +21,7 @@ from milan.builtin import (
     read_card,
     sha256_file,
 )
-from milan.data.shapes import COLOURS, SHAPES, ShapesDataset, generate_shapes
-from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from milan.recipes.train_shapes_teacher import train, zero_shot
+from milan.tools.train_shapes_teacher import train, zero_shot
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_zero_shot_on_fresh_images_is_far_above_chance(fresh_shapes: Path) -> No
 
 @torch.no_grad()
 def test_attention_finds_objects(fresh_shapes: Path) -> None:
-    from milan.recipes.train_shapes_teacher import attention_on_objects
+    from milan.tools.train_shapes_teacher import attention_on_objects
 
     teacher = milan.build_teacher("builtin:shapes")
     stats = attention_on_objects(teacher, fresh_shapes, "val", 200)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from milan import checkpoint
-from milan.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from milan.train import checkpoint
+from milan.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def test_round_trip_and_no_temp_file(tmp_path: Path) -> None:

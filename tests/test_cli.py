@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from milan.cli import main
+from milan.tools.cli import main
 
 COMMANDS = [["pretrain"], ["demo"], ["data"], ["data", "shapes"], ["data", "shards"], ["teacher"], ["teacher", "train-shapes"], ["bench"], ["bench", "speed"], ["info"]]
 
@@ -39,7 +39,7 @@ def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_recipe_help_lists_only_its_own_configs(capsys: pytest.CaptureFixture[str]) -> None:
-    from milan.cli import build_parser, config_recipe
+    from milan.tools.cli import build_parser, config_recipe
 
     assert config_recipe("segment_shapes") == "segment" and config_recipe("detect_shapes") == "detect"
     assert config_recipe("pretrain_shapes") == config_recipe("kd_vit_base") == "pretrain"
@@ -51,7 +51,7 @@ def test_recipe_help_lists_only_its_own_configs(capsys: pytest.CaptureFixture[st
 
 def test_executable_prints_input_errors_as_one_line(tmp_path, capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from milan.cli import run
+    from milan.tools.cli import run
 
     monkeypatch.delenv("MILAN_TRACEBACK", raising=False)
     args = ["pretrain", "--config", "pretrain_shapes", "data.kind=imagefolder", f"data.path={tmp_path / 'nope'}",
@@ -69,13 +69,13 @@ def test_executable_prints_input_errors_as_one_line(tmp_path, capsys: pytest.Cap
 
 def test_executable_keeps_tracebacks_of_errors_raised_outside_milan(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ValueError from inside torch may be a bug in milan: it is not reduced to one line."""
-    import milan.cli
-    from milan.cli import run
+    import milan.tools.cli
+    from milan.tools.cli import run
 
     def broken(_args) -> None:
         torch.nn.functional.cross_entropy(torch.zeros(4, 3), torch.zeros(5, dtype=torch.long))
 
     monkeypatch.delenv("MILAN_TRACEBACK", raising=False)
-    monkeypatch.setattr(milan.cli, "_cmd_info", broken)
+    monkeypatch.setattr(milan.tools.cli, "_cmd_info", broken)
     with pytest.raises(ValueError, match="batch_size"):
         run(["info"])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from milan.cli import CONFIG_DIR, config_recipe, shipped_configs
-from milan.config import ConfigError, from_dict, load_config, to_dict
 from milan.recipes.pretrain import PretrainConfig
+from milan.train.config import CONFIG_DIR, config_recipe, shipped_configs
+from milan.train.config import ConfigError, from_dict, load_config, to_dict
 
 
 def test_defaults_follow_the_paper() -> None:

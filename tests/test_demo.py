@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from milan.cli import main
+from milan.tools.cli import main
 
 
 def test_short_demo_end_to_end(tmp_path: Path) -> None:

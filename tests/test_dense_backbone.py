@@ -13,7 +13,7 @@ from milan.dense.backbone import (
     resample_pos_embed,
 )
 from milan.encoder import MaskedViTEncoder, sincos_pos_embed_2d
-from milan.weights import build_encoder
+from milan.io.weights import build_encoder
 
 PRESET = "vit_shapes_patch8"  # 64 px, patch 8, width 192, depth 6
 

@@ -22,8 +22,8 @@ from milan.dense.det_data import (
     shapes_coco_gt,
 )
 from milan.dense.detection import ENCODER_PREFIX, LEVELS, ViTFPNBackbone, build_mask_rcnn
+from milan.io.weights import build_encoder
 from milan.recipes.detect import warmup_step_lr
-from milan.weights import build_encoder
 
 PRESET = "vit_shapes_patch8"  # 64 px, patch 8, width 192, depth 6
 TINY_HEADS = dict(fpn_channels=32, min_size=64, max_size=64, anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
@@ -95,9 +95,9 @@ def test_pad_to_gives_square_batches() -> None:
 
 
 def test_shipped_configs_load_and_the_coco_one_is_appendix_a1() -> None:
-    from milan.cli import config_path
-    from milan.config import load_config
     from milan.recipes.detect import CONFIG
+    from milan.train.config import config_path
+    from milan.train.config import load_config
 
     shapes = load_config(CONFIG, config_path("detect_shapes"))
     assert shapes.data.kind == "shapes" and shapes.model.preset == PRESET
@@ -258,7 +258,7 @@ def test_coco_loader_missing_json_names_the_layout(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     with pytest.raises(FileNotFoundError, match=r"instances_\{train,val\}2017\.json"):
         CocoDetection(tmp_path / "images", tmp_path / "annotations" / "nope.json")
-    from milan.cli import main
+    from milan.tools.cli import main
 
     with pytest.raises(SystemExit, match="milan detect: COCO annotations .*instances_train2017.json not found"):
         main(["detect", "data.kind=coco", f"data.path={tmp_path}", f"run.out_dir={tmp_path / 'run'}"])
@@ -295,7 +295,7 @@ def test_shapes_detection_gt_and_flip(shapes_root: Path) -> None:
 
 
 def _cli(shapes_root: Path, out: Path, *extra: str) -> None:
-    from milan.cli import main
+    from milan.tools.cli import main
 
     main(["detect", "--config", "detect_shapes", f"data.path={shapes_root}", f"run.out_dir={out}",
           "data.num_workers=0", "optim.batch_size=8", "optim.warmup_iters=2", "data.val_limit=4", *extra])
@@ -303,7 +303,7 @@ def _cli(shapes_root: Path, out: Path, *extra: str) -> None:
 
 def test_cli_runs_checkpoints_and_resumes_exactly(shapes_root: Path, tmp_path: Path) -> None:
     """3 iterations straight vs 1 + resume to 3 (mid-epoch): the same weights (exact resume)."""
-    from milan.checkpoint import load_checkpoint
+    from milan.train.checkpoint import load_checkpoint
 
     common = ("optim.epochs=1", "optim.lr_steps=[0.05]", "run.eval_every_epochs=2")  # lr ÷10 after iteration 2
     _cli(shapes_root, tmp_path / "a", *common, "run.max_steps=3")
@@ -327,8 +327,8 @@ def test_cli_runs_checkpoints_and_resumes_exactly(shapes_root: Path, tmp_path: P
 def test_short_training_beats_the_trivial_baseline(shapes_root: Path, tmp_path: Path) -> None:
     """Under a minute of training from random init (120 iterations of 4 scenes): box AP above 0 (an
     untrained detector's) on 16 val scenes. Small batches and no layer decay learn fastest here."""
-    from milan.config import load_config
     from milan.recipes.detect import CONFIG, main
+    from milan.train.config import load_config
 
     cfg = load_config(CONFIG, Path(__file__).parents[1] / "src/milan/configs/detect_shapes.yaml", [
         f"data.path={shapes_root}", f"run.out_dir={tmp_path}", "data.num_workers=0", "optim.batch_size=4",
@@ -344,8 +344,8 @@ def test_recipe_on_a_coco_folder_in_the_2017_layout(tmp_path: Path) -> None:
     """The COCO path end to end on a 3-image folder in COCO 2017's layout (sparse category ids 5, 9)."""
     import shutil
 
-    from milan.checkpoint import load_checkpoint
-    from milan.cli import main
+    from milan.tools.cli import main
+    from milan.train.checkpoint import load_checkpoint
 
     root = tmp_path / "coco"
     _write_fake_coco(root)
@@ -370,7 +370,7 @@ def test_recipe_on_a_coco_folder_in_the_2017_layout(tmp_path: Path) -> None:
 def test_missing_pycocotools_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import sys
 
-    from milan.cli import main
+    from milan.tools.cli import main
 
     monkeypatch.setitem(sys.modules, "pycocotools", None)  # import now raises ImportError
     with pytest.raises(SystemExit, match=r"pip install 'milan\[dense\]'"):

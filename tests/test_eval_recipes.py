@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from milan.cli import main as cli
 from milan.data.shapes import generate_shapes
-from milan.probe import knn_classify
+from milan.tools.cli import main as cli
+from milan.train.probe import knn_classify
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_linprobe_cached_beats_chance(shapes_root: Path, checkpoint: Path, tmp_p
 def test_linprobe_leaves_encoder_frozen(shapes_root: Path, checkpoint: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import milan.recipes.linprobe as linprobe
-    from milan.weights import build_encoder
+    from milan.io.weights import build_encoder
 
     built = []
 
@@ -201,7 +201,7 @@ def test_eval_restricts_logits_to_the_folder_classes(tmp_path: Path) -> None:
     from timm.models import VisionTransformer
 
     from milan.encoder import ENCODER_PRESETS
-    from milan.weights import timm_kwargs
+    from milan.io.weights import timm_kwargs
 
     wnids = ["n01443537", "n01484850", "n01491361"]  # indices 1, 2, 4 of ImageNet-1k
     for wnid in wnids:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from milan.cli import main as cli
 from milan.data.shapes import generate_shapes
+from milan.tools.cli import main as cli
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from milan.checkpoint import latest_checkpoint, step_checkpoints
-from milan.cli import main as cli
 from milan.data.shapes import generate_shapes
+from milan.tools.cli import main as cli
+from milan.train.checkpoint import latest_checkpoint, step_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +137,9 @@ def test_crash_between_checkpoints_resumes_with_the_same_log(shapes_root: Path, 
 
 
 def test_rerunning_a_finished_run_does_nothing(shapes_root: Path, tmp_path: Path) -> None:
-    from milan.cli import CONFIG_DIR
-    from milan.config import load_config
     from milan.recipes.pretrain import CONFIG, main
+    from milan.train.config import CONFIG_DIR
+    from milan.train.config import load_config
 
     out = tmp_path / "run"
     args = _args(shapes_root, out, "optim.steps=2")

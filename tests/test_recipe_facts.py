@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-from milan.cli import CONFIG_DIR
-from milan.config import load_config
 from milan.encoder import ENCODER_PRESETS
 from milan.model import KD_BASELINE, TABLE5, build_model
 from milan.recipes import finetune, linprobe
 from milan.recipes.pretrain import PretrainConfig, param_groups
-from milan.schedule import scaled_lr, warmup_cosine
+from milan.train.config import CONFIG_DIR
+from milan.train.config import load_config
+from milan.train.schedule import scaled_lr, warmup_cosine
 
 # Table 5: (CLIP target, prompting decoder, semantic aware sampling) per row.
 PAPER_TABLE5 = {

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from milan.cli import main as cli
 from milan.data.shapes import generate_shapes
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.seg_data import (
@@ -28,9 +27,10 @@ from milan.dense.seg_data import (
 from milan.dense.seg_metrics import SegMetric, confusion_matrix, segmentation_scores
 from milan.dense.upernet import FCNHead, UperNetHead, build_segmenter
 from milan.encoder import MaskedViTEncoder
+from milan.io.weights import build_encoder
 from milan.recipes.segment import predict, seg_loss
-from milan.schedule import warmup_poly
-from milan.weights import build_encoder
+from milan.tools.cli import main as cli
+from milan.train.schedule import warmup_poly
 
 PRESET = "vit_shapes_patch8"
 
@@ -278,9 +278,9 @@ def test_clear_errors(shapes: Path, tiny_weights: Path, tmp_path: Path) -> None:
 
 
 def test_ade20k_config_is_the_a1_recipe() -> None:
-    from milan.cli import config_path
-    from milan.config import load_config
     from milan.recipes.segment import CONFIG
+    from milan.train.config import config_path
+    from milan.train.config import load_config
 
     cfg = load_config(CONFIG, config_path("segment_ade20k_vit_base"))
     o, d, m = cfg.optim, cfg.data, cfg.model

@@ -533,12 +533,12 @@ def test_error_unknown_spec_lists_valid_forms() -> None:
 
 
 def test_builtin_shapes_missing_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import milan.builtin
+    import milan.teacher.builtin
 
     missing = tmp_path / "shapes_clip_visual.safetensors"
     with pytest.raises(FileNotFoundError, match=r"shapes_clip_visual\.safetensors.*milan teacher train-shapes"):
         build_teacher("builtin:shapes", weights=missing)
-    monkeypatch.setattr(milan.builtin, "WEIGHTS_FILE", missing)  # a broken install
+    monkeypatch.setattr(milan.teacher.builtin, "WEIGHTS_FILE", missing)  # a broken install
     with pytest.raises(FileNotFoundError, match="milan teacher train-shapes"):
         build_teacher("builtin:shapes")
     with pytest.raises(ValueError, match="unknown builtin teacher"):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from milan import viz, viz_cli
 from milan.loss import feature_loss, pixel_loss
 from milan.masking import random_masking
-from milan.viz import masked_view
+from milan.tools import viz, viz_cli
+from milan.tools.viz import masked_view
 
 # --- unit --------------------------------------------------------------------------------------
 
@@ -141,8 +141,8 @@ def test_unknown_data_kind_is_rejected() -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from milan.cli import main
     from milan.data.shapes import generate_shapes
+    from milan.tools.cli import main
 
     base = tmp_path_factory.mktemp("viz")
     root, out = base / "shapes", base / "run"

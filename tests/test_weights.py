@@ -11,10 +11,10 @@ import safetensors.torch
 import timm
 import torch
 
-from milan.cli import main as cli
 from milan.encoder import ENCODER_PRESETS, MaskedViTEncoder
+from milan.io.weights import WeightsError, encoder_state_dict, load_encoder, timm_kwargs
 from milan.model import build_model
-from milan.weights import WeightsError, encoder_state_dict, load_encoder, timm_kwargs
+from milan.tools.cli import main as cli
 
 
 def _pretrain_ckpt(path: Path, name: str = "milan_vit_shapes_patch8") -> torch.nn.Module:

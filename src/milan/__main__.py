@@ -1,6 +1,6 @@
 """`python -m milan ...` and `torchrun -m milan ...` run the CLI."""
 
-from milan.cli import run
+from milan.tools.cli import run
 
 if __name__ == "__main__":
     run()

@@ -29,6 +29,10 @@ __all__ = [
     "semantic_masking",
     "gather_tokens",
     "restore_tokens",
+    "SemanticMasking",
+    "RandomMasking",
+    "MaskSampler",
+    "build_sampler",
 ]
 
 
@@ -149,6 +153,51 @@ def semantic_masking(
     gumbel = -torch.log(exponential.clamp(min=tiny))  # [B, N] Gumbel(0, 1)
     scores = torch.log(importance.float()) + gumbel
     return _mask_from_scores(scores, num_keep)
+
+
+class SemanticMasking:
+    """MILAN's sampler, chosen at build time: `semantic_masking` of the teacher's importance."""
+
+    needs_importance = True
+
+    def __init__(self, mask_ratio: float = 0.75) -> None:
+        self.mask_ratio = mask_ratio
+
+    def __call__(self, batch: int, num_patches: int, *, importance: Tensor | None,
+                 generator: torch.Generator | None = None, noise: Tensor | None = None,
+                 check_values: bool = True) -> Mask:
+        """A mask for `batch` images of `num_patches` patches from `importance` `[B, N]` (cls_attn)."""
+        if importance is None:
+            raise ValueError("semantic masking needs the teacher's cls_attn as importance")
+        return semantic_masking(importance, self.mask_ratio, generator=generator, noise=noise,
+                                check_values=check_values)
+
+
+class RandomMasking:
+    """MAE's sampler, chosen at build time: uniform `random_masking` (any importance is ignored)."""
+
+    needs_importance = False
+
+    def __init__(self, mask_ratio: float = 0.75) -> None:
+        self.mask_ratio = mask_ratio
+
+    def __call__(self, batch: int, num_patches: int, *, importance: Tensor | None = None,
+                 generator: torch.Generator | None = None, noise: Tensor | None = None,
+                 check_values: bool = True) -> Mask:
+        device = importance.device if importance is not None else None
+        return random_masking(batch, num_patches, self.mask_ratio, generator=generator, device=device,
+                              noise=noise)
+
+
+MaskSampler = SemanticMasking | RandomMasking
+
+
+def build_sampler(kind: str, mask_ratio: float = 0.75) -> MaskSampler:
+    """`semantic` → `SemanticMasking`, `random` → `RandomMasking`, at `mask_ratio`."""
+    samplers = {"semantic": SemanticMasking, "random": RandomMasking}
+    if kind not in samplers:
+        raise ValueError(f"masking must be 'semantic' or 'random', got {kind!r}")
+    return samplers[kind](mask_ratio)
 
 
 def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:

@@ -78,7 +78,7 @@ class ViTPyramid(nn.Module):
     """Four feature maps at strides p/4, p/2, p, 2p from a ViT encoder.
 
     Args:
-        encoder: a `MaskedViTEncoder` (e.g. from `milan.weights.build_encoder`); trained along.
+        encoder: a `MaskedViTEncoder` (e.g. from `milan.io.weights.build_encoder`); trained along.
             Its final norm is replaced by an identity: the pyramid taps the blocks directly.
         mode: "intermediate" (MAE/BEiT: blocks `out_indices`, deconv/pool necks, `dim` channels
             at every level) or "simple" (ViTDet: last block, necks to `out_channels`).

@@ -140,7 +140,7 @@ def build_mask_rcnn(
     """torchvision `MaskRCNN` on `encoder` (trained along), for `num_classes` object classes.
 
     Args:
-        encoder: a `MaskedViTEncoder` (`milan.weights.build_encoder`); its final norm is dropped.
+        encoder: a `MaskedViTEncoder` (`milan.io.weights.build_encoder`); its final norm is dropped.
         num_classes: object classes, background excluded (the model predicts 1 + num_classes).
         pyramid: "intermediate" (MAE: 4 tapped blocks + deconv necks + FPN) or "simple" (ViTDet).
         out_indices: blocks tapped in "intermediate" mode (default: spread over the depth).

@@ -158,7 +158,7 @@ def build_segmenter(encoder: nn.Module, num_classes: int, *, pyramid: str = "int
                     out_indices: Sequence[int] | None = None, out_channels: int = 256, channels: int = 768,
                     pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1, aux: bool = True,
                     aux_channels: int = 256) -> Segmenter:
-    """A `Segmenter` around `encoder` (a `MaskedViTEncoder`, e.g. from `milan.weights.build_encoder`)."""
+    """A `Segmenter` around `encoder` (a `MaskedViTEncoder`, e.g. from `milan.io.weights.build_encoder`)."""
     backbone = ViTPyramid(encoder, mode=pyramid, out_indices=tuple(out_indices) if out_indices else None,
                           out_channels=out_channels)
     head = UperNetHead(backbone.channels, channels, num_classes, pool_scales=pool_scales, dropout=dropout)

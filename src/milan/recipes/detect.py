@@ -39,9 +39,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 import milan
-from milan import distributed as distr
-from milan.checkpoint import save_checkpoint
-from milan.config import to_dict
 from milan.data.sampler import EpochSampler
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.coco_eval import evaluate_results, to_coco_results
@@ -54,9 +51,12 @@ from milan.dense.det_data import (
     shapes_coco_gt,
 )
 from milan.dense.detection import ENCODER_PREFIX, build_mask_rcnn
-from milan.log import MetricsLogger, get_logger, progress
-from milan.recipes.common import find_resume_last, restore_rng, rng_state, start_run
-from milan.weights import WeightsError, build_encoder
+from milan.io.weights import WeightsError, build_encoder
+from milan.train import distributed as distr
+from milan.train.checkpoint import save_checkpoint
+from milan.train.config import to_dict
+from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.run import find_resume_last, restore_rng, rng_state, start_run
 
 __all__ = ["DetectConfig", "CONFIG", "main", "evaluate", "warmup_step_lr", "build_datasets"]
 

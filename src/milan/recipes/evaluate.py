@@ -17,12 +17,12 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
-from milan import distributed as distr
 from milan.data import build_dataset
 from milan.data.transforms import eval_transform
 from milan.encoder import EncoderConfig
-from milan.log import MetricsLogger, get_logger
-from milan.weights import WeightsError, encoder_state_dict, load_encoder
+from milan.io.weights import WeightsError, encoder_state_dict, load_encoder
+from milan.train import distributed as distr
+from milan.train.log import MetricsLogger, get_logger
 
 __all__ = ["EvalConfig", "CONFIG", "main", "class_index", "imagenet_classes"]
 
@@ -113,7 +113,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     if meta["global_pool"] != "avg":
         from timm.models import VisionTransformer
 
-        from milan.weights import timm_kwargs
+        from milan.io.weights import timm_kwargs
 
         model = VisionTransformer(**timm_kwargs(config), num_classes=num_classes, global_pool="token")
     try:

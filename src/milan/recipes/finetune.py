@@ -31,17 +31,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import milan
-from milan import distributed as distr
-from milan.checkpoint import load_checkpoint, save_checkpoint, state_mismatch
-from milan.config import save_config, to_dict
 from milan.data import build_dataset
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
-from milan.log import MetricsLogger, get_logger, progress
-from milan.probe import remap_labels, topk_accuracy
-from milan.recipes.common import check_values, find_resume_last, restore_rng, rng_state, start_run
-from milan.schedule import scaled_lr, warmup_cosine
-from milan.weights import WeightsError, encoder_state_dict, load_encoder, timm_kwargs
+from milan.io.weights import WeightsError, encoder_state_dict, load_encoder, timm_kwargs
+from milan.train import distributed as distr
+from milan.train.checkpoint import load_checkpoint, save_checkpoint, state_mismatch
+from milan.train.config import save_config, to_dict
+from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.probe import remap_labels, topk_accuracy
+from milan.train.run import check_values, find_resume_last, restore_rng, rng_state, start_run
+from milan.train.schedule import scaled_lr, warmup_cosine
 
 __all__ = ["FinetuneConfig", "CONFIG", "main", "build_classifier", "build_optimizer", "evaluate"]
 

@@ -16,13 +16,13 @@ from typing import Any, Literal
 
 import torch
 
-from milan import distributed as distr
-from milan.config import save_config
 from milan.data import build_dataset
 from milan.data.transforms import eval_transform
-from milan.log import MetricsLogger, get_logger
-from milan.probe import extract_features, knn_accuracy, remap_labels
-from milan.weights import build_encoder
+from milan.io.weights import build_encoder
+from milan.train import distributed as distr
+from milan.train.config import save_config
+from milan.train.log import MetricsLogger, get_logger
+from milan.train.probe import extract_features, knn_accuracy, remap_labels
 
 __all__ = ["KnnConfig", "CONFIG", "main"]
 

@@ -33,16 +33,16 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 import milan
-from milan import distributed as distr
-from milan.checkpoint import save_checkpoint, state_mismatch
-from milan.config import save_config, to_dict
 from milan.data import build_dataset
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from milan.log import MetricsLogger, get_logger, progress
-from milan.probe import extract_features, remap_labels, topk_accuracy
-from milan.recipes.common import check_values, find_resume_last, restore_rng, rng_state, seed_all
-from milan.schedule import scaled_lr, warmup_cosine
-from milan.weights import build_encoder
+from milan.io.weights import build_encoder
+from milan.train import distributed as distr
+from milan.train.checkpoint import save_checkpoint, state_mismatch
+from milan.train.config import save_config, to_dict
+from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.probe import extract_features, remap_labels, topk_accuracy
+from milan.train.run import check_values, find_resume_last, restore_rng, rng_state, seed_all
+from milan.train.schedule import scaled_lr, warmup_cosine
 
 __all__ = ["LinprobeConfig", "CONFIG", "main", "ProbeHead"]
 

@@ -1,6 +1,6 @@
 """`milan pretrain`: MILAN pretraining, one flat loop from config to checkpoints.
 
-    teacher(images) ─► tokens, cls_attn ─► mask ─► model(images, mask, tokens) ─► loss ─► step
+    milan.MILAN: teacher(images) ─► tokens, cls_attn ─► mask ─► model(images, mask, tokens) ─► loss ─► step
 
 Single process, `torchrun` DDP (NCCL on GPU, gloo on CPU), gradient accumulation with `no_sync`,
 AMP (bf16 on GPU by default, fp16 with a scaler, fp32 on CPU), atomic checkpoints and exact
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,41 +21,66 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import milan
-from milan import distributed as distr
-from milan.checkpoint import (
+from milan.data import build_dataset
+from milan.data.folder import Samples
+from milan.data.sampler import EpochSampler
+from milan.data.transforms import pretrain_transform
+from milan.errors import CheckpointError, ConfigError, DataError
+from milan.model import ModelSpec, build_model
+from milan.pretraining import MILAN
+from milan.train import distributed as distr
+from milan.train.checkpoint import (
+    CheckpointRecord,
+    check_resumable,
     checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
-    state_mismatch,
     step_checkpoints,
 )
-from milan.config import save_config, to_dict
-from milan.data import build_dataset
-from milan.data.folder import Samples
-from milan.data.sampler import EpochSampler
-from milan.data.transforms import pretrain_transform
-from milan.log import MetricsLogger, get_logger, progress
-from milan.masking import random_masking, semantic_masking
-from milan.model import TABLE5, MaskedAutoencoder, build_model, parse_name
-from milan.recipes.common import agree_on_checkpoint, check_values, rng_state
-from milan.schedule import scaled_lr, warmup_cosine
+from milan.train.config import save_config, to_dict
+from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.run import (
+    NonFiniteGuard,
+    agree_on_checkpoint,
+    check_values,
+    rng_state,
+    set_lr,
+    start_run,
+)
+from milan.train.schedule import scaled_lr, warmup_cosine
 
-__all__ = ["PretrainConfig", "main", "param_groups"]
+__all__ = ["PretrainConfig", "CONFIG", "main", "param_groups", "build_step", "mask_noise"]
 
 
 @dataclass
 class ModelConfig:
+    """What to pretrain, resolved by `milan.ModelSpec.resolve` as soon as the config is read: the
+    name's prefix (milan_ = Table 5 #8, mae_ = #1, kd_ = Table 9's KD), then `variant` (a Table 5
+    row), then explicit target / decoder / masking. After resolution no choice is left null, so
+    `--print-config` and config.yaml show what runs."""
+
     name: str = "milan_vit_base_patch16"
-    target: Literal["clip", "pixel"] | None = None  # None: the name's default
+    target: Literal["clip", "pixel"] | None = None  # None: from variant, else from the name
     decoder: Literal["prompting", "mae", "none"] | None = None
-    masking: Literal["semantic", "random"] = "semantic"
+    masking: Literal["semantic", "random"] | None = None
     mask_ratio: float = 0.75
     variant: int | None = None  # a Table 5 row (1–8) sets target, decoder and masking
-    decoder_dim: int | None = None
+    decoder_dim: int | None = None  # None: the preset's (512 × 8 × 16 for ViT-B/L, as MAE)
     decoder_depth: int | None = None
     decoder_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        spec = self.spec()
+        self.target, self.decoder, self.masking = spec.target, spec.decoder, spec.masking
+        self.decoder_dim, self.decoder_depth, self.decoder_heads = (
+            spec.decoder_dim, spec.decoder_depth, spec.decoder_heads)
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec.resolve(self.name, variant=self.variant, target=self.target, decoder=self.decoder,
+                                 masking=self.masking, mask_ratio=self.mask_ratio, decoder_dim=self.decoder_dim,
+                                 decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads)
 
 
 @dataclass
@@ -134,10 +159,6 @@ class PretrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no decay on norms, biases, tokens and position embeddings (A.1, MAE)."""
     decay, no_decay = [], []
@@ -152,92 +173,70 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def resolve_variant(cfg: ModelConfig) -> ModelConfig:
-    """Apply `variant=<Table 5 row>` to target/decoder/masking."""
-    if cfg.variant is None:
-        return cfg
-    if cfg.variant not in TABLE5:
-        raise ValueError(f"model.variant={cfg.variant} is not a Table 5 row; choose 1–8")
-    row = TABLE5[cfg.variant]
-    cfg.target, cfg.decoder, cfg.masking = row.target, row.decoder, row.masking
-    return cfg
-
-
 def _validate(cfg: PretrainConfig) -> None:
     """Values the type check lets through but the run cannot use: one line naming the key."""
     o, r = cfg.optim, cfg.run
-    check_values("pretrain", at_least_one={
+    check_values(at_least_one={
         "optim.batch_size": o.batch_size, "optim.accum_steps": o.accum_steps, "optim.epochs": o.epochs,
         "optim.steps": o.steps, "run.log_every": r.log_every, "run.ckpt_every": r.ckpt_every,
         "run.max_steps": r.max_steps, "data.img_size": cfg.data.img_size,
     }, non_negative={"optim.warmup_epochs": o.warmup_epochs, "optim.warmup_steps": o.warmup_steps,
                      "run.keep_last": r.keep_last, "data.num_workers": cfg.data.num_workers})
-    if not 0.0 < cfg.model.mask_ratio < 1.0:
-        raise SystemExit(f"milan pretrain: model.mask_ratio={cfg.model.mask_ratio} must be in (0, 1); "
-                         "the paper uses 0.75")
     if o.steps is None and o.warmup_steps is None and o.warmup_epochs > o.epochs:
-        raise SystemExit(f"milan pretrain: optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}")
+        raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}")
     if o.steps is not None and o.warmup_steps is not None and o.warmup_steps > o.steps:
-        raise SystemExit(f"milan pretrain: optim.warmup_steps={o.warmup_steps} exceeds optim.steps={o.steps}")
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds optim.steps={o.steps}")
     lo, hi = cfg.data.crop_scale
     if not 0.0 < lo <= hi <= 1.0:
-        raise SystemExit(f"milan pretrain: data.crop_scale={list(cfg.data.crop_scale)} must satisfy "
-                         "0 < min ≤ max ≤ 1, e.g. [0.2, 1.0]")
+        raise ConfigError(f"data.crop_scale={list(cfg.data.crop_scale)} must satisfy 0 < min ≤ max ≤ 1, "
+                          "e.g. [0.2, 1.0]")
+    img_size = cfg.model.spec().encoder.img_size
+    if cfg.data.img_size != img_size:
+        raise ConfigError(f"data.img_size={cfg.data.img_size} but {cfg.model.name} is built for {img_size}px; "
+                          f"set data.img_size={img_size}")
 
 
-def _mask_seed(seed: int, step: int, micro: int) -> int:
-    return hash((seed, step, micro)) & 0x7FFF_FFFF_FFFF
+def build_step(cfg: PretrainConfig, device: torch.device, *, amp_dtype: torch.dtype | None = None) -> MILAN:
+    """The run's `MILAN` step: its teacher (built only when the variant needs one) and a fresh student."""
+    spec = cfg.model.spec()
+    teacher = None
+    if spec.needs_teacher:
+        dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        teacher = milan.build_teacher(
+            cfg.teacher.spec, weights=cfg.teacher.weights,
+            dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype],
+            student_patch_size=spec.encoder.patch_size,
+        ).to(device)
+    model = build_model(spec, target_dim=teacher.dim if teacher is not None else None).to(device)
+    return MILAN(model, teacher=teacher, amp_dtype=amp_dtype)
+
+
+def mask_noise(seed: int, step: int, micro: int, shape: tuple[int, int], *, rank: int = 0, world_size: int = 1,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """The uniform draws behind micro-step `micro` of optimizer step `step`: `[B, N]` for this rank.
+
+    One global draw of `[B·W, N]`, each rank taking its rows (rank r holds samples r, r+W, ... of the
+    global batch): masks depend on (seed, step, micro) only, not on how many processes run or on
+    where a run was interrupted.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(hash((seed, step, micro)) & 0x7FFF_FFFF_FFFF)
+    batch, num_patches = shape
+    return torch.rand(batch * world_size, num_patches, generator=gen, device=device)[rank::world_size]
 
 
 def main(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining; returns a summary (final step, last logged loss, run dir)."""
     log = get_logger()
-    info = distr.init_distributed(cfg.run.device)
-    device = info.device
-    resolve_variant(cfg.model)
     _validate(cfg)
-    run_dir = Path(cfg.run.out_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.run.seed)
+    info, run_dir, amp_dtype, precision = start_run(cfg, write_config=False, seed_per_rank=False)
+    device = info.device
+    spec = cfg.model.spec()
 
-    precision = cfg.run.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-    # --- teacher: frozen, never in the optimizer, DDP or the checkpoint -------------------------
-    default, encoder_cfg = parse_name(cfg.model.name)
-    need_teacher = (cfg.model.target or default.target) == "clip" or cfg.model.masking == "semantic"
-    teacher = None
-    if need_teacher:
-        teacher_dtype = cfg.teacher.dtype
-        if teacher_dtype == "auto":
-            teacher_dtype = "bf16" if device.type == "cuda" else "fp32"
-        teacher = milan.build_teacher(
-            cfg.teacher.spec,
-            weights=cfg.teacher.weights,
-            dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[teacher_dtype],
-            student_patch_size=encoder_cfg.patch_size,
-        ).to(device)
-
-    # --- student -------------------------------------------------------------------------------
-    model = build_model(
-        cfg.model.name,
-        target_dim=teacher.dim if teacher is not None else None,
-        target=cfg.model.target,
-        decoder=cfg.model.decoder,
-        masking=cfg.model.masking,
-        decoder_dim=cfg.model.decoder_dim,
-        decoder_depth=cfg.model.decoder_depth,
-        decoder_heads=cfg.model.decoder_heads,
-    ).to(device)
-    img_size = model.encoder.patch_embed.img_size[0]
-    if cfg.data.img_size != img_size:
-        raise ValueError(
-            f"data.img_size={cfg.data.img_size} but {cfg.model.name} is built for {img_size}px; "
-            f"set data.img_size={img_size}"
-        )
+    # --- the step: frozen teacher (never in the optimizer, DDP or the checkpoint) + student ------
+    step_fn = build_step(cfg, device, amp_dtype=amp_dtype)
+    model, teacher = step_fn.model, step_fn.teacher
+    img_size = spec.encoder.img_size
 
     # --- data ----------------------------------------------------------------------------------
     batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
@@ -256,11 +255,16 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # --- resume --------------------------------------------------------------------------------
+    identity = {"model": spec.name, "variant": "/".join((spec.target, spec.decoder, spec.masking))}
     step, resumed_window = 0, None
     found = _find_resume(cfg.run.resume, run_dir, info)
     if found is not None:
         path, state = found
-        _check_resumable(path, state, cfg, model, world_size=info.world_size)
+        check_resumable(path, state, kind="pretrain", identity=identity, expected=model.state_dict(),
+                        needs=("optimizer", "scaler"),
+                        fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
+                            "(its checkpoints would be pruned)")
+        _warn_if_batch_changed(state, cfg, world_size=info.world_size)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -301,23 +305,24 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         )
 
     def checkpoint(step: int, epoch: int) -> None:
-        _check_finite(bad_step)
+        finite.check()
         # every rank's RNG state and open log window (so that a resumed run logs the same averages)
         ranks = distr.all_gather_object((rng_state(), {"loss_sum": loss_sum.detach().cpu(), "steps": window_steps,
                                                        "seen": seen, "bad_images": bad_images}))
         rng, window = [r for r, _ in ranks], [w for _, w in ranks]
         if not info.is_main:
             return
-        save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-            "config": to_dict(cfg), "variant": list(_variant(model)),
-            "version": milan.__version__, "rng": rng, "world_size": info.world_size,
-            "log_window": window, "total_steps": total_steps,
-        }, run_dir / f"checkpoint-{step:08d}.pt")
+        record = CheckpointRecord("pretrain", step, to_dict(cfg), identity, epoch=epoch,
+                                  world_size=info.world_size, rng=rng)
+        save_checkpoint(record.state(
+            model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+            spec=asdict(spec), variant=[spec.target, spec.decoder, spec.masking], log_window=window,
+            total_steps=total_steps,
+        ), run_dir / f"checkpoint-{step:08d}.pt")
         prune_checkpoints(run_dir, keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every)
 
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, on device
+    finite = NonFiniteGuard(device, fix="Lower optim.lr or base_lr, set optim.clip_grad=1.0, or use "
+                                        "run.precision=bf16/fp32; then resume from the last checkpoint.")
     loss_sum = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
     timed_steps = 0  # steps of the window run by this process (a resumed window's first part is not)
@@ -327,12 +332,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         window_steps, seen, bad_images = (resumed_window[k] for k in ("steps", "seen", "bad_images"))
     last_loss = float("nan")
     bar = progress(last_step, initial=step, desc="pretrain", active=info.is_main)
-    autocast = (
-        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    )
     knn = _knn_monitor(cfg, img_size, device) if cfg.monitor.every and info.is_main else None
     net.train()
-    mask_gen = torch.Generator(device=device)
 
     try:
         while step < last_step:
@@ -345,26 +346,11 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                 bad_images += int(bad.sum())
                 _check_bad_images(bad_images, seen, cfg.data.max_bad_fraction)
 
-                targets = None
-                with torch.no_grad():
-                    if teacher is not None:
-                        out = teacher(images)
-                        targets = out.tokens
-                # One global draw per micro-step, each rank taking its rows (rank r holds samples
-                # r, r+W, ... of the global batch): masks do not depend on the number of processes.
-                mask_gen.manual_seed(_mask_seed(cfg.run.seed, step, micro))
-                noise = torch.rand(images.shape[0] * info.world_size, model.num_patches,
-                                   generator=mask_gen, device=device)[info.rank::info.world_size]
-                if cfg.model.masking == "semantic":
-                    mask = semantic_masking(out.cls_attn, cfg.model.mask_ratio, noise=noise,
-                                            check_values=device.type == "cpu")
-                else:
-                    mask = random_masking(images.shape[0], model.num_patches, cfg.model.mask_ratio,
-                                          noise=noise)
+                noise = mask_noise(cfg.run.seed, step, micro, (images.shape[0], model.num_patches),
+                                   rank=info.rank, world_size=info.world_size, device=device)
                 sync = micro == accum - 1
                 with (ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()):
-                    with autocast:
-                        loss = net(images, mask, targets).loss
+                    loss = step_fn(images, noise=noise, net=net, check_values=device.type == "cpu").loss
                     scaler.scale(loss / accum).backward()
                 loss_sum += loss.detach() / accum
                 micro += 1
@@ -375,23 +361,21 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                 micro = 0
                 lr = warmup_cosine(step, total=total_steps, warmup=warmup_steps, peak=peak_lr,
                                    final=cfg.optim.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 if cfg.optim.clip_grad is not None:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                finite = torch.isfinite(loss.detach())
-                bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
+                finite.update(loss, step)
                 step += 1
                 window_steps += 1
                 timed_steps += 1
                 bar.update(1)
 
                 if step % cfg.run.log_every == 0 or step == last_step:
-                    _check_finite(bad_step)
+                    finite.check()
                     mean_loss = float(distr.all_reduce_mean(loss_sum / window_steps))
                     elapsed = time.perf_counter() - window_start
                     img_s = timed_steps * effective_batch / max(elapsed, 1e-9)
@@ -420,11 +404,6 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     return {"step": step, "loss": last_loss, "run_dir": str(run_dir), "bad_images": bad_images}
 
 
-def _variant(model: MaskedAutoencoder) -> tuple[str, str, str]:
-    v = model.variant
-    return (v.target, v.decoder, v.masking)
-
-
 def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
     """The training DataLoader and how to start an epoch at a given batch.
 
@@ -436,12 +415,12 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
         from milan.data.wds import ShardStream, count_samples
 
         if not cfg.data.path:
-            raise ValueError("data.path is required for data.kind=webdataset (e.g. /data/train-{000000..000999}.tar)")
+            raise ConfigError("data.path is required for data.kind=webdataset (e.g. /data/train-{000000..000999}.tar)")
         num_images = cfg.data.num_samples or count_samples(cfg.data.path)
         per_rank = (num_images // info.world_size) // (batch * accum) * (batch * accum)
         if per_rank == 0:
-            raise ValueError(f"{num_images} images are too few for batch_size={batch} × accum_steps={accum} "
-                             f"× {info.world_size} process(es); lower the batch size or add data")
+            raise DataError(f"{num_images} images are too few for batch_size={batch} × accum_steps={accum} "
+                            f"× {info.world_size} process(es); lower the batch size or add data")
         stream = ShardStream(cfg.data.path, transform=transform, rank=info.rank, world_size=info.world_size,
                              seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                              min_size=cfg.data.min_size, samples_per_rank=per_rank, batch_size=batch)
@@ -472,29 +451,13 @@ def _find_resume(resume: str, run_dir: Path, info: distr.DistInfo) -> tuple[Path
     newer = [p for p in step_checkpoints(run_dir) if p.resolve() != Path(resume).resolve()
              and checkpoint_step(p) > (-1 if step is None else step)]
     if newer:
-        raise SystemExit(f"milan pretrain: run.resume={resume} is older than {newer[-1].name} in {run_dir}; "
-                         "resuming it there would mix two runs' checkpoints and logs. Use a new run.out_dir "
-                         "(or delete the newer checkpoints)")
+        raise CheckpointError(f"run.resume={resume} is older than {newer[-1].name} in {run_dir}; resuming it "
+                              "there would mix two runs' checkpoints and logs. Use a new run.out_dir (or delete "
+                              "the newer checkpoints)")
     return agree_on_checkpoint(lambda: (Path(resume), load_checkpoint(resume)), info)
 
 
-def _check_resumable(path: Path, state: dict[str, Any], cfg: PretrainConfig, model: MaskedAutoencoder, *,
-                     world_size: int) -> None:
-    """Refuse a checkpoint of another model with one line naming the fix; warn when the batch changed."""
-    fix = (f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
-           "(its checkpoints would be pruned)")
-    if "model" not in state or "step" not in state:
-        raise SystemExit(f"milan pretrain: {path} is not a pretrain checkpoint (no model/step). {fix}")
-    saved = state.get("config", {}).get("model", {})
-    variant = list(_variant(model))
-    if state.get("variant") not in (None, variant) or saved.get("name", cfg.model.name) != cfg.model.name:
-        raise SystemExit(f"milan pretrain: {path} is a checkpoint of {saved.get('name')} "
-                         f"{'/'.join(state.get('variant') or [])}, this run builds {cfg.model.name} "
-                         f"{'/'.join(variant)}. {fix}")
-    problem = state_mismatch(model.state_dict(), state["model"])
-    if problem:
-        raise SystemExit(f"milan pretrain: {path} does not fit this model ({problem}): was it trained with "
-                         f"other model.* settings? {fix}")
+def _warn_if_batch_changed(state: dict[str, Any], cfg: PretrainConfig, *, world_size: int) -> None:
     optim = state.get("config", {}).get("optim", {})
     before = optim.get("batch_size", cfg.optim.batch_size) * optim.get("accum_steps", cfg.optim.accum_steps) \
         * state.get("world_size", world_size)
@@ -505,19 +468,9 @@ def _check_resumable(path: Path, state: dict[str, Any], cfg: PretrainConfig, mod
                              "uninterrupted run", now, before)
 
 
-def _check_finite(bad_step: torch.Tensor) -> None:
-    first = int(distr.all_reduce_max(bad_step))  # every rank stops together, naming the same step
-    if first >= 0:
-        raise NonFiniteLoss(
-            f"loss became NaN/inf at step {first}; no checkpoint was written after it. "
-            "Lower optim.lr or base_lr, set optim.clip_grad=1.0, or use run.precision=bf16/fp32; "
-            "then resume from the last checkpoint."
-        )
-
-
 def _check_bad_images(bad: int, seen: int, max_fraction: float) -> None:
     if bad and seen >= 64 and bad / seen > max_fraction:
-        raise RuntimeError(
+        raise DataError(
             f"{bad} of {seen} images so far were unreadable or too small "
             f"({bad / seen:.1%} > data.max_bad_fraction={max_fraction}); "
             "fix or remove them (the log lists each one), or raise data.max_bad_fraction"
@@ -530,7 +483,7 @@ def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device):
     For shapes the sets default to the training data's own train/val splits.
     """
     from milan.data.transforms import eval_transform
-    from milan.probe import extract_features, knn_accuracy
+    from milan.train.probe import extract_features, knn_accuracy
 
     tf = eval_transform(img_size, crop_pct=1.0)
     cfg = full.monitor
@@ -538,7 +491,7 @@ def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device):
     if cfg.kind == "shapes" and full.data.kind == "shapes":
         paths = {split: path or full.data.path for split, path in paths.items()}
     if cfg.kind == "imagefolder" and not all(paths.values()):
-        raise ValueError("monitor.every > 0 needs monitor.train_path and monitor.val_path (labelled ImageFolders)")
+        raise ConfigError("monitor.every > 0 needs monitor.train_path and monitor.val_path (labelled ImageFolders)")
     sets = {split: build_dataset(cfg.kind, paths[split] or paths["train"], split=split, transform=tf,
                                  label=cfg.label) for split in ("train", "val")}
 

@@ -32,9 +32,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 import milan
-from milan import distributed as distr
-from milan.checkpoint import save_checkpoint
-from milan.config import to_dict
 from milan.data.sampler import EpochSampler
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.seg_data import (
@@ -48,10 +45,13 @@ from milan.dense.seg_data import (
 )
 from milan.dense.seg_metrics import SegMetric
 from milan.dense.upernet import Segmenter, build_segmenter
-from milan.log import MetricsLogger, get_logger, progress
-from milan.recipes.common import find_resume_last, restore_rng, rng_state, start_run
-from milan.schedule import warmup_poly
-from milan.weights import WeightsError, build_encoder
+from milan.io.weights import WeightsError, build_encoder
+from milan.train import distributed as distr
+from milan.train.checkpoint import save_checkpoint
+from milan.train.config import to_dict
+from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.run import find_resume_last, restore_rng, rng_state, start_run
+from milan.train.schedule import warmup_poly
 
 __all__ = ["SegmentConfig", "CONFIG", "main", "evaluate", "predict", "seg_loss", "build_datasets"]
 

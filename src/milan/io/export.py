@@ -27,14 +27,14 @@ def export_timm(checkpoint: str | Path, out: str | Path, *, head: bool = True) -
     """Write `out` (.safetensors) and `out.json` for timm; returns the sidecar dict.
 
     Args:
-        checkpoint: any file `milan.weights.encoder_state_dict` reads.
+        checkpoint: any file `milan.io.weights.encoder_state_dict` reads.
         out: the .safetensors file to write.
         head: keep a finetuned classifier's head (`head.*`); ignored when there is none.
     """
     from safetensors.torch import save_file
 
     from milan.encoder import EncoderConfig
-    from milan.weights import encoder_state_dict, timm_kwargs
+    from milan.io.weights import encoder_state_dict, timm_kwargs
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    from milan.weights import WeightsError
+    from milan.io.weights import WeightsError
 
     try:
         sidecar = export_timm(args.checkpoint, args.out, head=not args.no_head)

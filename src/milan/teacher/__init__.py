@@ -26,7 +26,7 @@ sizes differ, resized so both token grids match (a CLIP L/14 teacher under a ViT
 224 px sees 196 px). A grid that differs from the one the positional embedding was trained for is
 handled by interpolating the positional embedding (bicubic), as each library does.
 
-Loading is safe (`milan.safe_load`): safetensors, `torch.load(weights_only=True)`, and TorchScript
+Loading is safe (`milan.io.safe_load`): safetensors, `torch.load(weights_only=True)`, and TorchScript
 archives read by a restricted unpickler that never runs their code.
 """
 
@@ -52,7 +52,7 @@ from timm.data.constants import (
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from milan.safe_load import load_weights
+from milan.io.safe_load import load_weights
 
 __all__ = [
     "HFTeacher",
@@ -70,8 +70,8 @@ SPEC_FORMS = (
     "timm:<model name> with weights=<.safetensors | .pth>",
     "builtin:shapes",
 )
-# builtin teachers: name -> what they are (weights and card live in milan/assets, see milan.builtin)
-BUILTIN_TEACHERS = {"shapes": "small CLIP trained on the captioned shapes data (milan.builtin)"}
+# builtin teachers: name -> what they are (weights and card live in milan/assets, see milan.teacher.builtin)
+BUILTIN_TEACHERS = {"shapes": "small CLIP trained on the captioned shapes data (milan.teacher.builtin)"}
 
 
 class TeacherOutput(NamedTuple):
@@ -506,7 +506,7 @@ def _build_timm(name: str, weights: str | Path | None, **kwargs: Any) -> Teacher
 
 
 def _build_builtin(name: str, weights: str | Path | None, **kwargs: Any) -> Teacher:
-    from milan.builtin import WEIGHTS_FILE, load_shapes_visual
+    from milan.teacher.builtin import WEIGHTS_FILE, load_shapes_visual
 
     if name not in BUILTIN_TEACHERS:
         raise ValueError(f"unknown builtin teacher {name!r}; available: {sorted(BUILTIN_TEACHERS)}")
@@ -515,7 +515,7 @@ def _build_builtin(name: str, weights: str | Path | None, **kwargs: Any) -> Teac
             f"the built-in '{name}' teacher is missing ({WEIGHTS_FILE}); "
             "recreate it with `milan teacher train-shapes`"
         )
-    # An open_clip CLIP vision tower with a conv stem (milan.builtin), rebuilt before loading.
+    # An open_clip CLIP vision tower with a conv stem (milan.teacher.builtin), rebuilt before loading.
     return OpenCLIPTeacher(load_shapes_visual(weights), **kwargs)
 
 

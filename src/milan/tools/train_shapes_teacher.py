@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import milan
-from milan.builtin import (
+from milan.teacher import OpenCLIPTeacher
+from milan.teacher.builtin import (
     ASSET_DIR,
     CARD_FILE,
     SHAPES_CLIP_CONFIG,
@@ -35,9 +36,8 @@ from milan.builtin import (
     load_shapes_visual,
     sha256_file,
 )
-from milan.log import get_logger, progress
-from milan.schedule import warmup_cosine
-from milan.teacher import OpenCLIPTeacher
+from milan.train.log import get_logger, progress
+from milan.train.schedule import warmup_cosine
 
 __all__ = ["add_arguments", "run_from_args", "train", "zero_shot", "zero_shot_classifiers",
            "attention_on_objects"]

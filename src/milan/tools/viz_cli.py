@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from milan import viz
 from milan.data import DATASET_KINDS
+from milan.tools import viz
 
 __all__ = ["add_arguments", "run_from_args", "load_student", "Student"]
 
@@ -128,7 +128,7 @@ class Student:
 
 
 def _checkpoint_file(path: Path) -> Path:
-    from milan.checkpoint import step_checkpoints
+    from milan.train.checkpoint import step_checkpoints
 
     path = Path(path).expanduser()
     if path.is_dir():
@@ -153,9 +153,9 @@ def _teacher_for(cfg: dict[str, Any], patch_size: int):
 
 def load_student(path: Path) -> Student:
     """Rebuild the `MaskedAutoencoder` of a pretraining checkpoint from the config it carries."""
-    from milan.checkpoint import load_checkpoint
     from milan.model import build_model, parse_name
     from milan.recipes.pretrain import ModelConfig, resolve_variant
+    from milan.train.checkpoint import load_checkpoint
 
     file = _checkpoint_file(path)
     state = load_checkpoint(file)
@@ -321,7 +321,7 @@ def _balanced_subset(targets: Tensor, classes: int, per_class: int) -> list[int]
 
 
 def _tsne(args: argparse.Namespace) -> Path:
-    from milan.probe import extract_features
+    from milan.train.probe import extract_features
 
     sources = [_encoder_for(s, args) for s in args.sources]
     sizes = {size for _, _, size, _ in sources if size is not None}

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
-from milan.log import get_logger
+from milan.errors import WeightsError
+from milan.train.log import get_logger
 
 __all__ = [
     "ENCODER_KEYS", "HEAD_KEYS", "WeightsError", "encoder_state_dict", "infer_encoder_config",
@@ -32,10 +33,6 @@ __all__ = [
 
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 HEAD_KEYS = ("head.", "fc_norm.")
-
-
-class WeightsError(ValueError):
-    """A weight file is unreadable, of an unknown layout, or does not fit the model."""
 
 
 def _is_encoder_key(key: str) -> bool:
@@ -48,7 +45,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     A pretraining run folder stands for its newest `checkpoint-<step>.pt`.
     """
     if path.is_dir():
-        from milan.checkpoint import step_checkpoints
+        from milan.train.checkpoint import step_checkpoints
 
         found = step_checkpoints(path)
         if not found:

@@ -1,30 +1,53 @@
-"""What every training recipe does first: processes, run folder, seed, precision; and where to resume."""
+"""What every recipe shares: start (processes, run folder, seed, precision), resume, RNG state,
+lr setting, value checks and the non-finite-loss guard. Recipes stay flat `main(cfg)` functions
+that call these; nothing here knows which recipe it serves."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from milan import distributed as distr
-from milan.checkpoint import CheckpointError, load_checkpoint
-from milan.config import save_config
+from milan.errors import ConfigError, TrainingError
+from milan.train import distributed as distr
+from milan.train.checkpoint import CheckpointError, load_checkpoint
+from milan.train.config import save_config
 
-__all__ = ["start_run", "check_values", "seed_all", "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng"]
+__all__ = ["RunStart", "start_run", "resolve_precision", "AMP_DTYPES", "check_values", "seed_all",
+           "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng", "set_lr", "NonFiniteGuard"]
+
+#: run.precision → autocast dtype (None: plain fp32).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-def start_run(cfg: Any, *, write_config: bool = True) -> tuple[distr.DistInfo, Path, torch.dtype | None]:
+class RunStart(NamedTuple):
+    info: distr.DistInfo  # rank, world size, device
+    run_dir: Path
+    amp_dtype: torch.dtype | None  # autocast dtype of run.precision; None for fp32
+    precision: str  # run.precision resolved: bf16 | fp16 | fp32
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` → bf16 on CUDA, fp32 elsewhere (bf16 autocast on CPU is many times slower than fp32)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def start_run(cfg: Any, *, write_config: bool = True, seed_per_rank: bool = True) -> RunStart:
     """Join the process group, create `cfg.run.out_dir` with its config.yaml (rank 0), seed this rank.
 
-    `write_config=False` leaves config.yaml to the recipe (e.g. after a resume check, so that a
-    refused resume leaves the folder as it was).
-
-    Returns (process info, run folder, autocast dtype: bf16 for `run.precision` bf16 or auto on
-    CUDA, None for fp32).
+    Args:
+        cfg: a recipe config with a `run` section (`out_dir`, `device`, optionally `seed` and
+            `precision`).
+        write_config: False leaves config.yaml to the recipe (e.g. after a resume check, so that a
+            refused resume leaves the folder as it was).
+        seed_per_rank: seed rank r with `seed + r` (different augmentation per process); False
+            seeds every rank alike (pretrain, whose randomness is indexed by sample and step).
     """
     info = distr.init_distributed(cfg.run.device)
     run_dir = Path(cfg.run.out_dir)
@@ -32,11 +55,39 @@ def start_run(cfg: Any, *, write_config: bool = True) -> tuple[distr.DistInfo, P
         run_dir.mkdir(parents=True, exist_ok=True)
         if write_config:
             save_config(cfg, run_dir / "config.yaml")
-    seed_all(cfg.run.seed + info.rank)
-    precision = cfg.run.precision
-    if precision == "auto":
-        precision = "bf16" if info.device.type == "cuda" else "fp32"
-    return info, run_dir, torch.bfloat16 if precision == "bf16" else None
+    seed = getattr(cfg.run, "seed", 0)
+    seed_all(seed + info.rank if seed_per_rank else seed)
+    precision = resolve_precision(getattr(cfg.run, "precision", "fp32"), info.device)
+    return RunStart(info, run_dir, AMP_DTYPES[precision], precision)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr, times its `lr_scale` (layer-wise decay groups carry one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class NonFiniteGuard:
+    """Notices the first non-finite loss without a host sync per step; `check` raises, on every rank.
+
+    Call `update(loss, step)` after each optimizer step (a device-side `where`, no sync) and
+    `check()` where a sync is paid anyway: at log steps and before every checkpoint, so that no
+    checkpoint is ever written after a bad step.
+    """
+
+    def __init__(self, device: torch.device, *, fix: str) -> None:
+        self.first = torch.full((), -1, dtype=torch.long, device=device)  # first bad step, or -1
+        self.fix = fix
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first = torch.where((self.first < 0) & bad, torch.full_like(self.first, step), self.first)
+
+    def check(self) -> None:
+        first = int(distr.all_reduce_max(self.first))  # every rank stops together, naming the same step
+        if first >= 0:
+            raise TrainingError(f"loss became NaN/inf at step {first}; no checkpoint was written after it. "
+                                f"{self.fix}")
 
 
 def seed_all(seed: int) -> None:
@@ -120,13 +171,12 @@ def restore_rng(states: list[dict[str, Any]] | None, info: distr.DistInfo) -> No
         random.setstate((saved["version"], tuple(saved["state"]), saved["gauss_next"]))
 
 
-def check_values(command: str, *, at_least_one: dict[str, int | None],
-                 non_negative: dict[str, int | None] | None = None) -> None:
+def check_values(*, at_least_one: dict[str, int | None], non_negative: dict[str, int | None] | None = None) -> None:
     """Values the type check lets through but a run cannot use, refused with one line naming the key
     (None means "not set" and passes)."""
     for key, value in at_least_one.items():
         if value is not None and value < 1:
-            raise SystemExit(f"milan {command}: {key}={value} must be at least 1")
+            raise ConfigError(f"{key}={value} must be at least 1")
     for key, value in (non_negative or {}).items():
         if value is not None and value < 0:
-            raise SystemExit(f"milan {command}: {key}={value} must not be negative")
+            raise ConfigError(f"{key}={value} must not be negative")

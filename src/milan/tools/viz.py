@@ -2,7 +2,7 @@
 
 The pure pieces (`masked_view`, `per_patch_feature_loss`, `per_patch_pixel_loss`,
 `student_cls_attention`, `tsne_embed`, `read_metrics`) are tested on their own; the `plot_*`
-functions only lay them out. `milan viz` (`milan.viz_cli`) wires them to checkpoints and data.
+functions only lay them out. `milan viz` (`milan.tools.viz_cli`) wires them to checkpoints and data.
 """
 
 from __future__ import annotations

@@ -18,13 +18,17 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "apply_overrides", "to_dict", "save_config", "from_dict"]
+from milan.errors import ConfigError
+
+__all__ = ["ConfigError", "load_config", "apply_overrides", "to_dict", "save_config", "from_dict", "CONFIG_DIR",
+           "shipped_configs", "config_path", "config_recipe"]
+
+#: The YAML configs shipped with the package (`--config NAME`).
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
+#: Recipes whose shipped configs carry their name as a prefix; every other shipped config is pretrain's.
+_PREFIXED_RECIPES = ("finetune", "linprobe", "segment", "detect")
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message says which and what is allowed."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -187,3 +191,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in `milan/configs/`."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | None) -> Path | None:
+    """A config file path, or the shipped config of that name."""
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config {name_or_path!r} not found; give a YAML path or one of: {', '.join(shipped_configs())}")
+
+
+def config_recipe(config_name: str) -> str:
+    """The recipe a shipped config is for: `finetune_*` → finetune (likewise linprobe, segment, detect), else pretrain."""
+    prefix = config_name.split("_", 1)[0]
+    return prefix if prefix in _PREFIXED_RECIPES else "pretrain"

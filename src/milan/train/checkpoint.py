@@ -13,19 +13,82 @@ import contextlib
 import os
 import re
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints", "state_mismatch",
-           "checkpoint_step", "step_checkpoints", "CheckpointError"]
+from milan.errors import CheckpointError
+
+__all__ = ["CheckpointRecord", "check_resumable", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "prune_checkpoints", "state_mismatch", "checkpoint_step", "step_checkpoints", "CheckpointError"]
 
 _STEP_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What every recipe's checkpoint says about itself, beside its payload (weights, optimizer, ...).
+
+    Attributes:
+        kind: the recipe that wrote it (pretrain, finetune, linprobe, segment, detect).
+        step: optimizer steps done.
+        config: the resolved config (`to_dict`).
+        identity: what a resume must match (model name and variant, encoder shape, classes, ...).
+        epoch: epochs done (fractional for mid-epoch checkpoints), if the recipe counts them.
+        world_size: processes that wrote it (RNG states are per rank).
+        rng: every rank's RNG states (`milan.train.run.rng_state`), in rank order.
+    """
+
+    kind: str
+    step: int
+    config: dict[str, Any]
+    identity: dict[str, Any]
+    epoch: float | None = None
+    world_size: int = 1
+    rng: list[dict[str, Any]] | None = None
+
+    def state(self, **payload: Any) -> dict[str, Any]:
+        """The checkpoint dict: this record's fields at the top level, `version`, then `payload`."""
+        from milan import __version__
+
+        return {**asdict(self), "version": __version__, **payload}
+
+
+def check_resumable(path: str | Path, state: dict[str, Any], *, kind: str, identity: dict[str, Any],
+                    expected: dict[str, torch.Tensor], weights_key: str = "model",
+                    needs: tuple[str, ...] = ("optimizer",), fix: str) -> None:
+    """Refuse, with one line that ends in `fix`, a checkpoint this run cannot continue.
+
+    Checks in order: it is a `kind` checkpoint with `weights_key`, `step` and every key in `needs`;
+    its recorded identity equals `identity` (checkpoints that predate the record skip this); its
+    weights have exactly `expected`'s keys and shapes.
+    """
+    found = state.get("kind", kind if "identity" not in state else None)  # older pretrain files had no kind
+    missing = [k for k in (weights_key, "step", *needs) if k not in state]
+    if found != kind or missing:
+        what = f"kind {found!r}" if found != kind else f"no {', '.join(missing)}"
+        raise CheckpointError(f"{path} is not a resumable {kind} checkpoint ({what}). {fix}")
+    saved = state.get("identity")
+    if saved is not None and saved != identity:
+        def show(d: dict[str, Any]) -> str:
+            return ", ".join(f"{k} {_brief(v)}" for k, v in d.items())
+
+        raise CheckpointError(f"{path} is a checkpoint of another model ({show(saved)}; this run: {show(identity)}). "
+                              f"{fix}")
+    problem = state_mismatch(expected, state[weights_key])
+    if problem:
+        raise CheckpointError(f"{path} does not fit this model ({problem}). {fix}")
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, dict):  # an encoder shape: the fields that tell models apart
+        keys = ("embed_dim", "depth", "patch_size", "img_size")
+        return "/".join(str(value[k]) for k in keys if k in value) or str(value)
+    return str(value)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

@@ -12,38 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["main", "run", "config_path", "shipped_configs"]
+from milan.train.config import config_path, config_recipe, shipped_configs
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def config_path(name_or_path: str | None) -> Path | None:
-    """A config file path, or the shipped config of that name."""
-    if name_or_path is None:
-        return None
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = CONFIG_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
-    if shipped.is_file():
-        return shipped
-    raise SystemExit(
-        f"milan: config {name_or_path!r} not found; give a YAML path or one of: {', '.join(shipped_configs())}"
-    )
-
-
-#: Recipes whose shipped configs carry their name as a prefix; every other shipped config is pretrain's.
-_PREFIXED_RECIPES = ("finetune", "linprobe", "segment", "detect")
-
-
-def config_recipe(config_name: str) -> str:
-    """The recipe a shipped config is for: `finetune_*` → finetune (likewise linprobe, segment, detect), else pretrain."""
-    prefix = config_name.split("_", 1)[0]
-    return prefix if prefix in _PREFIXED_RECIPES else "pretrain"
+__all__ = ["main", "run", "build_parser"]
 
 
 def _recipe_parser(sub: argparse._SubParsersAction, name: str, help: str, config_cls_path: str,
@@ -68,13 +39,10 @@ def _run_recipe(args: argparse.Namespace) -> None:
 
     import yaml
 
-    from milan.config import ConfigError, load_config, to_dict
+    from milan.train.config import load_config, to_dict
 
     module = importlib.import_module(args.config_cls)
-    try:
-        cfg = load_config(module.CONFIG, config_path(args.config), args.overrides)
-    except ConfigError as err:
-        raise SystemExit(f"milan {args.command}: {err}") from None
+    cfg = load_config(module.CONFIG, config_path(args.config), args.overrides)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return
@@ -140,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a checkpoint's encoder as timm-named safetensors plus a JSON sidecar with the "
         "timm model name and kwargs; prints the timm.create_model call that loads it.",
     )
-    from milan import export as export_module
+    from milan.io import export as export_module
 
     export_module.add_arguments(export)
     export.set_defaults(func=export_module.run_from_args)
@@ -151,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "probe it against a random-init student and the teacher, write a report and figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    from milan.recipes import demo as demo_recipe
+    from milan.tools import demo as demo_recipe
 
     demo_recipe.add_arguments(demo)
     demo.set_defaults(func=demo_recipe.run_from_args)
@@ -176,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     teacher = sub.add_parser("teacher", help="teacher utilities")
     teacher_sub = teacher.add_subparsers(dest="teacher_command", metavar="<what>", required=True)
-    from milan.recipes import train_shapes_teacher
+    from milan.tools import train_shapes_teacher
 
     train = teacher_sub.add_parser(
         "train-shapes", help="train the small CLIP shipped as builtin:shapes (≈10 min on 2 CPU cores)",
@@ -190,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (speed, MFU)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="<what>", required=True)
-    from milan import bench as bench_module
+    from milan.tools import bench as bench_module
 
     speed = bench_sub.add_parser(
         "speed", help="images/s, phase split, peak memory and MFU of one pretraining step (CPU or CUDA)"
@@ -198,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_module.add_arguments(speed)
     speed.set_defaults(func=bench_module.run_from_args)
 
-    from milan import viz_cli
+    from milan.tools import viz_cli
 
     viz_cli.add_arguments(sub.add_parser("viz", help="paper figures as PNG files: masks, attention, tsne, curves"))
 
@@ -215,26 +183,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(argv: Sequence[str] | None = None) -> None:
-    """The `milan` executable: `main`, with the errors milan's own code raises about bad inputs
-    (missing files, unreadable checkpoints or weights, invalid values) printed as one line with
-    where they were raised, instead of a traceback. Errors raised inside torch, timm or Python
-    keep their traceback (they may be bugs); MILAN_TRACEBACK=1 always shows it."""
+    """The `milan` executable: `main`, with a `milan.errors.UserError` (a bad config value, a missing
+    file, an unreadable checkpoint: anything the user can fix) printed as one line and exit status 2.
+    Every other exception keeps its traceback (it may be a bug); MILAN_TRACEBACK=1 shows the
+    traceback of user errors too."""
     import os
-    import traceback
 
-    from milan.checkpoint import CheckpointError
+    from milan.errors import UserError
 
     try:
         main(argv)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        frame = traceback.extract_tb(err.__traceback__)[-1]
-        ours = Path(frame.filename).resolve().is_relative_to(Path(__file__).resolve().parent)
-        if os.environ.get("MILAN_TRACEBACK") or not ours:
+    except UserError as err:
+        if os.environ.get("MILAN_TRACEBACK"):
             raise
-        command = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), "")
-        where = f"{Path(frame.filename).name}:{frame.lineno}"
-        print(f"milan {command}: error: {err}\n(raised at {where}; MILAN_TRACEBACK=1 shows the traceback)",
-              file=sys.stderr)
+        args = argv if argv is not None else sys.argv[1:]
+        command = " ".join(a for a in args[:2] if not a.startswith("-") and "=" not in a)
+        print(f"milan {command}: error: {err}\n(MILAN_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -20,16 +20,16 @@ import torch
 from torchvision import transforms as T
 
 import milan
-from milan.checkpoint import latest_checkpoint
-from milan.cli import config_path
-from milan.config import load_config
 from milan.data.shapes import ShapesDataset, default_shapes_root, generate_shapes
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from milan.log import get_logger
 from milan.masking import random_masking, semantic_masking
 from milan.model import build_model
-from milan.probe import extract_features, knn_accuracy, linear_probe
 from milan.recipes import pretrain
+from milan.train.config import config_path
+from milan.train.checkpoint import latest_checkpoint
+from milan.train.config import load_config
+from milan.train.log import get_logger
+from milan.train.probe import extract_features, knn_accuracy, linear_probe
 
 __all__ = ["add_arguments", "run_from_args", "run", "PROBE_LABELS"]
 
@@ -158,7 +158,7 @@ def _table(results: dict[str, dict[str, float]]) -> str:
 
 @torch.no_grad()
 def _figures(out: Path, teacher: torch.nn.Module, val_ds: ShapesDataset, seed: int) -> list[Path]:
-    from milan.viz import plot_attention, plot_masks
+    from milan.tools.viz import plot_attention, plot_masks
 
     images = torch.stack([val_ds[i][0] for i in range(12)])
     attn = teacher(images).cls_attn
@@ -176,7 +176,7 @@ def _figures(out: Path, teacher: torch.nn.Module, val_ds: ShapesDataset, seed: i
 def _tsne_and_curves(out: Path, features: dict[str, torch.Tensor], labels: torch.Tensor,
                      run_dirs: dict[str, Path], seed: int) -> list[Path]:
     from milan.data.shapes import SHAPES
-    from milan.viz import plot_curves, plot_tsne, read_metrics, tsne_embed
+    from milan.tools.viz import plot_curves, plot_tsne, read_metrics, tsne_embed
 
     panels = {name: (tsne_embed(x, seed=seed), labels.numpy()) for name, x in features.items()}
     return [

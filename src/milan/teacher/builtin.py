@@ -27,7 +27,7 @@ __all__ = [
     "load_zero_shot",
 ]
 
-ASSET_DIR = Path(__file__).parent / "assets"
+ASSET_DIR = Path(__file__).parents[1] / "assets"
 WEIGHTS_FILE = ASSET_DIR / "shapes_clip_visual.safetensors"
 CARD_FILE = ASSET_DIR / "shapes_clip.json"
 #: Zero-shot classifiers from the text tower (colour [6, D], shape [6, D]); the text tower itself
