@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_executable_prints_input_errors_as_one_line(tmp_path, capsys: pytest.Cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("milan pretrain: error: data path not found:") and "Traceback" not in "".join(err)
-    assert "raised at folder.py:" in err[1]
+    assert "MILAN_TRACEBACK=1" in err[1] and len(err) == 2
     monkeypatch.setenv("MILAN_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):  # the real exception, for debugging
         run(args)
@@ -79,3 +80,35 @@ def test_executable_keeps_tracebacks_of_errors_raised_outside_milan(monkeypatch:
     monkeypatch.setattr(milan.tools.cli, "_cmd_info", broken)
     with pytest.raises(ValueError, match="batch_size"):
         run(["info"])
+
+
+def test_only_the_entry_point_raises_system_exit() -> None:
+    """The error contract: library code raises `milan.errors.UserError`s; only `milan.tools.cli.run`
+    turns them into an exit status."""
+    import re
+
+    import milan
+
+    root = Path(milan.__file__).parent
+    raisers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                     if re.search(r"raise SystemExit|SystemExit\(", p.read_text()))
+    assert raisers == ["tools/cli.py"], raisers
+
+
+def test_user_errors_print_one_line_for_every_kind(capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import milan.tools.cli
+    from milan import errors
+    from milan.tools.cli import run
+
+    monkeypatch.delenv("MILAN_TRACEBACK", raising=False)
+    for kind in (errors.ConfigError, errors.DataError, errors.WeightsError, errors.CheckpointError,
+                 errors.TeacherError, errors.TrainingError, errors.DataNotFound):
+        def broken(_args, kind=kind) -> None:
+            raise kind(f"{kind.__name__} happened; do X")
+
+        monkeypatch.setattr(milan.tools.cli, "_cmd_info", broken)
+        with pytest.raises(SystemExit) as info:
+            run(["info"])
+        assert info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[0] == f"milan info: error: {kind.__name__} happened; do X"

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 
 from milan.recipes.pretrain import PretrainConfig
-from milan.train.config import CONFIG_DIR, config_recipe, shipped_configs
-from milan.train.config import ConfigError, from_dict, load_config, to_dict
+from milan.train.config import (
+    CONFIG_DIR,
+    ConfigError,
+    config_recipe,
+    from_dict,
+    load_config,
+    shipped_configs,
+    to_dict,
+)
 
 
 def test_defaults_follow_the_paper() -> None:
@@ -63,10 +70,9 @@ def test_bad_overrides_name_the_key(override: str, message: str) -> None:
 @pytest.mark.parametrize("row", range(1, 9))
 def test_ablation_configs_select_table5_rows(row: int) -> None:
     from milan.model import TABLE5
-    from milan.recipes.pretrain import resolve_variant
 
     cfg = load_config(PretrainConfig, CONFIG_DIR / f"ablation_vit_base_row{row}.yaml")
-    model = resolve_variant(cfg.model)
+    model = cfg.model  # resolved when the config is read
     assert (model.target, model.decoder, model.masking) == (
         TABLE5[row].target, TABLE5[row].decoder, TABLE5[row].masking)
     assert cfg.optim.epochs == 400 and cfg.model.name == "milan_vit_base_patch16"

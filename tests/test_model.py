@@ -173,3 +173,36 @@ def test_model_names_cover_prefixes_and_presets():
         for preset in ENCODER_PRESETS:
             assert f"{prefix}_{preset}" in names
     assert "milan_vit_base_patch16" in names
+
+
+def test_token_loss_is_eq1_per_token_and_averages_to_the_loss():
+    model = _build(TABLE5[8])
+    mask = _make_mask(TABLE5[8], model.num_patches)
+    images, targets = _batch(model.num_patches)
+    out = model(images, mask, targets)
+    assert out.token_loss.shape == (BATCH, 1 + model.num_patches) and not torch.isnan(out.token_loss).any()
+    torch.testing.assert_close(out.token_loss, feature_loss(out.pred, targets, reduction="none"))
+    torch.testing.assert_close(out.token_loss.mean(), out.loss)
+
+
+def test_token_loss_of_kd_scores_cls_and_visible_tokens_only():
+    model = build_model(f"kd_{PRESET}", target_dim=TARGET_DIM)
+    mask = _make_mask(KD_BASELINE, model.num_patches)
+    images, targets = _batch(model.num_patches)
+    out = model(images, mask, targets)
+    scored = ~torch.isnan(out.token_loss)  # [B, 1+N]
+    assert scored[:, 0].all() and scored[:, 1:].sum(1).tolist() == [mask.num_keep] * BATCH
+    assert scored[:, 1:].gather(1, mask.keep).all()
+    torch.testing.assert_close(out.token_loss.nanmean(), out.loss)
+
+
+def test_token_loss_of_pixels_scores_masked_patches_only():
+    model = _build(TABLE5[1])
+    mask = _make_mask(TABLE5[1], model.num_patches)
+    images, _ = _batch(model.num_patches)
+    out = model(images, mask)
+    hidden = mask.is_masked()
+    assert torch.isnan(out.token_loss[:, 0]).all() and torch.isnan(out.token_loss[:, 1:][~hidden]).all()
+    assert not torch.isnan(out.token_loss[:, 1:][hidden]).any()
+    torch.testing.assert_close(out.token_loss.nanmean(), out.loss)
+    torch.testing.assert_close(out.loss, pixel_loss(out.pred[:, 1:], images, mask.masked, patch_size=8))

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from milan.data.shapes import generate_shapes
+from milan.errors import CheckpointError, ConfigError, DataError, TrainingError
 from milan.tools.cli import main as cli
 from milan.train.checkpoint import latest_checkpoint, step_checkpoints
 
@@ -70,12 +71,12 @@ def test_masks_come_from_the_teachers_cls_attention(shapes_root: Path, tmp_path:
     sampling); random masking never reads it."""
     import milan
     import milan.masking
-    from milan.recipes import pretrain
 
     attns: list[torch.Tensor] = []
     passed: list[torch.Tensor] = []
     calls = {"random": 0}
     build_teacher = milan.build_teacher
+    semantic_masking, random_masking = milan.masking.semantic_masking, milan.masking.random_masking
 
     def spy_teacher(*args, **kwargs):
         teacher = build_teacher(*args, **kwargs)
@@ -84,15 +85,15 @@ def test_masks_come_from_the_teachers_cls_attention(shapes_root: Path, tmp_path:
 
     def spy_semantic(cls_attn, *args, **kwargs):
         passed.append(cls_attn)
-        return milan.masking.semantic_masking(cls_attn, *args, **kwargs)
+        return semantic_masking(cls_attn, *args, **kwargs)
 
     def spy_random(*args, **kwargs):
         calls["random"] += 1
-        return milan.masking.random_masking(*args, **kwargs)
+        return random_masking(*args, **kwargs)
 
     monkeypatch.setattr(milan, "build_teacher", spy_teacher)
-    monkeypatch.setattr(pretrain, "semantic_masking", spy_semantic)
-    monkeypatch.setattr(pretrain, "random_masking", spy_random)
+    monkeypatch.setattr(milan.masking, "semantic_masking", spy_semantic)  # what the step's samplers call
+    monkeypatch.setattr(milan.masking, "random_masking", spy_random)
     cli(_args(shapes_root, tmp_path / "run", "optim.steps=2", f"model.masking={masking}"))
     assert len(attns) == 2
     if masking == "semantic":
@@ -138,8 +139,7 @@ def test_crash_between_checkpoints_resumes_with_the_same_log(shapes_root: Path, 
 
 def test_rerunning_a_finished_run_does_nothing(shapes_root: Path, tmp_path: Path) -> None:
     from milan.recipes.pretrain import CONFIG, main
-    from milan.train.config import CONFIG_DIR
-    from milan.train.config import load_config
+    from milan.train.config import CONFIG_DIR, load_config
 
     out = tmp_path / "run"
     args = _args(shapes_root, out, "optim.steps=2")
@@ -203,13 +203,13 @@ def test_truncated_checkpoint_is_skipped(shapes_root: Path, tmp_path: Path) -> N
 
 
 def test_unknown_key_and_bad_values_fail_early(shapes_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=r"unknown config key optim\.lrr.*valid keys: .*lr"):
+    with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr.*valid keys: .*lr"):
         cli(_args(shapes_root, tmp_path, "optim.lrr=1"))
-    with pytest.raises(SystemExit, match=r"model\.masking='semantik' is not valid; choose one of: 'semantic', 'random'"):
+    with pytest.raises(ConfigError, match=r"model\.masking='semantik' is not valid; choose one of: 'semantic', 'random'"):
         cli(_args(shapes_root, tmp_path, "model.masking=semantik"))
-    with pytest.raises(SystemExit, match=r"optim\.batch_size='big' should be an integer"):
+    with pytest.raises(ConfigError, match=r"optim\.batch_size='big' should be an integer"):
         cli(_args(shapes_root, tmp_path, "optim.batch_size=big"))
-    with pytest.raises(SystemExit, match="config 'nope' not found"):
+    with pytest.raises(ConfigError, match="config 'nope' not found"):
         cli(["pretrain", "--config", "nope"])
 
 
@@ -224,7 +224,7 @@ def test_unknown_key_and_bad_values_fail_early(shapes_root: Path, tmp_path: Path
 ])
 def test_unusable_values_fail_before_anything_is_built(shapes_root: Path, tmp_path: Path, override: str,
                                                        message: str) -> None:
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ConfigError, match=message):
         cli(_args(shapes_root, tmp_path / "run", override))
     assert not (tmp_path / "run" / "config.yaml").exists()
 
@@ -233,11 +233,12 @@ def test_resume_refuses_a_checkpoint_of_another_model(shapes_root: Path, tmp_pat
     out = tmp_path / "run"
     cli(_args(shapes_root, out, "optim.steps=1"))
     before = (out / "config.yaml").read_text()
-    with pytest.raises(SystemExit, match=r"checkpoint of milan_vit_shapes_patch8 clip/prompting/semantic, this run "
-                                         r"builds milan_vit_shapes_patch8 pixel/prompting/semantic\. Use a new "
-                                         r"run\.out_dir, or run\.resume=none"):
+    with pytest.raises(CheckpointError, match=r"checkpoint of another model \(model milan_vit_shapes_patch8, variant "
+                                              r"clip/prompting/semantic; this run: model milan_vit_shapes_patch8, "
+                                              r"variant pixel/prompting/semantic\)\. Use a new run\.out_dir, or "
+                                              r"run\.resume=none"):
         cli(_args(shapes_root, out, "optim.steps=2", "model.target=pixel"))
-    with pytest.raises(SystemExit, match=r"does not fit this model .*other model\.\* settings"):
+    with pytest.raises(CheckpointError, match=r"does not fit this model \(.*shape mismatches.*\)\. Use a new run\.out_dir"):
         cli(_args(shapes_root, out, "optim.steps=2", "model.decoder_dim=32"))
     assert (out / "config.yaml").read_text() == before  # a refused resume leaves the folder as it was
 
@@ -245,14 +246,14 @@ def test_resume_refuses_a_checkpoint_of_another_model(shapes_root: Path, tmp_pat
 def test_resume_from_an_older_checkpoint_into_the_same_folder_is_refused(shapes_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cli(_args(shapes_root, out, "run.ckpt_every=2", "run.keep_last=5"))
-    with pytest.raises(SystemExit, match=r"run\.resume=.*checkpoint-00000002\.pt is older than checkpoint-00000004\.pt"):
+    with pytest.raises(CheckpointError, match=r"run\.resume=.*checkpoint-00000002\.pt is older than checkpoint-00000004\.pt"):
         cli(_args(shapes_root, out, f"run.resume={out / 'checkpoint-00000002.pt'}"))
-    with pytest.raises(Exception, match=r"cannot resume: checkpoint not found"):
+    with pytest.raises(CheckpointError, match=r"cannot resume: checkpoint not found"):
         cli(_args(shapes_root, tmp_path / "other", f"run.resume={tmp_path / 'missing.pt'}"))
 
 
 def test_missing_data_path_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="data path not found"):
+    with pytest.raises(DataError, match="data path not found"):
         cli(["pretrain", "--config", "pretrain_shapes", "data.kind=imagefolder",
              f"data.path={tmp_path / 'missing'}", f"run.out_dir={tmp_path / 'r'}"])
 
@@ -282,21 +283,19 @@ def test_bad_images_are_skipped_and_counted(tmp_path: Path) -> None:
 
 def test_too_many_bad_images_stop_the_run(tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "imgs", good=40, corrupt=40)
-    with pytest.raises(RuntimeError, match=r"unreadable or too small .* data\.max_bad_fraction=0\.01"):
+    with pytest.raises(DataError, match=r"unreadable or too small .* data\.max_bad_fraction=0\.01"):
         cli(_args(root, tmp_path / "run", "data.kind=imagefolder", "optim.steps=8"))
 
 
 def test_unreadable_folder_names_the_problem(tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "imgs", good=0, corrupt=40)
-    with pytest.raises(RuntimeError, match=r"16 consecutive unreadable or too small images .*img0\d\d_bad\.jpg"):
+    with pytest.raises(DataError, match=r"16 consecutive unreadable or too small images .*img0\d\d_bad\.jpg"):
         cli(_args(root, tmp_path / "run", "data.kind=imagefolder", "optim.steps=2"))
 
 
 def test_non_finite_loss_stops_without_poisoned_checkpoint(shapes_root: Path, tmp_path: Path) -> None:
-    from milan.recipes.pretrain import NonFiniteLoss
-
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteLoss, match=r"NaN/inf at step \d+"):
+    with pytest.raises(TrainingError, match=r"NaN/inf at step \d+"):
         cli(_args(shapes_root, out, "optim.lr=1e12", "optim.warmup_steps=0", "optim.steps=8",
                   "run.ckpt_every=1", "run.keep_last=100"))
     for path in step_checkpoints(out):
@@ -330,3 +329,47 @@ def test_ddp_two_processes_match_one(shapes_root: Path, tmp_path: Path) -> None:
             q2, _, v2 = y.chunk(3)
             x, y = torch.cat([q, v]), torch.cat([q2, v2])
         assert torch.allclose(x, y, atol=1e-5), key
+
+
+def test_mae_name_trains_mae_without_a_teacher(shapes_root: Path, tmp_path: Path, monkeypatch) -> None:
+    import milan
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("MAE (pixel target, random masking) must not build a teacher")
+
+    monkeypatch.setattr(milan, "build_teacher", no_teacher)
+    out = tmp_path / "run"
+    cli(_args(shapes_root, out, "model.name=mae_vit_shapes_patch8", "optim.steps=2"))
+    state = latest_checkpoint(out)[1]
+    assert state["variant"] == ["pixel", "mae", "random"] and state["spec"]["masking"] == "random"
+    assert state["kind"] == "pretrain" and state["identity"]["model"] == "mae_vit_shapes_patch8"
+
+
+def test_bench_and_pretrain_run_the_same_step(shapes_root: Path) -> None:
+    """`milan pretrain` and `milan bench speed` give the same loss for the same batch, mask and weights,
+    and that loss is the paper's path written out: teacher → semantic mask → model → eq. 1."""
+    from milan.loss import feature_loss
+    from milan.masking import semantic_masking
+    from milan.recipes import pretrain
+    from milan.tools.bench import build_bench_step
+    from milan.train.config import config_path, load_config
+
+    cfg = load_config(pretrain.CONFIG, config_path("pretrain_shapes"), [f"data.path={shapes_root}"])
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    step = pretrain.build_step(cfg, cpu)
+    bench = build_bench_step(step.spec, step.teacher, batch_size=4, device=cpu, seed=5)
+    bench.model.load_state_dict(step.model.state_dict())
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    noise = pretrain.mask_noise(0, 3, 0, (4, step.model.num_patches))
+
+    out = step(images, noise=noise)
+    loss_bench = bench(images, None, noise=noise)  # (it also runs backward and AdamW: after the loss)
+    assert torch.equal(out.loss.detach(), loss_bench)
+
+    teacher = step.teacher(images)
+    mask = semantic_masking(teacher.cls_attn, cfg.model.mask_ratio, noise=noise)
+    assert torch.equal(mask.keep, out.mask.keep)
+    by_hand = feature_loss(step.model(images, mask, teacher.tokens).pred, teacher.tokens)
+    torch.testing.assert_close(out.loss, by_hand, rtol=0, atol=0)
+    torch.testing.assert_close(out.token_loss.mean(), out.loss)  # every token scored, uniformly (eq. 1)

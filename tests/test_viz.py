@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from milan.loss import feature_loss, pixel_loss
+from milan.errors import WeightsError
+from milan.loss import feature_loss
 from milan.masking import random_masking
 from milan.tools import viz, viz_cli
 from milan.tools.viz import masked_view
@@ -40,22 +41,6 @@ def test_mask_panel_marks_kept_patches_of_a_mask() -> None:
     out = masked_view(image, mask.is_masked()[0].numpy(), 8)
     bright = (out.reshape(4, 8, 4, 8, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1) == 200).all(1)
     assert set(np.nonzero(bright)[0].tolist()) == set(mask.keep[0].tolist())
-
-
-def test_per_patch_feature_loss_averages_to_feature_loss() -> None:
-    pred, target = torch.randn(3, 17, 12), torch.randn(3, 17, 12)
-    per = viz.per_patch_feature_loss(pred, target)
-    assert per.shape == (3, 17)
-    torch.testing.assert_close(per.mean(), feature_loss(pred, target))
-
-
-def test_per_patch_pixel_loss_averages_to_pixel_loss() -> None:
-    images = torch.randn(2, 3, 16, 16)
-    pred = torch.randn(2, 4, 8 * 8 * 3)
-    mask = random_masking(2, 4, 0.5, generator=torch.Generator().manual_seed(0))
-    per = viz.per_patch_pixel_loss(pred, images, mask.is_masked(), patch_size=8)
-    assert torch.isnan(per[~mask.is_masked()]).all() and not torch.isnan(per[mask.is_masked()]).any()
-    torch.testing.assert_close(per.nanmean(), pixel_loss(pred, images, mask.masked, patch_size=8))
 
 
 def test_tsne_keeps_separated_clusters_separated() -> None:
@@ -92,11 +77,17 @@ def test_student_attention_matches_timm_attention_weights() -> None:
 
 
 @pytest.mark.parametrize("decoder", ["prompting", "mae", "none"])
-def test_teacher_width_is_read_off_the_decoder_head(decoder: str) -> None:
+def test_teacher_width_is_read_off_the_decoder_head(decoder: str, tmp_path: Path) -> None:
+    """A pretrain checkpoint rebuilds without its teacher (an older one, without the spec record, too)."""
+    from milan import load_pretrained
     from milan.model import build_model
 
-    weights = build_model("milan_vit_shapes_patch8", target_dim=96, decoder=decoder).state_dict()
-    assert viz_cli._student_target_dim(weights) == 96
+    model = build_model("milan_vit_shapes_patch8", target_dim=96, decoder=decoder)
+    config = {"model": {"name": "milan_vit_shapes_patch8", "decoder": decoder, "masking": "semantic"}}
+    torch.save({"model": model.state_dict(), "config": config, "step": 3}, tmp_path / "old.pt")
+    rebuilt = load_pretrained(tmp_path / "old.pt").model()
+    assert rebuilt.spec == model.spec
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in rebuilt.state_dict().items())
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
@@ -156,7 +147,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_load_student_rebuilds_the_checkpoint(tiny: dict[str, Path]) -> None:
     student = viz_cli.load_student(tiny["run"])
     assert student.path.suffix == ".pt" and student.step == 2
-    assert student.img_size == 64 and student.model.variant.target == "clip"
+    assert student.encoder_config.img_size == 64 and student.model().variant.target == "clip"
+    assert student.spec == student.model().spec and student.spec.masking == "semantic"
 
 
 def test_masks_png(tiny: dict[str, Path]) -> None:
@@ -169,13 +161,14 @@ def test_masks_png(tiny: dict[str, Path]) -> None:
 
 def test_mask_and_loss_is_the_checkpoint_loss(tiny: dict[str, Path]) -> None:
     student = viz_cli.load_student(tiny["run"])
-    teacher = viz_cli._teacher_for(student.config, student.model.patch_size)
+    model = student.model()
+    teacher = viz_cli._teacher_for(student.config, model.patch_size)
     images = torch.randn(2, 3, 64, 64)
     semantic, _, loss, _ = viz_cli.mask_and_loss(student, teacher, images, seed=0)
     with torch.no_grad():
         out = teacher(images)
-        pred = student.model(images, semantic, out.tokens).pred
-    assert loss.shape == (2, student.model.num_patches)
+        pred = model(images, semantic, out.tokens).pred
+    assert loss.shape == (2, model.num_patches)
     # MILAN's loss covers CLS + all patches; the map shows the patch tokens of the same prediction.
     torch.testing.assert_close(loss.mean(), feature_loss(pred[:, 1:], out.tokens[:, 1:]))
 
@@ -198,9 +191,15 @@ def test_tsne_png(tiny: dict[str, Path]) -> None:
 
 
 def test_missing_checkpoint_and_missing_config(tiny: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(WeightsError, match="weights not found"):
         _run(["masks", str(tmp_path / "missing.pt")])
     bare = tmp_path / "bare.pt"
     torch.save({"model": {}}, bare)
-    with pytest.raises(ValueError, match="no 'config'"):
+    with pytest.raises(WeightsError, match="holds no ViT encoder"):
         _run(["masks", str(bare)])
+    export = tmp_path / "enc.safetensors"
+    from milan.io.export import export_timm
+
+    export_timm(tiny["run"], export)
+    with pytest.raises(WeightsError, match="no pretraining config"):  # an encoder alone has no decoder to draw
+        _run(["masks", str(export)])

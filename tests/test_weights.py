@@ -140,7 +140,7 @@ def test_finetuned_classifier_exports_with_head(tmp_path: Path) -> None:
 
 def test_export_cli_errors_name_the_problem(tmp_path: Path) -> None:
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="no ViT encoder"):
+    with pytest.raises(WeightsError, match="no ViT encoder"):
         cli(["export", str(tmp_path / "other.pt"), "--out", str(tmp_path / "x.safetensors")])
 
 

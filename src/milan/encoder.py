@@ -146,13 +146,16 @@ class MaskedViTEncoder(nn.Module):
         Returns:
             `[B, 1 + K, D]` normed tokens, CLS first, visible patches in `keep` order.
         """
+        x = self.blocks(self.embed(images, keep))  # [B, 1+K, D]
+        return self.norm(x)
+
+    def embed(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """The tokens the first block sees: `[B, 1 + K, D]`, CLS first (positions added)."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]  # [B, N, D]
         if keep is not None:
             x = gather_tokens(x, keep)  # [B, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, D]
-        x = torch.cat([cls, x], dim=1)  # [B, 1+K, D]
-        x = self.blocks(x)
-        return self.norm(x)
+        return torch.cat([cls, x], dim=1)  # [B, 1+K, D]
 
     def timm_kwargs(self) -> dict:
         """Keyword arguments for `timm.models.VisionTransformer` that match this encoder."""

@@ -19,6 +19,8 @@ __all__ = [
     "CheckpointError",
     "TeacherError",
     "TrainingError",
+    "DataNotFound",
+    "TeacherFileNotFound",
 ]
 
 
@@ -44,6 +46,14 @@ class CheckpointError(UserError, RuntimeError):
 
 class TeacherError(UserError, ValueError):
     """A teacher spec or its weights cannot be used."""
+
+
+class DataNotFound(DataError, FileNotFoundError):
+    """A data path, file or folder is not there, or holds no images."""
+
+
+class TeacherFileNotFound(TeacherError, FileNotFoundError):
+    """A teacher's weights file or folder is not there."""
 
 
 class TrainingError(UserError, RuntimeError):

@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from milan.errors import ConfigError
+
 __all__ = ["export_timm", "add_arguments", "run_from_args"]
 
 
@@ -31,19 +33,21 @@ def export_timm(checkpoint: str | Path, out: str | Path, *, head: bool = True) -
         out: the .safetensors file to write.
         head: keep a finetuned classifier's head (`head.*`); ignored when there is none.
     """
+    from dataclasses import asdict
+
     from safetensors.torch import save_file
 
-    from milan.encoder import EncoderConfig
-    from milan.io.weights import encoder_state_dict, timm_kwargs
+    from milan.io.weights import load_pretrained, timm_kwargs
 
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise SystemExit(f"milan export: --out must end in .safetensors, got {out}")
-    state, meta = encoder_state_dict(checkpoint)
+        raise ConfigError(f"--out must end in .safetensors, got {out}")
+    pretrained = load_pretrained(checkpoint)
+    state, meta = pretrained.state, pretrained.meta
     if not head:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
-    config = EncoderConfig(**meta["encoder"])
+    config = pretrained.encoder_config
     kwargs = timm_kwargs(config)
     create_kwargs: dict[str, Any] = {"num_classes": num_classes, "global_pool": meta["global_pool"]}
     if config.timm_name is not None:
@@ -61,7 +65,8 @@ def export_timm(checkpoint: str | Path, out: str | Path, *, head: bool = True) -
         "preset": meta["preset"],
         "dropped": meta["dropped"],
     }
-    header = {"encoder": meta["encoder"], "preset": meta["preset"], "source_format": meta["format"]}
+    header = {"encoder": meta["encoder"], "preset": meta["preset"], "source_format": meta["format"],
+              "spec": asdict(pretrained.spec) if pretrained.spec is not None else None}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:
@@ -97,12 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    from milan.io.weights import WeightsError
-
-    try:
-        sidecar = export_timm(args.checkpoint, args.out, head=not args.no_head)
-    except WeightsError as err:
-        raise SystemExit(f"milan export: {err}") from None
+    sidecar = export_timm(args.checkpoint, args.out, head=not args.no_head)
     dropped = sidecar["dropped"]
     if dropped:
         print(f"dropped {len(dropped)} non-encoder keys ({', '.join(dropped[:4])}{', ...' if len(dropped) > 4 else ''})")

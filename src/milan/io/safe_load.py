@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from milan.errors import TeacherFileNotFound, WeightsError
+
 __all__ = ["load_weights"]
 
 
@@ -112,10 +114,10 @@ def _read_torchscript(path: Path) -> dict[str, Tensor]:
             n[: -len("/data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1
         ]
         if not roots:
-            raise ValueError(f"{path} looks like a TorchScript archive but has no data.pkl")
+            raise WeightsError(f"{path} looks like a TorchScript archive but has no data.pkl")
         byteorder = f"{roots[0]}/byteorder"
         if byteorder in names and archive.read(byteorder).strip() != b"little":
-            raise ValueError(f"{path}: big-endian TorchScript archives are not supported")
+            raise WeightsError(f"{path}: big-endian TorchScript archives are not supported")
         root_obj = _TorchScriptUnpickler(archive, roots[0]).load()
 
     out: dict[str, Tensor] = {}
@@ -144,7 +146,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, Tensor], bool]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise TeacherFileNotFound(
             f"teacher weights not found: {path} (build_teacher(..., weights=PATH); on the command line "
             "teacher.weights=PATH, e.g. OpenAI's ViT-B-16.pt or an open_clip checkpoint)"
         )
@@ -157,7 +159,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, Tensor], bool]:
         try:
             obj: Any = load_file(str(path))
         except Exception as e:  # safetensors' own error type
-            raise ValueError(f"{unreadable} ({e})") from e
+            raise WeightsError(f"{unreadable} ({e})") from e
     else:
         try:
             if _is_torchscript(path):
@@ -167,8 +169,8 @@ def load_weights(path: str | Path) -> tuple[dict[str, Tensor], bool]:
         except pickle.UnpicklingError as e:
             refused = "Weights only load failed" in str(e) or str(e).startswith("refusing to load")
             if not refused:  # not a pickle at all: garbage or another format
-                raise ValueError(f"{unreadable} ({str(e).strip().splitlines()[0]})") from e
-            raise ValueError(
+                raise WeightsError(f"{unreadable} ({str(e).strip().splitlines()[0]})") from e
+            raise WeightsError(
                 f"refused to load {path}: it holds Python objects other than tensors, and "
                 "unpickling them could run arbitrary code. Re-save only the state dict "
                 "(torch.save(model.state_dict(), ...) or safetensors) from a trusted environment."
@@ -177,12 +179,12 @@ def load_weights(path: str | Path) -> tuple[dict[str, Tensor], bool]:
         except ValueError:  # our own refusals (e.g. the restricted TorchScript unpickler)
             raise
         except Exception as e:  # truncated zip, garbage bytes: torch raises many different types
-            raise ValueError(f"{unreadable} ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") from e
+            raise WeightsError(f"{unreadable} ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") from e
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     is_openai = is_openai or "input_resolution" in obj
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     return state, is_openai

@@ -15,9 +15,9 @@ Keys come out in timm's `VisionTransformer` naming.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +26,12 @@ from milan.encoder import ENCODER_PRESETS, EncoderConfig
 from milan.errors import WeightsError
 from milan.train.log import get_logger
 
+if TYPE_CHECKING:
+    from milan.model import ModelSpec
+
 __all__ = [
-    "ENCODER_KEYS", "HEAD_KEYS", "WeightsError", "encoder_state_dict", "infer_encoder_config",
-    "load_encoder", "timm_kwargs", "build_encoder",
+    "ENCODER_KEYS", "HEAD_KEYS", "WeightsError", "Pretrained", "load_pretrained", "encoder_state_dict",
+    "infer_encoder_config", "load_encoder", "timm_kwargs", "build_encoder",
 ]
 
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
@@ -39,11 +42,8 @@ def _is_encoder_key(key: str) -> bool:
     return key in ("cls_token", "pos_embed") or key.startswith(ENCODER_KEYS[2:])
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The raw object in `path` and, for safetensors, the header metadata.
-
-    A pretraining run folder stands for its newest `checkpoint-<step>.pt`.
-    """
+def _resolve_file(path: Path) -> Path:
+    """A pretraining run folder stands for its newest `checkpoint-<step>.pt`."""
     if path.is_dir():
         from milan.train.checkpoint import step_checkpoints
 
@@ -54,6 +54,12 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not path.is_file():
         raise WeightsError(f"weights not found: {path} (give a milan checkpoint, a .safetensors export "
                            "or an authors' MILAN/MAE checkpoint)")
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The raw object in `path` (file or run folder) and, for safetensors, the header metadata."""
+    path = _resolve_file(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -128,10 +134,16 @@ def encoder_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, A
     """
     path = Path(path).expanduser()
     obj, header = _read(path)
+    return _encoder_from(obj, header, path)
+
+
+def _encoder_from(obj: dict[str, Any], header: dict[str, str], path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """`encoder_state_dict` of an object already read from `path`."""
     meta: dict[str, Any] = {"preset": None}
     if header:
         meta.update(json.loads(header.get("milan", "{}")))
         raw, fmt = obj, "export"
+        meta.pop("spec", None)  # read by `load_pretrained`
     else:
         raw = obj.get("model", obj.get("state_dict", obj))
         if not isinstance(raw, dict):
@@ -208,15 +220,121 @@ def load_encoder(
     return sorted(k for k in target if k not in state)
 
 
+@dataclass
+class Pretrained:
+    """What a weights file holds, read once: `load_pretrained(path)`.
+
+    Attributes:
+        path: the file read (for a run folder, its newest checkpoint).
+        state: the encoder in timm `VisionTransformer` naming (plus `head.*` / `fc_norm.*` of a
+            finetuned classifier).
+        meta: what `encoder_state_dict` reports (format, preset, encoder shape, head, dropped keys).
+        spec: the `ModelSpec` it was pretrained as (our pretrain checkpoints and their exports),
+            else None.
+        config: the resolved config of the run that wrote it, if it carries one.
+        step: the optimizer step it was saved at, if known.
+    """
+
+    path: Path
+    state: dict[str, Tensor]
+    meta: dict[str, Any]
+    spec: ModelSpec | None = None
+    config: dict[str, Any] | None = None
+    step: int | None = None
+    model_state: dict[str, Tensor] | None = None  # the whole MaskedAutoencoder (pretrain checkpoints)
+
+    @property
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig(**self.meta["encoder"])
+
+    @property
+    def label(self) -> str:
+        """`run-folder/file @ step N`, for figure titles and logs."""
+        step = f" @ step {self.step}" if self.step is not None else ""
+        return f"{self.path.parent.name}/{self.path.stem}{step}"
+
+    def encoder(self, *, img_size: int | None = None, drop_path_rate: float = 0.0) -> nn.Module:
+        """A `MaskedViTEncoder` with these weights, loaded strictly (eval mode, gradients on).
+
+        Args:
+            img_size: resolution to run at (position embedding resampled); default the file's.
+            drop_path_rate: stochastic depth (linear from 0 to the last block), for transfer.
+        """
+        from milan.encoder import MaskedViTEncoder
+
+        if "norm.weight" not in self.state:
+            raise WeightsError(f"{self.path} has no final norm (a finetuned avg-pool classifier?); "
+                               "use a pretrain checkpoint or an encoder export")
+        fields = timm_kwargs(self.encoder_config)
+        fields.update(img_size=img_size or self.encoder_config.img_size)
+        encoder = MaskedViTEncoder(**fields, drop_path_rate=drop_path_rate)
+        load_encoder(encoder, self.state, allow_missing=(), allow_unexpected=HEAD_KEYS)
+        return encoder.eval()
+
+    def model(self) -> nn.Module:
+        """The whole `MaskedAutoencoder` (encoder, decoder, objective) of a pretrain checkpoint, eval mode."""
+        from milan.model import build_model
+
+        if self.spec is None or self.model_state is None:
+            raise WeightsError(f"{self.path} is a {self.meta['format']} file, not a `milan pretrain` checkpoint: it "
+                               "holds an encoder only (use .encoder()), no decoder to rebuild the pretraining model")
+        target_dim = None
+        if self.spec.target == "clip":  # the teacher's width, read off the output layer: no teacher needed
+            head = self.model_state.get("decoder.head.weight")
+            if head is None or head.dim() != 2:
+                raise WeightsError(f"{self.path}: cannot infer the teacher width, no 'decoder.head.weight'")
+            target_dim = int(head.shape[0])  # [Dt, D_dec]
+        model = build_model(self.spec, target_dim=target_dim)
+        model.load_state_dict(self.model_state)  # strict: a mismatch is a real error, not noise
+        return model.eval()
+
+
+def load_pretrained(path: str | Path) -> Pretrained:
+    """Read a run folder (its newest checkpoint), a checkpoint or an export, once, safely.
+
+    Every format `encoder_state_dict` reads is accepted; pretrain checkpoints also give back their
+    `ModelSpec`, config and step, and `Pretrained.model()` rebuilds the whole pretraining model.
+    """
+    from milan.model import ModelSpec
+
+    file = _resolve_file(Path(path).expanduser())
+    obj, header = _read(file)
+    state, meta = _encoder_from(obj, header, file)
+    spec = config = step = model_state = None
+    if header:
+        saved = json.loads(header.get("milan", "{}")).get("spec")
+        spec = ModelSpec(**saved) if saved else None
+    else:
+        config = obj.get("config") if isinstance(obj.get("config"), dict) else None
+        step = obj.get("step")
+        if meta["format"] == "pretrain":
+            model_state = {k.removeprefix("module."): v for k, v in obj["model"].items()}
+            spec = _pretrain_spec(obj, config)
+    return Pretrained(file, state, meta, spec, config, step, model_state)
+
+
+def _pretrain_spec(obj: dict[str, Any], config: dict[str, Any] | None) -> Any:
+    """The spec a pretrain checkpoint records (or, in older ones, what its config resolves to)."""
+    from milan.model import ModelSpec
+
+    if isinstance(obj.get("spec"), dict):
+        return ModelSpec(**obj["spec"])
+    model = (config or {}).get("model")
+    if not isinstance(model, dict) or "name" not in model:
+        return None
+    keys = ("variant", "target", "decoder", "masking", "mask_ratio", "decoder_dim", "decoder_depth", "decoder_heads")
+    return ModelSpec.resolve(model["name"], **{k: model[k] for k in keys if model.get(k) is not None})
+
+
 def build_encoder(
     weights: str | Path | None, *, preset: str | None = None, img_size: int | None = None,
     drop_path_rate: float = 0.0,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """A `MaskedViTEncoder` with the weights in `weights` (any supported file), loaded strictly.
+    """A `MaskedViTEncoder` with the weights in `weights` (any `load_pretrained` source), loaded strictly.
 
     Args:
-        weights: checkpoint or export to load; None gives a randomly initialised `preset`
-            (a baseline).
+        weights: run folder, checkpoint or export to load; None gives a randomly initialised
+            `preset` (a baseline).
         preset: encoder preset; needed without weights, else checked against the file's shape.
         img_size: resolution to run at (position embedding resampled); default the file's.
         drop_path_rate: stochastic depth of the last block (linear from 0), for transfer.
@@ -231,22 +349,15 @@ def build_encoder(
             raise WeightsError(f"give model.weights=<checkpoint>, or model.preset=<one of: "
                                f"{', '.join(ENCODER_PRESETS)}> for a random-init baseline")
         config = ENCODER_PRESETS[preset]
-        meta: dict[str, Any] = {"format": None, "preset": preset, "encoder": asdict(config)}
-        state = None
-    else:
-        state, meta = encoder_state_dict(weights)
-        if "norm.weight" not in state:
-            raise WeightsError(f"{weights} has no final norm (a finetuned avg-pool classifier?); "
-                               "use a pretrain checkpoint or an encoder export")
-        config = EncoderConfig(**meta["encoder"])
-        if preset is not None and preset != meta["preset"]:
-            want = ENCODER_PRESETS[preset]
-            if (want.embed_dim, want.depth, want.patch_size) != (config.embed_dim, config.depth, config.patch_size):
-                raise WeightsError(f"{weights} holds a {meta['preset'] or 'different'} encoder "
-                                   f"(width {config.embed_dim}, depth {config.depth}), not {preset}")
-    fields = timm_kwargs(config)
-    fields.update(img_size=img_size or config.img_size)
-    encoder = MaskedViTEncoder(**fields, drop_path_rate=drop_path_rate)
-    if state is not None:
-        load_encoder(encoder, state, allow_missing=(), allow_unexpected=HEAD_KEYS)
-    return encoder.eval(), meta
+        fields = timm_kwargs(config)
+        fields.update(img_size=img_size or config.img_size)
+        encoder = MaskedViTEncoder(**fields, drop_path_rate=drop_path_rate)
+        return encoder.eval(), {"format": None, "preset": preset, "encoder": asdict(config)}
+    pretrained = load_pretrained(weights)
+    config = pretrained.encoder_config
+    if preset is not None and preset != pretrained.meta["preset"]:
+        want = ENCODER_PRESETS[preset]
+        if (want.embed_dim, want.depth, want.patch_size) != (config.embed_dim, config.depth, config.patch_size):
+            raise WeightsError(f"{weights} holds a {pretrained.meta['preset'] or 'different'} encoder "
+                               f"(width {config.embed_dim}, depth {config.depth}), not {preset}")
+    return pretrained.encoder(img_size=img_size, drop_path_rate=drop_path_rate), pretrained.meta

@@ -22,12 +22,10 @@ from torchvision import transforms as T
 import milan
 from milan.data.shapes import ShapesDataset, default_shapes_root, generate_shapes
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from milan.masking import random_masking, semantic_masking
+from milan.masking import RandomMasking, SemanticMasking
 from milan.model import build_model
 from milan.recipes import pretrain
-from milan.train.config import config_path
-from milan.train.checkpoint import latest_checkpoint
-from milan.train.config import load_config
+from milan.train.config import config_path, load_config
 from milan.train.log import get_logger
 from milan.train.probe import extract_features, knn_accuracy, linear_probe
 
@@ -64,14 +62,11 @@ class Encoder:
 
 def _student_encoder(run_dir: Path | None, name: str, target_dim: int, seed: int) -> Any:
     """Mean-pooled patch tokens of a pretrained (or, with run_dir=None, random-init) encoder."""
-    torch.manual_seed(seed)
-    model = build_model(name, target_dim=target_dim)
     if run_dir is not None:
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint in {run_dir}")
-        model.load_state_dict(found[1]["model"])
-    encoder = model.encoder.eval()
+        encoder = milan.load_pretrained(run_dir).encoder()
+    else:
+        torch.manual_seed(seed)
+        encoder = build_model(name, target_dim=target_dim).encoder.eval()
     return lambda images: encoder(images)[:, 1:].mean(1)
 
 
@@ -163,8 +158,8 @@ def _figures(out: Path, teacher: torch.nn.Module, val_ds: ShapesDataset, seed: i
     images = torch.stack([val_ds[i][0] for i in range(12)])
     attn = teacher(images).cls_attn
     g = torch.Generator().manual_seed(seed)
-    sem = semantic_masking(attn[:6], 0.75, generator=g)
-    rnd = random_masking(6, attn.shape[1], 0.75, generator=g)
+    sem = SemanticMasking(0.75)(6, attn.shape[1], importance=attn[:6], generator=g)
+    rnd = RandomMasking(0.75)(6, attn.shape[1], generator=g)
     return [
         plot_masks(images[:6], attn[:6], sem, rnd, 8, out / "masks_semantic_vs_random.png",
                    title="builtin:shapes teacher, mask ratio 0.75 (dimmed = masked)"),

@@ -21,8 +21,6 @@ __all__ = [
     "masked_view",
     "plot_masks",
     "plot_attention",
-    "per_patch_feature_loss",
-    "per_patch_pixel_loss",
     "student_cls_attention",
     "plot_mask_loss",
     "plot_attention_columns",
@@ -107,40 +105,6 @@ def plot_attention(images: Tensor, cls_attn: Tensor, path: str | Path, *, title:
     return _save(fig, path, title)
 
 
-# --- per-patch losses (Figure 4) ---------------------------------------------------------------
-
-
-def per_patch_feature_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Eq. 1 per token: ‖p/‖p‖ − t/‖t‖‖², `[B, T, D]` × 2 → `[B, T]`; its mean is `feature_loss`."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    p = torch.nn.functional.normalize(pred.float(), dim=-1)
-    t = torch.nn.functional.normalize(target.float(), dim=-1)
-    return (p - t).pow(2).sum(dim=-1)
-
-
-def per_patch_pixel_loss(pred: Tensor, images: Tensor, hidden: Tensor, *, patch_size: int,
-                         norm_pix: bool = True) -> Tensor:
-    """MAE's loss per patch: `[B, N, p·p·C]` vs normalised pixels → `[B, N]`, NaN on visible patches.
-
-    The mean over the non-NaN entries equals `pixel_loss` (which only scores masked patches).
-
-    Args:
-        pred: predicted pixels in patch order (CLS excluded).
-        images: `[B, C, H, W]` the input images.
-        hidden: `[B, N]` bool, True where a patch is masked (`Mask.is_masked()`).
-        patch_size: p.
-        norm_pix: normalise each target patch to zero mean, unit variance (MAE's default).
-    """
-    from milan.loss import patchify
-
-    target = patchify(images.float(), patch_size)  # [B, N, P]
-    if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    loss = (pred.float() - target).pow(2).mean(-1)  # [B, N]
-    return loss.masked_fill(~hidden, float("nan"))
-
-
 # --- student attention (Figure 3) --------------------------------------------------------------
 
 
@@ -148,13 +112,13 @@ def per_patch_pixel_loss(pred: Tensor, images: Tensor, hidden: Tensor, *, patch_
 def student_cls_attention(encoder: torch.nn.Module, images: Tensor) -> Tensor:
     """Last-block CLS attention of a `MaskedViTEncoder` over all patches: `[B, 3, H, W]` → `[B, N]`.
 
-    Recomputed from the last timm `Block`'s own `attn.qkv`, `num_heads` and `scale` (timm's fused
-    attention never materialises the map): softmax of the CLS query row over all 1+N keys,
-    averaged over heads, patch columns kept — the same definition as the teacher's `cls_attn`.
+    The same definition as the teacher's `cls_attn` (`milan.teacher.cls_attention`: softmax of the
+    CLS query row over all 1+N keys, head-averaged, patch columns), from the last timm `Block`'s
+    own `qkv` weights (its fused attention never materialises the map).
     """
-    x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]  # [B, N, D]
-    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], dim=1)  # [B, 1+N, D]
+    from milan.teacher import cls_attention
+
+    x = encoder.embed(images)  # [B, 1+N, D]
     for block in encoder.blocks[:-1]:
         x = block(x)
     last = encoder.blocks[-1]
@@ -163,8 +127,7 @@ def student_cls_attention(encoder: torch.nn.Module, images: Tensor) -> Tensor:
     batch, tokens, _ = h.shape
     qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, L, d]
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    logits = q[:, :, :1].float() @ k.float().transpose(-2, -1) * attn.scale  # [B, H, 1, L]
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0, 1:]  # [B, N]
+    return cls_attention(q[:, :, :1], k, scale=attn.scale)  # [B, N]
 
 
 # --- layout -------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,13 @@ import torch
 from torch import Tensor
 
 from milan.data import DATASET_KINDS
+from milan.errors import ConfigError, DataError, WeightsError
+from milan.io.weights import Pretrained, load_pretrained
+from milan.masking import RandomMasking, SemanticMasking
+from milan.pretraining import MILAN
 from milan.tools import viz
 
-__all__ = ["add_arguments", "run_from_args", "load_student", "Student"]
+__all__ = ["add_arguments", "run_from_args", "load_student", "mask_and_loss"]
 
 
 # --- arguments ----------------------------------------------------------------------------------
@@ -101,44 +104,20 @@ def run_from_args(args: argparse.Namespace) -> Path:
     return path
 
 
-# --- checkpoints --------------------------------------------------------------------------------
+# --- checkpoints ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Student:
-    """A model rebuilt from a self-describing checkpoint."""
-
-    model: Any  # MaskedAutoencoder, eval mode
-    config: dict[str, Any]  # the resolved config saved with it
-    path: Path
-    step: int | None
-
-    @property
-    def label(self) -> str:
-        step = f" @ step {self.step}" if self.step is not None else ""
-        return f"{self.path.parent.name}/{self.path.stem}{step}"
-
-    @property
-    def stem(self) -> str:
-        return f"{self.path.parent.name}-{self.path.stem}".replace(" ", "_")
-
-    @property
-    def img_size(self) -> int:
-        return self.model.encoder.patch_embed.img_size[0]
+def load_student(path: Path) -> Pretrained:
+    """A `milan pretrain` checkpoint (or run folder) with its spec and config; `.model()` rebuilds it."""
+    pretrained = load_pretrained(path)
+    if pretrained.spec is None or pretrained.config is None:
+        raise WeightsError(f"{pretrained.path} has no pretraining config (a {pretrained.meta['format']} file); "
+                           "viz needs a checkpoint written by `milan pretrain`")
+    return pretrained
 
 
-def _checkpoint_file(path: Path) -> Path:
-    from milan.train.checkpoint import step_checkpoints
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        found = step_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"no checkpoint-<step>.pt in run folder {path}; pass a checkpoint file")
-        return found[-1]
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (pass a .pt file or a run folder)")
-    return path
+def _stem(student: Pretrained) -> str:
+    return f"{student.path.parent.name}-{student.path.stem}".replace(" ", "_")
 
 
 def _teacher_for(cfg: dict[str, Any], patch_size: int):
@@ -146,45 +125,9 @@ def _teacher_for(cfg: dict[str, Any], patch_size: int):
 
     teacher_cfg = cfg.get("teacher") or {}
     if not teacher_cfg.get("spec"):
-        raise ValueError("the checkpoint's config has no teacher.spec; it was not written by `milan pretrain`")
+        raise ConfigError("the checkpoint's config has no teacher.spec; it was not written by `milan pretrain`")
     return milan.build_teacher(teacher_cfg["spec"], weights=teacher_cfg.get("weights"),
                                student_patch_size=patch_size).eval()
-
-
-def load_student(path: Path) -> Student:
-    """Rebuild the `MaskedAutoencoder` of a pretraining checkpoint from the config it carries."""
-    from milan.model import build_model, parse_name
-    from milan.recipes.pretrain import ModelConfig, resolve_variant
-    from milan.train.checkpoint import load_checkpoint
-
-    file = _checkpoint_file(path)
-    state = load_checkpoint(file)
-    cfg = state.get("config")
-    if not isinstance(cfg, dict) or "model" not in cfg:
-        raise ValueError(f"checkpoint {file} has no 'config' with a 'model' section; "
-                         "viz needs a checkpoint written by `milan pretrain`")
-    if "model" not in state:
-        raise ValueError(f"checkpoint {file} has no 'model' weights")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    mcfg = resolve_variant(ModelConfig(**{k: v for k, v in cfg["model"].items() if k in names}))
-    default, _ = parse_name(mcfg.name)
-    target = mcfg.target or default.target
-    target_dim = None
-    if target == "clip":
-        target_dim = _student_target_dim(state["model"])
-    model = build_model(mcfg.name, target_dim=target_dim, target=mcfg.target, decoder=mcfg.decoder,
-                        masking=mcfg.masking, decoder_dim=mcfg.decoder_dim, decoder_depth=mcfg.decoder_depth,
-                        decoder_heads=mcfg.decoder_heads)
-    model.load_state_dict(state["model"])  # strict: a mismatch is a real error, not noise
-    return Student(model.eval(), cfg, file, state.get("step"))
-
-
-def _student_target_dim(weights: dict[str, Tensor]) -> int:
-    """teacher.dim, read off the decoder's output layer, so that no teacher is built just for its width."""
-    head = weights.get("decoder.head.weight")
-    if head is None or head.dim() != 2:
-        raise ValueError("cannot infer the teacher width: the checkpoint has no 'decoder.head.weight'")
-    return int(head.shape[0])  # [Dt, D_dec]
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -195,7 +138,7 @@ def _dataset(args: argparse.Namespace, img_size: int, cfg: dict[str, Any] | None
     from milan.data.transforms import eval_transform
 
     if args.data not in DATASET_KINDS:
-        raise ValueError(f"unknown data kind {args.data!r}; choose one of: {', '.join(DATASET_KINDS)}")
+        raise ConfigError(f"unknown data kind {args.data!r}; choose one of: {', '.join(DATASET_KINDS)}")
     path = args.data_path
     if path is None and cfg is not None and (cfg.get("data") or {}).get("kind") == args.data:
         path = cfg["data"].get("path")
@@ -213,48 +156,37 @@ def _sample(dataset, num: int, seed: int) -> Tensor:
 
 
 @torch.no_grad()
-def mask_and_loss(student: Student, teacher, images: Tensor, *, seed: int = 0):
+def mask_and_loss(student: Pretrained, teacher, images: Tensor, *, seed: int = 0):
     """(semantic mask, random mask, per-patch loss `[B, N]`, loss label) for `viz masks`.
 
-    The loss is the checkpoint's own objective under the masking it was trained with.
+    The loss is the checkpoint's own objective (`MILAN`'s token loss) under the masking it was
+    trained with; NaN where its objective scores no token.
     """
-    from milan.masking import random_masking, semantic_masking
-
-    model = student.model
-    ratio = float(student.config["model"].get("mask_ratio", 0.75))
-    out = teacher(images)
+    model = student.model()
+    step = MILAN(model, teacher=teacher)
+    ratio = model.spec.mask_ratio
+    out = step.teach(images)
     g = torch.Generator().manual_seed(seed)
-    semantic = semantic_masking(out.cls_attn, ratio, generator=g)
-    random = random_masking(images.shape[0], model.num_patches, ratio, generator=g)
-    mask = semantic if model.variant.masking == "semantic" else random
-    pred = model(images, mask, out.tokens).pred
-    if model.variant.target == "clip":
-        if model.variant.decoder == "none":  # KD head: only the visible tokens are predicted
-            from milan.masking import gather_tokens
-
-            vis = viz.per_patch_feature_loss(pred[:, 1:], gather_tokens(out.tokens[:, 1:], mask.keep))
-            loss = torch.full((images.shape[0], model.num_patches), float("nan")).scatter(1, mask.keep, vis)
-            label = "feature loss (visible; masked blank)"
-        else:
-            loss = viz.per_patch_feature_loss(pred[:, 1:], out.tokens[:, 1:])
-            label = "feature loss ‖p̂−t̂‖² (all patches)"
-    else:
-        loss = viz.per_patch_pixel_loss(pred[:, 1:], images, mask.is_masked(), patch_size=model.patch_size)
-        label = "pixel MSE (masked; visible blank)"
+    semantic = SemanticMasking(ratio)(images.shape[0], model.num_patches, importance=out.cls_attn, generator=g)
+    random = RandomMasking(ratio)(images.shape[0], model.num_patches, generator=g)
+    mask = semantic if model.spec.masking == "semantic" else random
+    loss = step.forward(images, mask, out).token_loss[:, 1:]  # [B, N]
+    label = {"clip": "feature loss ‖p̂−t̂‖² (all patches)", "pixel": "pixel MSE (masked; visible blank)"}[model.spec.target]
+    if model.spec.decoder == "none":
+        label = "feature loss (visible; masked blank)"
     return semantic, random, loss, label
 
 
 def _masks(args: argparse.Namespace) -> Path:
     student = load_student(args.checkpoint)
-    teacher = _teacher_for(student.config, student.model.patch_size)
-    images = _sample(_dataset(args, student.img_size, student.config), args.num, args.seed)
+    spec = student.spec
+    teacher = _teacher_for(student.config, spec.encoder.patch_size)
+    images = _sample(_dataset(args, student.encoder_config.img_size, student.config), args.num, args.seed)
     semantic, random, loss, label = mask_and_loss(student, teacher, images, seed=args.seed)
-    ratio = student.config["model"].get("mask_ratio", 0.75)
-    v = student.model.variant
-    title = (f"{student.label} — {v.target} target, {v.decoder} decoder, {v.masking} masking, "
-             f"mask ratio {ratio}")
-    return viz.plot_mask_loss(images, semantic, random, loss, student.model.patch_size,
-                              Path(args.out) / f"masks_{student.stem}.png", title=title, loss_label=label)
+    title = (f"{student.label} — {spec.target} target, {spec.decoder} decoder, {spec.masking} masking, "
+             f"mask ratio {spec.mask_ratio}")
+    return viz.plot_mask_loss(images, semantic, random, loss, spec.encoder.patch_size,
+                              Path(args.out) / f"masks_{_stem(student)}.png", title=title, loss_label=label)
 
 
 def _attention(args: argparse.Namespace) -> Path:
@@ -264,23 +196,23 @@ def _attention(args: argparse.Namespace) -> Path:
     spec, weights = args.teacher, args.teacher_weights
     if spec is None:
         if not students:
-            raise ValueError("pass --teacher SPEC (and --teacher-weights W) or at least one --checkpoint")
+            raise ConfigError("pass --teacher SPEC (and --teacher-weights W) or at least one --checkpoint")
         spec = (students[0].config.get("teacher") or {}).get("spec")
         weights = weights or (students[0].config.get("teacher") or {}).get("weights")
         if not spec:
-            raise ValueError(f"{students[0].path} has no teacher.spec in its config; pass --teacher SPEC")
-    sizes = {s.img_size for s in students}
+            raise ConfigError(f"{students[0].path} has no teacher.spec in its config; pass --teacher SPEC")
+    sizes = {s.encoder_config.img_size for s in students}
     if len(sizes) > 1:
-        raise ValueError(f"checkpoints are built for different resolutions {sorted(sizes)}; plot them separately")
-    patch = students[0].model.patch_size if students else None
+        raise ConfigError(f"checkpoints are built for different resolutions {sorted(sizes)}; plot them separately")
+    patch = students[0].encoder_config.patch_size if students else None
     img_size = sizes.pop() if sizes else (args.img_size or (64 if args.data == "shapes" else 224))
     teacher = milan.build_teacher(spec, weights=weights, student_patch_size=patch).eval()
     images = _sample(_dataset(args, img_size, students[0].config if students else None), args.num, args.seed)
     with torch.no_grad():
         maps = {f"teacher {spec}": teacher(images).cls_attn}
         for s in students:
-            maps[f"student {s.label}"] = viz.student_cls_attention(s.model.encoder, images)
-    stem = "_".join([spec.replace(":", "-").replace("/", "-"), *(s.stem for s in students)])
+            maps[f"student {s.label}"] = viz.student_cls_attention(s.encoder(), images)
+    stem = "_".join([spec.replace(":", "-").replace("/", "-"), *(_stem(s) for s in students)])
     return viz.plot_attention_columns(images, maps, Path(args.out) / f"attention_{stem}.png",
                                       title="last-layer CLS attention (head-averaged)")
 
@@ -296,12 +228,13 @@ def _encoder_for(source: str, args: argparse.Namespace) -> tuple[str, Callable[[
         return f"teacher {rest}", lambda x: teacher(x).tokens[:, 1:].mean(1), None, None
     if sep and kind == "random":
         torch.manual_seed(args.seed)
-        model = build_model(rest, target="pixel", decoder="mae")  # the decoder is discarded
+        model = build_model(rest, target="pixel", decoder="mae", masking="random")  # the decoder is discarded
         encoder = model.encoder.eval()
         return f"random init {rest}", lambda x: encoder(x)[:, 1:].mean(1), encoder.patch_embed.img_size[0], None
-    student = load_student(Path(source))
-    encoder = student.model.encoder
-    return f"student {student.label}", lambda x: encoder(x)[:, 1:].mean(1), student.img_size, student.config
+    student = load_pretrained(Path(source))
+    encoder = student.encoder()
+    return (f"student {student.label}", lambda x: encoder(x)[:, 1:].mean(1), student.encoder_config.img_size,
+            student.config)
 
 
 def _targets(dataset) -> Tensor:
@@ -326,13 +259,13 @@ def _tsne(args: argparse.Namespace) -> Path:
     sources = [_encoder_for(s, args) for s in args.sources]
     sizes = {size for _, _, size, _ in sources if size is not None}
     if len(sizes) > 1:
-        raise ValueError(f"sources are built for different resolutions {sorted(sizes)}; plot them separately")
+        raise ConfigError(f"sources are built for different resolutions {sorted(sizes)}; plot them separately")
     img_size = sizes.pop() if sizes else (args.img_size or (64 if args.data == "shapes" else 224))
     cfg = next((c for *_, c in sources if c is not None), None)
     dataset = _dataset(args, img_size, cfg, label=args.label)
     targets = _targets(dataset)
     if (targets < 0).all():
-        raise ValueError(f"{args.data} images at {args.data_path} have no classes; t-SNE colours by class "
+        raise DataError(f"{args.data} images at {args.data_path} have no classes; t-SNE colours by class "
                          "(an ImageFolder needs root/<class>/<image>)")
     subset = torch.utils.data.Subset(dataset, _balanced_subset(targets, args.classes, args.per_class))
     panels = {}

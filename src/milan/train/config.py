@@ -55,6 +55,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        real = [o for o in options if o is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message (e.g. the Literal's choices)
+            return _coerce(value, real[0], key)
         errors = []
         for option in options:
             if option is type(None):
