@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from milan.data.folder import BadImage, load_rgb
+from milan.data.folder import BadImage, ImageFolderDataset, Samples, load_rgb
+from milan.errors import DataError
 
 
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
@@ -57,3 +58,17 @@ def test_empty_and_tiny_files_are_bad(tmp_path: Path) -> None:
     Image.new("RGB", (3, 3)).save(tmp_path / "tiny.png")
     with pytest.raises(BadImage, match="smaller than min_size=8"):
         load_rgb(tmp_path / "tiny.png", min_size=8)
+
+
+def test_unusable_folders_are_data_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data path not found"):
+        ImageFolderDataset(tmp_path / "nowhere")
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="no images found under"):
+        ImageFolderDataset(tmp_path)
+    for i in range(3):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    samples = Samples(ImageFolderDataset(tmp_path), seed=0, max_tries=3)
+    with pytest.raises(DataError, match="3 consecutive unreadable or too small images") as info:
+        samples[(0, 0)]
+    assert isinstance(info.value, RuntimeError)  # what it was before it became a DataError

@@ -25,6 +25,7 @@ from milan.data.shapes import (
     load_instances,
     render_scene,
 )
+from milan.errors import ConfigError, DataError
 
 torch.set_num_threads(1)
 
@@ -231,7 +232,7 @@ def test_leftover_temp_dir_is_not_a_dataset(tmp_path: Path) -> None:
     tmp = tmp_path / ".shapes.tmp-123-deadbeef"
     (tmp / "train" / "images").mkdir(parents=True)
     (tmp / "meta.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="milan data shapes --out"):
+    with pytest.raises(DataError, match="milan data shapes --out"):
         ShapesDataset(root)
     generate_shapes(root, num_train=4, num_val=2, workers=1, progress=False)
     assert len(ShapesDataset(root)) == 4
@@ -253,14 +254,14 @@ def test_interrupted_generation_leaves_nothing(
     with pytest.raises(KeyboardInterrupt):
         generate_shapes(tmp_path / "shapes", num_train=8, num_val=4, workers=1, progress=False)
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError):
         ShapesDataset(tmp_path / "shapes")
 
 
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a milan shapes dataset"):
+    with pytest.raises(DataError, match="not a milan shapes dataset"):
         generate_shapes(tmp_path / "mine", num_train=2, num_val=1, workers=1, progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
@@ -300,12 +301,14 @@ def test_dataset_labels(dataset_root: Path, label: str, num_classes: int) -> Non
 
 def test_dataset_errors(dataset_root: Path, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match=re.escape(f"milan data shapes --out {missing}")):
+    with pytest.raises(DataError, match=re.escape(f"milan data shapes --out {missing}")):
         ShapesDataset(missing)
-    with pytest.raises(ValueError, match="shape_colour"):
+    with pytest.raises(DataError, match="shape_colour"):
         ShapesDataset(dataset_root, label="size")
-    with pytest.raises(ValueError, match="'train', 'val'"):
+    with pytest.raises(DataError, match="'train', 'val'"):
         ShapesDataset(dataset_root, split="test")
+    with pytest.raises(ConfigError, match="image_size must be >= 32"):
+        generate_shapes(tmp_path / "small", image_size=16, num_train=1, num_val=1, progress=False)
 
 
 def test_load_instances(dataset_root: Path) -> None:

@@ -23,6 +23,7 @@ from webdataset import TarWriter
 from milan.data import wds
 from milan.data.folder import load_rgb
 from milan.data.wds import ShardStream, count_samples, decode_rgb, folder_to_shards, write_shards
+from milan.errors import DataError
 
 N, PER_SHARD = 48, 6  # 8 shards
 
@@ -191,17 +192,17 @@ def test_bad_images_are_converted_or_skipped_and_counted(tmp_path: Path, caplog:
 
 
 def test_errors_name_the_problem(shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(FileNotFoundError, match="shard-000008.tar"):
+    with pytest.raises(DataError, match="shard-000008.tar"):
         ShardStream(f"{shards}/shard-{{000000..000009}}.tar", transform=None)
-    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+    with pytest.raises(DataError, match="no .tar shards"):
         ShardStream(tmp_path, transform=None)
     two = [shards / "shard-000000.tar", shards / "shard-000001.tar"]
-    with pytest.raises(ValueError, match="2 shard.*3 processes.*use more shards or fewer workers/processes"):
+    with pytest.raises(DataError, match="2 shard.*3 processes.*use more shards or fewer workers/processes"):
         ShardStream(two, transform=None, rank=0, world_size=3)
     stream = ShardStream(two, transform=T.PILToTensor(), rank=0, world_size=2)
     stream.check_workers(1)
     message = r"2 shard\(s\) for 2 process\(es\) × 2 DataLoader worker\(s\).*use more shards or fewer"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DataError, match=message):
         stream.check_workers(2)
     # The same check inside a worker (a real failing DataLoader takes 10 s to shut down its workers).
     monkeypatch.setattr(wds, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
@@ -239,11 +240,11 @@ def test_folder_to_shards_round_trip(tmp_path: Path) -> None:
         names = tar.getnames()
     assert all(n.endswith((".png", ".cls")) for n in names) and len(names) == 8
 
-    with pytest.raises(FileExistsError, match="already holds"):
+    with pytest.raises(DataError, match="already holds"):
         write_shards([("a", _encode(_image(0)), 0)], tmp_path / "out", per_shard=2)
-    with pytest.raises(ValueError, match="contains '.'"):
+    with pytest.raises(DataError, match="contains '.'"):
         write_shards([("a.b", _encode(_image(0)), 0)], tmp_path / "other", per_shard=2)
-    with pytest.raises(ValueError, match="unknown image format"):
+    with pytest.raises(DataError, match="unknown image format"):
         write_shards([("a", b"GIF89a", 0)], tmp_path / "other", per_shard=2)
 
 
@@ -279,5 +280,5 @@ def test_damaged_shard_and_all_bad_shards(shards: Path, tmp_path: Path, caplog: 
         for key in ("a", "b"):
             writer.write({"__key__": key, "jpg": b"\xff\xd8\xff junk"})
     stream = ShardStream(tmp_path / "all-bad.tar", transform=None, samples_per_rank=1)
-    with pytest.raises(RuntimeError, match="every sample in .*all-bad.tar is bad"):
+    with pytest.raises(DataError, match="every sample in .*all-bad.tar is bad"):
         next(iter(stream))

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-__all__ = ["build_dataset", "DATASET_KINDS"]
+from milan.errors import ConfigError, DataNotFound
+
+__all__ = ["build_dataset", "DATASET_KINDS", "DataNotFound"]
 
 DATASET_KINDS = ("imagefolder", "shapes")  # webdataset streams: milan.data.wds
 
@@ -37,7 +39,7 @@ def build_dataset(
         from milan.data.folder import ImageFolderDataset
 
         if not path:
-            raise ValueError("data.path is required for data.kind=imagefolder (a folder of images)")
+            raise ConfigError("data.path is required for data.kind=imagefolder (a folder of images)")
         root = Path(path).expanduser()
         if (root / split).is_dir():
             root = root / split
@@ -49,4 +51,4 @@ def build_dataset(
         if not (root / "meta.json").is_file() and not path:
             generate_shapes(root)
         return ShapesDataset(root, split=split, transform=transform, label=label)
-    raise ValueError(f"unknown data.kind {kind!r}; choose one of: {', '.join(DATASET_KINDS)}")
+    raise ConfigError(f"unknown data.kind {kind!r}; choose one of: {', '.join(DATASET_KINDS)}")

@@ -7,7 +7,8 @@ corrupt, truncated or too-small files raise `BadImage`.
 `Samples` wraps any dataset for training: it seeds the augmentation of sample i in epoch e from
 (seed, epoch, i) alone, so a resumed run sees exactly the crops of an uninterrupted one whatever
 the worker count; and it replaces a bad image by the next good one, returning a flag so the loop
-can count bad images and stop when too many are bad.
+can count bad images and stop when too many are bad. A folder that cannot be used (missing, no
+images, nothing but bad images) raises `milan.errors.DataError`.
 """
 
 from __future__ import annotations
@@ -23,15 +24,25 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from milan.data import DataNotFound
+from milan.errors import DataError
+
 _log = logging.getLogger("milan")
 
-__all__ = ["BadImage", "ImageFolderDataset", "Samples", "load_rgb", "IMAGE_EXTENSIONS"]
+__all__ = ["BadImage", "ImageFolderDataset", "Samples", "UnreadableImages", "load_rgb", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class BadImage(Exception):
     """An image that cannot be used (corrupt, truncated, too small)."""
+
+
+class UnreadableImages(DataError, RuntimeError):
+    """Too many bad images in a row: the data path (or shard list) holds no usable images.
+
+    A `DataError` (the `milan` command prints it as one line); still a `RuntimeError`, as before.
+    """
 
 
 def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
@@ -76,7 +87,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path, transform: Callable | None = None, *, min_size: int = 1) -> None:
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"data path not found: {root} (expected an ImageFolder: root/<class>/<image>)")
+            raise DataNotFound(f"data path not found: {root} (expected an ImageFolder: root/<class>/<image>)")
         self.root, self.transform, self.min_size = root, transform, min_size
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.classes = classes
@@ -89,7 +100,7 @@ class ImageFolderDataset(Dataset):
             files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             self.samples = [(p, -1) for p in files]
         if not self.samples:
-            raise FileNotFoundError(
+            raise DataNotFound(
                 f"no images found under {root} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
             )
 
@@ -132,7 +143,7 @@ class Samples(Dataset):
             except BadImage as err:
                 reason = err
                 _log.warning("skipping bad image %s", err)
-        raise RuntimeError(
+        raise UnreadableImages(
             f"{self.max_tries} consecutive unreadable or too small images from index {index} "
             f"(last: {reason}); check that the data path holds readable images"
         )

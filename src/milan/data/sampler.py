@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from milan.errors import DataError
+
 __all__ = ["EpochSampler"]
 
 
@@ -31,7 +33,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.shuffle = shuffle
         self.per_rank = (size // world_size) // batch_size * batch_size
         if self.per_rank == 0:
-            raise ValueError(
+            raise DataError(
                 f"dataset of {size} images is too small for batch_size={batch_size} × "
                 f"{world_size} process(es); lower the batch size or add data"
             )

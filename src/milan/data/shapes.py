@@ -74,6 +74,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from milan import __version__
+from milan.data import DataNotFound
+from milan.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -404,11 +406,11 @@ def generate_shapes(
         ``root`` as a :class:`~pathlib.Path`.
     """
     if num_train < 0 or num_val < 0:
-        raise ValueError(f"num_train and num_val must be >= 0, got {num_train}, {num_val}")
+        raise ConfigError(f"num_train and num_val must be >= 0, got {num_train}, {num_val}")
     if image_size < _MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be >= {_MIN_IMAGE_SIZE}, got {image_size}")
+        raise ConfigError(f"image_size must be >= {_MIN_IMAGE_SIZE}, got {image_size}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise ConfigError(f"seed must be >= 0, got {seed}")
     root = Path(root).expanduser()
     params = {
         "image_size": image_size,
@@ -421,7 +423,7 @@ def generate_shapes(
     if meta is not None and meta.get("params") == params:
         return root
     if meta is None and root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(
+        raise DataError(
             f"{root} exists and is not a milan shapes dataset (no valid meta.json); "
             "remove it or choose another --out"
         )
@@ -503,28 +505,28 @@ def _read_rows_cached(path: str, mtime_ns: int, size: int) -> tuple[dict[str, An
 def _open_split(root: str | Path, split: str) -> tuple[Path, dict[str, Any], tuple[dict, ...]]:
     """Check ``root`` / ``split`` and return the split folder, meta and label rows."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        raise DataError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     root = Path(root).expanduser()
     meta = _read_meta(root)
     if meta is None:
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"no shapes dataset at {root} (missing or invalid meta.json); "
             f"run `milan data shapes --out {root}` to generate it"
         )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise DataError(
             f"shapes dataset at {root} has format version {meta.get('format_version')}, "
             f"this milan reads {FORMAT_VERSION}; regenerate it with `milan data shapes --out {root}`"
         )
     labels = root / split / "labels.jsonl"
     if not labels.is_file():
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"{labels} is missing; regenerate the dataset with `milan data shapes --out {root}`"
         )
     st = labels.stat()
     rows = _read_rows_cached(str(labels.resolve()), st.st_mtime_ns, st.st_size)
     if len(rows) != meta["splits"][split]:
-        raise ValueError(
+        raise DataError(
             f"{labels} has {len(rows)} rows but meta.json says {meta['splits'][split]}; "
             f"regenerate it with `milan data shapes --out {root}`"
         )
@@ -577,7 +579,7 @@ class ShapesDataset(Dataset):
         label: str = "shape",
     ) -> None:
         if label not in LABELS:
-            raise ValueError(f"unknown label {label!r}; expected one of {list(LABELS)}")
+            raise DataError(f"unknown label {label!r}; expected one of {list(LABELS)}")
         self.root = Path(root).expanduser()
         self.split = split
         self.transform = transform

@@ -70,7 +70,9 @@ from webdataset import TarWriter
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from milan.data.folder import BadImage, ImageFolderDataset, load_rgb
+from milan.data import DataNotFound
+from milan.data.folder import BadImage, ImageFolderDataset, UnreadableImages, load_rgb
+from milan.errors import ConfigError, DataError
 
 _log = logging.getLogger("milan")
 
@@ -84,23 +86,24 @@ def expand_shards(urls: str | Path | Sequence[str | Path]) -> list[str]:
     """A brace pattern, a directory (its `*.tar`, sorted), one path or a list of them -> shard list.
 
     Raises:
-        FileNotFoundError: a local shard is missing, or a directory holds no `.tar`.
+        DataNotFound: a local shard is missing, or a directory holds no `.tar` (a `DataError` and a
+            `FileNotFoundError`).
     """
     if isinstance(urls, (str, Path)):
         path = Path(urls).expanduser()
         if path.is_dir():
             shards = [str(p) for p in sorted(path.glob("*.tar"))]
             if not shards:
-                raise FileNotFoundError(f"no .tar shards in {path}; write some with `folder_to_shards`")
+                raise DataNotFound(f"no .tar shards in {path}; write some with `folder_to_shards`")
             return shards
         shards = list(braceexpand.braceexpand(str(urls)))
     else:
         shards = [str(u) for u in urls]
     if not shards:
-        raise FileNotFoundError("empty shard list")
+        raise DataNotFound("empty shard list")
     for shard in shards:
         if _is_local(shard) and not Path(shard).expanduser().is_file():
-            raise FileNotFoundError(f"shard not found: {shard} (of {len(shards)} shards)")
+            raise DataNotFound(f"shard not found: {shard} (of {len(shards)} shards)")
     return [str(Path(s).expanduser()) if _is_local(s) else s for s in shards]
 
 
@@ -163,7 +166,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.shards = expand_shards(urls)
         if len(self.shards) < world_size:
-            raise ValueError(
+            raise DataError(
                 f"{len(self.shards)} shard(s) for {world_size} processes; every process needs at least "
                 "one shard: use more shards or fewer workers/processes"
             )
@@ -188,11 +191,11 @@ class ShardStream(IterableDataset):
         self.epoch, self.skip = epoch, skip
 
     def check_workers(self, num_workers: int) -> None:
-        """Raise `ValueError` unless every (rank, worker) gets a shard; `__iter__` checks too, but
+        """Raise `DataError` unless every (rank, worker) gets a shard; `__iter__` checks too, but
         inside a worker, so call this before building the DataLoader to fail fast."""
         readers = self.world_size * max(num_workers, 1)
         if len(self.shards) < readers:
-            raise ValueError(
+            raise DataError(
                 f"{len(self.shards)} shard(s) for {self.world_size} process(es) × {max(num_workers, 1)} "
                 f"DataLoader worker(s) = {readers} readers; every reader needs at least one shard: use more "
                 "shards or fewer workers/processes"
@@ -237,7 +240,7 @@ class ShardStream(IterableDataset):
                 _log.warning("skipping bad sample %s", err)
                 bad += 1
                 if per_pass and bad > per_pass[0]:
-                    raise RuntimeError(
+                    raise UnreadableImages(
                         f"every sample in {', '.join(shards)} is bad (last: {err}); check the shards"
                     ) from err
                 continue
@@ -263,7 +266,7 @@ class ShardStream(IterableDataset):
             if not repeat:
                 return
             if n == 0:
-                raise RuntimeError(f"no samples in {', '.join(shards)}; check the shards")
+                raise DataError(f"no samples in {', '.join(shards)}; check the shards")
             rng.shuffle(shards)
 
     def _decode(self, sample: dict[str, Any], name: str) -> tuple[Image.Image, int]:
@@ -336,7 +339,7 @@ def count_samples(urls: str | Path | Sequence[str | Path]) -> int:
             total += int(n)
     for shard in unknown:
         if not _is_local(shard):
-            raise ValueError(f"cannot count the samples of {shard}; set data.num_samples")
+            raise DataError(f"cannot count the samples of {shard}; set data.num_samples")
         with tarfile.open(shard, "r:*") as tar:
             keys = {base_plus_ext(m.name)[0] for m in tar if m.isreg()}
         total += len(keys - {None})
@@ -360,22 +363,22 @@ def write_shards(samples: Iterable[tuple[str, bytes, int]], out_dir: str | Path,
     Keys must be unique and must not contain '.' (webdataset splits the extension at the first dot).
     """
     if per_shard < 1:
-        raise ValueError(f"per_shard={per_shard} must be at least 1")
+        raise ConfigError(f"per_shard={per_shard} must be at least 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
-        raise FileExistsError(f"{out} already holds .tar shards; write to an empty folder")
+        raise DataError(f"{out} already holds .tar shards; write to an empty folder")
     paths: list[Path] = []
     sizes: dict[str, int] = {}
     writer: TarWriter | None = None
     try:
         for i, (key, data, label) in enumerate(samples):
             if "." in key.rsplit("/", 1)[-1]:
-                raise ValueError(f"sample key {key!r} contains '.'; webdataset keys cannot")
+                raise DataError(f"sample key {key!r} contains '.'; webdataset keys cannot")
             try:
                 ext = _image_ext(data)
             except ValueError as err:
-                raise ValueError(f"sample {key!r}: {err}") from None
+                raise DataError(f"sample {key!r}: {err}") from None
             if i % per_shard == 0:
                 if writer is not None:
                     writer.close()

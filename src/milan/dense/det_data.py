@@ -36,6 +36,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from milan.data import DataNotFound
+from milan.errors import DataError
+
 __all__ = [
     "CocoDetection", "ShapesDetection", "DetSamples", "collate", "hflip", "shapes_coco_gt", "load_coco",
     "COCO_LAYOUT",
@@ -80,16 +83,16 @@ class CocoDetection(Dataset):
     def __init__(self, images: str | Path, annotations: str | Path, *, train: bool = False) -> None:
         self.images, annotations = Path(images).expanduser(), Path(annotations).expanduser()
         if not annotations.is_file():
-            raise FileNotFoundError(f"COCO annotations {annotations} not found; expected {COCO_LAYOUT}")
+            raise DataNotFound(f"COCO annotations {annotations} not found; expected {COCO_LAYOUT}")
         if not self.images.is_dir():
-            raise FileNotFoundError(f"COCO image folder {self.images} not found; expected {COCO_LAYOUT}")
+            raise DataNotFound(f"COCO image folder {self.images} not found; expected {COCO_LAYOUT}")
         try:
             self.coco = load_coco(annotations)
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{annotations} is not a COCO instances json ({err!r})") from None
+            raise DataError(f"{annotations} is not a COCO instances json ({err!r})") from None
         cats = self.coco.dataset.get("categories") or []
         if not cats:
-            raise ValueError(f"{annotations} has no categories")
+            raise DataError(f"{annotations} has no categories")
         self.cat_ids = sorted(c["id"] for c in cats)
         self.label_to_cat = {i + 1: cid for i, cid in enumerate(self.cat_ids)}
         self.cat_to_label = {cid: label for label, cid in self.label_to_cat.items()}
@@ -114,8 +117,8 @@ class CocoDetection(Dataset):
         info = self.coco.imgs[image_id]
         path = self.images / info["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(f"image {path} (id {image_id}) of the annotations is missing; expected "
-                                    f"{COCO_LAYOUT}")
+            raise DataNotFound(f"image {path} (id {image_id}) of the annotations is missing; expected "
+                               f"{COCO_LAYOUT}")
         image = _read_image(path)
         h, w = image.shape[-2:]
         boxes, anns = self._annotations(image_id)

@@ -34,7 +34,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from milan.data import DataNotFound
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from milan.errors import DataError
 
 __all__ = [
     "ADE20K_CLASSES", "SHAPES_SEG_CLASSES", "IGNORE_INDEX", "ADE20KDataset", "ShapesSegDataset",
@@ -102,20 +104,20 @@ class ADE20KDataset(Dataset):
     def __init__(self, root: str | Path, split: str = "train", *, reduce_zero_label: bool = True,
                  classes: Sequence[str] | None = None) -> None:
         if split not in _SPLIT_DIRS:
-            raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_DIRS)}")
+            raise DataError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_DIRS)}")
         self.root = Path(root).expanduser()
         layout = _LAYOUT.format(root=self.root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data.path {self.root} does not exist; {layout}")
+            raise DataNotFound(f"data.path {self.root} does not exist; {layout}")
         sub = _SPLIT_DIRS[split]
         image_dir, label_dir = self.root / "images" / sub, self.root / "annotations" / sub
         for d in (image_dir, label_dir):
             if not d.is_dir():
-                raise FileNotFoundError(f"{d} is missing; {layout}")
+                raise DataNotFound(f"{d} is missing; {layout}")
         images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES}
         labels = {p.stem: p for p in sorted(label_dir.iterdir()) if p.suffix.lower() == ".png"}
         if not images:
-            raise FileNotFoundError(f"no images (*.jpg, *.jpeg, *.png) in {image_dir}; {layout}")
+            raise DataNotFound(f"no images (*.jpg, *.jpeg, *.png) in {image_dir}; {layout}")
         no_label = sorted(set(images) - set(labels))
         no_image = sorted(set(labels) - set(images))
         if no_label or no_image:
@@ -126,7 +128,7 @@ class ADE20KDataset(Dataset):
             if no_image:
                 parts.append(f"{len(no_image)} annotation(s) in {label_dir} have no image "
                              f"(e.g. {', '.join(no_image[:3])})")
-            raise FileNotFoundError("; ".join(parts) + f"; {layout}")
+            raise DataNotFound("; ".join(parts) + f"; {layout}")
         self.stems = sorted(images)
         self.images = [images[s] for s in self.stems]
         self.labels = [labels[s] for s in self.stems]
@@ -143,15 +145,15 @@ class ADE20KDataset(Dataset):
             image = im.convert("RGB")
         with Image.open(self.labels[index]) as im:
             if im.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"{self.labels[index]}: annotation should be a single-channel PNG of class ids, "
-                                 f"got mode {im.mode}")
+                raise DataError(f"{self.labels[index]}: annotation should be a single-channel PNG of class ids, "
+                                f"got mode {im.mode}")
             label = np.asarray(im)
         if label.max(initial=0) > 255:
-            raise ValueError(f"{self.labels[index]} holds class id {int(label.max())} > 255")
+            raise DataError(f"{self.labels[index]} holds class id {int(label.max())} > 255")
         label = label.astype(np.uint8)
         if label.shape != (image.height, image.width):
-            raise ValueError(f"{self.labels[index]} is {label.shape[1]}×{label.shape[0]} but its image is "
-                             f"{image.width}×{image.height}")
+            raise DataError(f"{self.labels[index]} is {label.shape[1]}×{label.shape[0]} but its image is "
+                            f"{image.width}×{image.height}")
         if self.reduce_zero_label:
             label = reduce_zero_label(label)
         return image, label

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from milan.errors import DataError
+
 __all__ = ["confusion_matrix", "segmentation_scores", "SegMetric"]
 
 
@@ -42,8 +44,8 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, *, ignore_i
     pred, target = pred[keep], target[keep]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
         bad = int(target.max()) if int(target.max()) >= num_classes else int(target.min())
-        raise ValueError(f"target holds class {bad}, outside [0, {num_classes}) and not ignore_index="
-                         f"{ignore_index}; check num_classes / reduce_zero_label")
+        raise DataError(f"target holds class {bad}, outside [0, {num_classes}) and not ignore_index="
+                        f"{ignore_index}; check num_classes / reduce_zero_label")
     if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_classes):
         raise ValueError(f"pred holds a class outside [0, {num_classes})")
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
