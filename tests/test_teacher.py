@@ -27,6 +27,7 @@ from timm.data.constants import (
 )
 from timm.layers import resample_abs_pos_embed
 
+from milan.errors import TeacherError, UserError
 from milan.teacher import (
     Teacher,
     TeacherOutput,
@@ -358,7 +359,7 @@ def test_hf_folder_without_vision_tower(tmp_path: Path) -> None:
     ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no CLIP vision tower"):
         build_teacher(f"hf:{tmp_path}")
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
+    with pytest.raises(TeacherError, match=str(tmp_path / "missing")):
         build_teacher(f"hf:{tmp_path / 'missing'}")
 
 
@@ -505,7 +506,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
 
 def test_error_missing_file_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "ViT-B-16.pt"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(UserError, match=str(missing)):
         build_teacher(f"openclip:{TINY}", weights=missing)
     with pytest.raises(ValueError, match="needs weights="):
         build_teacher(f"openclip:{TINY}")
@@ -536,10 +537,10 @@ def test_builtin_shapes_missing_names_the_command(tmp_path: Path, monkeypatch: p
     import milan.teacher.builtin
 
     missing = tmp_path / "shapes_clip_visual.safetensors"
-    with pytest.raises(FileNotFoundError, match=r"shapes_clip_visual\.safetensors.*milan teacher train-shapes"):
+    with pytest.raises(TeacherError, match=r"shapes_clip_visual\.safetensors.*milan teacher train-shapes"):
         build_teacher("builtin:shapes", weights=missing)
     monkeypatch.setattr(milan.teacher.builtin, "WEIGHTS_FILE", missing)  # a broken install
-    with pytest.raises(FileNotFoundError, match="milan teacher train-shapes"):
+    with pytest.raises(TeacherError, match="milan teacher train-shapes"):
         build_teacher("builtin:shapes")
     with pytest.raises(ValueError, match="unknown builtin teacher"):
         build_teacher("builtin:cats")
@@ -549,3 +550,30 @@ def test_input_size_must_fit_the_patch_grid(tiny_ckpt: Path) -> None:
     teacher = build_teacher(f"openclip:{TINY}", weights=tiny_ckpt, student_patch_size=16)
     with pytest.raises(ValueError, match="student patch size 16"):
         teacher(_student_batch(1, 40))
+
+
+def test_user_errors_are_one_line_errors_for_the_cli(tmp_path: Path) -> None:
+    # `milan` prints a UserError as one line (exit 2); anything else keeps its traceback.
+    cases = {
+        "bad spec": lambda: build_teacher("clip:ViT-B-16"),
+        "missing weights file": lambda: build_teacher(f"openclip:{TINY}", weights=tmp_path / "no.pt"),
+        "missing hf folder": lambda: build_teacher(f"hf:{tmp_path / 'no_folder'}"),
+        "unreadable weights": lambda: build_teacher("timm:vit_tiny_patch16_224", weights=tmp_path / "x.pt"),
+    }
+    (tmp_path / "x.pt").write_text("not a checkpoint")
+    for what, build in cases.items():
+        with pytest.raises(UserError) as info:
+            build()
+        assert isinstance(info.value, ValueError), what  # `except ValueError` keeps working
+        # a missing file or folder stays a FileNotFoundError, as before
+        assert isinstance(info.value, FileNotFoundError) == what.startswith("missing"), what
+        assert str(info.value), what
+
+
+def test_cls_attention_is_public_and_matches_full_attention() -> None:
+    from milan.teacher import cls_attention
+
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    full = (q @ k.transpose(-2, -1) * 0.5).softmax(-1).mean(1)  # [B, L, L]
+    torch.testing.assert_close(cls_attention(q[:, :, :1], k, 0.5), full[:, 0, 1:])
+    torch.testing.assert_close(cls_attention(q[:, :, :1], k, 0.5, num_prefix=3), full[:, 0, 3:])

@@ -9,6 +9,7 @@ both. Loading therefore rebuilds the stem before `load_state_dict`.
 
 Files shipped in `milan/assets/`: `shapes_clip_visual.safetensors` (vision tower weights) and
 `shapes_clip.json` (the card: config, training command, seed, zero-shot numbers, sha256).
+`build_builtin_teacher` is the `builtin:<name>` builder of `milan.teacher.build_teacher`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from milan.errors import TeacherError
+from milan.teacher.base import Teacher, TeacherFileNotFound, check_fits
+from milan.teacher.openclip import OpenCLIPTeacher
+
 __all__ = [
     "SHAPES_CLIP_CONFIG", "ConvStem", "build_shapes_clip", "load_shapes_visual",
     "ASSET_DIR", "WEIGHTS_FILE", "CARD_FILE", "ZEROSHOT_FILE", "sha256_file", "read_card",
-    "load_zero_shot",
+    "load_zero_shot", "BUILTIN_TEACHERS", "build_builtin_teacher",
 ]
+
+# builtin teachers: name -> what they are (weights and card live in milan/assets)
+BUILTIN_TEACHERS = {"shapes": "small CLIP trained on the captioned shapes data (milan.teacher.builtin)"}
 
 ASSET_DIR = Path(__file__).parents[1] / "assets"
 WEIGHTS_FILE = ASSET_DIR / "shapes_clip_visual.safetensors"
@@ -93,7 +101,7 @@ def load_shapes_visual(weights: str | Path | None = None, card: str | Path | Non
     weights = Path(weights) if weights else WEIGHTS_FILE
     card_path = Path(card) if card else (weights.with_name(CARD_FILE.name) if weights != WEIGHTS_FILE else CARD_FILE)
     if not weights.is_file():
-        raise FileNotFoundError(
+        raise TeacherFileNotFound(
             f"built-in teacher weights not found at {weights}; create them with `milan teacher train-shapes`"
         )
     config = read_card(card_path)["config"] if card_path.is_file() else SHAPES_CLIP_CONFIG
@@ -101,11 +109,27 @@ def load_shapes_visual(weights: str | Path | None = None, card: str | Path | Non
     try:
         state = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error type for a file that is not one
-        raise ValueError(f"cannot read the shapes teacher weights {weights} as safetensors ({err}); "
-                         "give the shapes_clip_visual.safetensors written by `milan teacher train-shapes`") from err
+        raise TeacherError(f"cannot read the shapes teacher weights {weights} as safetensors ({err}); "
+                           "give the shapes_clip_visual.safetensors written by `milan teacher train-shapes`") from err
+    check_fits(visual, state, "the shapes teacher's vision tower", weights,
+               "give the shapes_clip_visual.safetensors written by `milan teacher train-shapes`, "
+               "with its shapes_clip.json beside it")
     visual.load_state_dict(state, strict=True)
     visual.image_mean, visual.image_std = SHAPES_CLIP_MEAN, SHAPES_CLIP_STD
     return visual.eval()
+
+
+def build_builtin_teacher(name: str, weights: str | Path | None, **kwargs: Any) -> Teacher:
+    """`builtin:<name>`: the shipped teacher, or its retrained tower from `weights`."""
+    if name not in BUILTIN_TEACHERS:
+        raise TeacherError(f"unknown builtin teacher {name!r}; available: {sorted(BUILTIN_TEACHERS)}")
+    if weights is None and not WEIGHTS_FILE.is_file():
+        raise TeacherFileNotFound(
+            f"the built-in '{name}' teacher is missing ({WEIGHTS_FILE}); "
+            "recreate it with `milan teacher train-shapes`"
+        )
+    # An open_clip CLIP vision tower with a conv stem, rebuilt before loading.
+    return OpenCLIPTeacher(load_shapes_visual(weights), **kwargs)
 
 
 def load_zero_shot(path: str | Path = ZEROSHOT_FILE) -> dict[str, torch.Tensor]:
