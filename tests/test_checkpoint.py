@@ -41,3 +41,37 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_check_resumable_refuses_another_kind_model_or_shape_in_one_line(tmp_path: Path) -> None:
+    from milan.train.checkpoint import CheckpointRecord, check_resumable
+
+    model = torch.nn.Linear(4, 3)
+    identity = {"encoder": {"embed_dim": 192, "depth": 6, "patch_size": 8, "img_size": 64}, "num_classes": 3}
+    state = CheckpointRecord("segment", 5, {}, identity).state(model=model.state_dict(), optimizer={})
+    path = tmp_path / "checkpoint-last.pt"
+    fix = "Use a new run.out_dir"
+
+    def check(state: dict, **kwargs) -> None:
+        check_resumable(path, state, **{"kind": "segment", "identity": identity, "expected": model.state_dict(),
+                                        "fix": fix, **kwargs})
+
+    check(state)  # ours: no error
+    refusals = [
+        (dict(kind="detect"), r"checkpoint-last\.pt is not a resumable detect checkpoint \(kind 'segment'\)\. "),
+        (dict(needs=("optimizer", "scaler")), r"is not a resumable segment checkpoint \(no scaler\)\. "),
+        (dict(identity={**identity, "num_classes": 5}),
+         r"is a checkpoint of another model \(encoder 192/6/8/64, num_classes 3; this run: encoder 192/6/8/64, "
+         r"num_classes 5\)\. "),
+        (dict(expected=torch.nn.Linear(4, 5).state_dict()),
+         r"does not fit this model \(2 shape mismatches, 0 missing/unexpected keys, e\.g\. weight\)\. "),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(CheckpointError, match=message + "Use a new run\\.out_dir$") as err:
+            check(state, **kwargs)
+        assert "\n" not in str(err.value)
+    # a checkpoint that predates the record (no identity) is still checked for its kind and weights
+    old = {"kind": "segment", "model": model.state_dict(), "optimizer": {}, "step": 5}
+    check(old, identity={**identity, "num_classes": 5})
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        check(old, expected=torch.nn.Linear(2, 3).state_dict())

@@ -22,6 +22,7 @@ from milan.dense.det_data import (
     shapes_coco_gt,
 )
 from milan.dense.detection import ENCODER_PREFIX, LEVELS, ViTFPNBackbone, build_mask_rcnn
+from milan.errors import CheckpointError, DataError, UserError
 from milan.io.weights import build_encoder
 from milan.recipes.detect import warmup_step_lr
 
@@ -96,8 +97,7 @@ def test_pad_to_gives_square_batches() -> None:
 
 def test_shipped_configs_load_and_the_coco_one_is_appendix_a1() -> None:
     from milan.recipes.detect import CONFIG
-    from milan.train.config import config_path
-    from milan.train.config import load_config
+    from milan.train.config import config_path, load_config
 
     shapes = load_config(CONFIG, config_path("detect_shapes"))
     assert shapes.data.kind == "shapes" and shapes.model.preset == PRESET
@@ -260,7 +260,7 @@ def test_coco_loader_missing_json_names_the_layout(tmp_path: Path) -> None:
         CocoDetection(tmp_path / "images", tmp_path / "annotations" / "nope.json")
     from milan.tools.cli import main
 
-    with pytest.raises(SystemExit, match="milan detect: COCO annotations .*instances_train2017.json not found"):
+    with pytest.raises(DataError, match="^COCO annotations .*instances_train2017.json not found"):
         main(["detect", "data.kind=coco", f"data.path={tmp_path}", f"run.out_dir={tmp_path / 'run'}"])
 
 
@@ -324,6 +324,28 @@ def test_cli_runs_checkpoints_and_resumes_exactly(shapes_root: Path, tmp_path: P
         torch.testing.assert_close(b["model"][key], value, msg=key)
 
 
+def test_resume_refuses_another_models_checkpoint(shapes_root: Path, tmp_path: Path) -> None:
+    """A checkpoint-last.pt of another model (here: the ViTDet pyramid, not MAE's) or of another recipe
+    is refused with one line naming the fix; the folder's config.yaml stays as it was."""
+    out = tmp_path / "run"
+    common = ("optim.epochs=1", "run.eval_every_epochs=2", "data.val_limit=1", "data.eval_batch_size=1")
+    _cli(shapes_root, out, *common, "run.max_steps=1")
+    config = (out / "config.yaml").read_text()
+    fix = r"Use a new run\.out_dir, or run\.resume=none to start over in .*"
+    with pytest.raises(CheckpointError, match=r"checkpoint-last\.pt is a checkpoint of another model \(.*pyramid "
+                                              r"intermediate; this run: .*pyramid simple\)\. " + fix) as err:
+        _cli(shapes_root, out, *common, "run.max_steps=2", "model.pyramid=simple")
+    assert "\n" not in str(err.value)
+    assert (out / "config.yaml").read_text() == config
+
+    state = torch.load(out / "checkpoint-last.pt", weights_only=True)
+    foreign = {"model": state["model"], "optimizer": state["optimizer"], "kind": "segment", "step": 3}
+    torch.save(foreign, out / "checkpoint-last.pt")  # e.g. a segment checkpoint-last.pt copied in
+    with pytest.raises(CheckpointError, match=r"is not a resumable detect checkpoint \(kind 'segment'\)\. " + fix):
+        _cli(shapes_root, out, *common, "run.max_steps=2")
+    assert (out / "config.yaml").read_text() == config
+
+
 def test_short_training_beats_the_trivial_baseline(shapes_root: Path, tmp_path: Path) -> None:
     """Under a minute of training from random init (120 iterations of 4 scenes): box AP above 0 (an
     untrained detector's) on 16 val scenes. Small batches and no layer decay learn fastest here."""
@@ -373,5 +395,5 @@ def test_missing_pycocotools_names_the_extra(monkeypatch: pytest.MonkeyPatch, tm
     from milan.tools.cli import main
 
     monkeypatch.setitem(sys.modules, "pycocotools", None)  # import now raises ImportError
-    with pytest.raises(SystemExit, match=r"pip install 'milan\[dense\]'"):
+    with pytest.raises(UserError, match=r"pip install 'milan\[dense\]'"):
         main(["detect", "--config", "detect_shapes", f"run.out_dir={tmp_path}"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from milan.data.shapes import generate_shapes
+from milan.errors import DataError, TeacherError
 from milan.tools.cli import main as cli
 from milan.train.probe import knn_classify
 
@@ -132,7 +133,7 @@ def test_semantic_aware_linprobe_runs(shapes_root: Path, checkpoint: Path, tmp_p
 
 
 def test_semantic_topk_without_teacher_names_the_fix(shapes_root: Path, checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="teacher.spec"):
+    with pytest.raises(TeacherError, match="teacher.spec"):
         cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "lp", "model.semantic_topk=0.5"))
 
 
@@ -227,7 +228,7 @@ def test_eval_restricts_logits_to_the_folder_classes(tmp_path: Path) -> None:
          f"run.out_dir={tmp_path / 'b'}"])
     result = json.loads((tmp_path / "b" / "results.json").read_text())["imagenet-r"]
     assert result["top1"] == 0.0 and result["top5"] == pytest.approx(2 / 3)  # class 0 wins; 4 and 2 in top-5, 1 not
-    with pytest.raises(SystemExit, match="WordNet id"):
+    with pytest.raises(DataError, match="bad: none of the folder's classes .*WordNet id"):
         cli(["eval", *common, f"data.paths=[{tmp_path / 'bad'}]", f"run.out_dir={tmp_path / 'c'}"])
 
 
@@ -237,10 +238,10 @@ def test_randaugment_posterize_at_top_magnitude_keeps_a_bit() -> None:
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment
 
-    from milan.recipes.finetune import _keep_posterize_bits
+    from milan.train.classify import keep_posterize_bits
 
     tf = create_transform(64, is_training=True, auto_augment="rand-m10-inc1")
-    _keep_posterize_bits(tf)
+    keep_posterize_bits(tf)
     ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
     op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
     op.prob = 1.0

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from milan.data.shapes import generate_shapes
+from milan.errors import CheckpointError, ConfigError
 from milan.tools.cli import main as cli
 
 
@@ -128,9 +129,10 @@ def test_finetune_resume_keeps_the_better_best_and_a_finished_run_is_not_redone(
 
     # another class count (data.label=position: 9, not 6): one line naming the fix, the folder untouched
     config = (out / "config.yaml").read_text()
-    with pytest.raises(SystemExit, match=r"checkpoint of another model .* classes\)\. Use a new run\.out_dir, "
-                                         r"or run\.resume=none"):
+    with pytest.raises(CheckpointError, match=r"checkpoint of another model \(.*num_classes 6; this run: "
+                                              r".*num_classes 9\)\. Use a new run\.out_dir, or run\.resume=none") as err:
         cli(_finetune(shapes_root, checkpoint, out, *quick, "data.label=position", "optim.epochs=3"))
+    assert "\n" not in str(err.value)
     assert (out / "config.yaml").read_text() == config
 
 
@@ -170,7 +172,8 @@ def test_linprobe_resume_keeps_the_better_best_and_refuses_another_model(
     before = (out / "head-last.pt").read_bytes()
     cli(_linprobe(shapes_root, checkpoint, out, "optim.cache_features=true"))  # finished: nothing redone
     assert (out / "head-last.pt").read_bytes() == before
-    with pytest.raises(SystemExit, match=r"head of another model .*\)\. Use a new run\.out_dir, or run\.resume=none"):
+    with pytest.raises(CheckpointError, match=r"checkpoint of another model \(encoder 192/6/8/32, .*; this run: "
+                                              r"encoder 192/6/8/48, .*\)\. Use a new run\.out_dir, or run\.resume=none"):
         cli(_linprobe(shapes_root, checkpoint, out, "optim.cache_features=true", "data.img_size=48"))
     # a fresh start on purpose
     cli(_linprobe(shapes_root, checkpoint, out, "optim.cache_features=true", "data.img_size=48", "run.resume=none",
@@ -188,7 +191,7 @@ def test_unusable_values_name_the_key(shapes_root: Path, checkpoint: Path, tmp_p
                                       override: str, message: str) -> None:
     args = (_finetune if recipe == "finetune" else _linprobe)(shapes_root, checkpoint, tmp_path / "run",
                                                                "optim.epochs=2", "optim.warmup_epochs=0", override)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ConfigError, match=message):
         cli(args)
     assert not (tmp_path / "run" / "config.yaml").exists()
 

@@ -14,8 +14,8 @@ from milan.encoder import ENCODER_PRESETS
 from milan.model import KD_BASELINE, TABLE5, build_model
 from milan.recipes import finetune, linprobe
 from milan.recipes.pretrain import PretrainConfig, param_groups
-from milan.train.config import CONFIG_DIR
-from milan.train.config import load_config
+from milan.train.classify import build_classifier, build_optimizer
+from milan.train.config import CONFIG_DIR, load_config
 from milan.train.schedule import scaled_lr, warmup_cosine
 
 # Table 5: (CLIP target, prompting decoder, semantic aware sampling) per row.
@@ -100,8 +100,9 @@ def test_finetune_configs_match_appendix_a1(name: str, layer_decay: float, drop_
 def test_finetune_layer_decay_scales_per_block() -> None:
     """ViT-B: patch embedding/CLS/pos-embed × 0.65^13, block i × 0.65^(12−i), head and fc_norm × 1."""
     with torch.device("meta"):
-        model = finetune.build_classifier(ENCODER_PRESETS["vit_base_patch16"], 1000)
-    optimizer = finetune.build_optimizer(model, finetune.OptimConfig(), lr=1e-3)
+        model = build_classifier(ENCODER_PRESETS["vit_base_patch16"], 1000)
+    o = finetune.OptimConfig()
+    optimizer = build_optimizer(model, 1e-3, weight_decay=o.weight_decay, layer_decay=o.layer_decay, betas=o.betas)
     names = {id(p): n for n, p in model.named_parameters()}
     scale = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
     decay = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}

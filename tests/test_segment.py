@@ -27,6 +27,7 @@ from milan.dense.seg_data import (
 from milan.dense.seg_metrics import SegMetric, confusion_matrix, segmentation_scores
 from milan.dense.upernet import FCNHead, UperNetHead, build_segmenter
 from milan.encoder import MaskedViTEncoder
+from milan.errors import CheckpointError, ConfigError, DataError
 from milan.io.weights import build_encoder
 from milan.recipes.segment import predict, seg_loss
 from milan.tools.cli import main as cli
@@ -268,19 +269,40 @@ def test_resume_continues_exactly(shapes: Path, tiny_weights: Path, tmp_path: Pa
 
 
 def test_clear_errors(shapes: Path, tiny_weights: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="crop_size=60 is not a multiple of the patch size 8"):
+    with pytest.raises(ConfigError, match="crop_size=60 is not a multiple of the patch size 8"):
         cli(_small_args(shapes, tmp_path / "a", tiny_weights, "data.crop_size=60"))
-    with pytest.raises(SystemExit, match="set data.path"):
+    with pytest.raises(ConfigError, match="set data.path"):
         cli(["segment", "--config", "segment_shapes", "data.kind=ade20k", f"run.out_dir={tmp_path / 'b'}"])
-    with pytest.raises(SystemExit, match="expected the ADE20K layout"):
+    with pytest.raises(DataError, match="expected the ADE20K layout"):
         cli(["segment", "--config", "segment_shapes", "data.kind=ade20k", f"data.path={tmp_path / 'none'}",
              f"run.out_dir={tmp_path / 'c'}"])
 
 
+def test_resume_refuses_another_models_checkpoint(shapes: Path, tiny_weights: Path, tmp_path: Path) -> None:
+    """A checkpoint-last.pt of another class count or of another recipe is refused with one line naming
+    the fix (not loaded into a torch traceback); the folder's config.yaml stays as it was."""
+    out = tmp_path / "run"
+    cli(_small_args(shapes, out, tiny_weights, "optim.iters=1"))
+    config = (out / "config.yaml").read_text()
+    fix = r"Use a new run\.out_dir, or run\.resume=none to start over in .*"
+    with pytest.raises(CheckpointError, match=r"checkpoint-last\.pt is a checkpoint of another model \(encoder "
+                                              r"128/4/8/64, num_classes 7, pyramid intermediate; this run: .*"
+                                              r"num_classes 8, .*\)\. " + fix) as err:
+        cli(_small_args(shapes, out, tiny_weights, "optim.iters=2", "data.num_classes=8"))
+    assert "\n" not in str(err.value)
+    assert (out / "config.yaml").read_text() == config
+
+    state = torch.load(out / "checkpoint-last.pt", weights_only=True)
+    foreign = {"model": state["model"], "optimizer": state["optimizer"], "kind": "finetune", "step": 3, "epoch": 1}
+    torch.save(foreign, out / "checkpoint-last.pt")  # e.g. a finetune checkpoint-last.pt copied in
+    with pytest.raises(CheckpointError, match=r"is not a resumable segment checkpoint \(kind 'finetune'\)\. " + fix):
+        cli(_small_args(shapes, out, tiny_weights, "optim.iters=2"))
+    assert (out / "config.yaml").read_text() == config
+
+
 def test_ade20k_config_is_the_a1_recipe() -> None:
     from milan.recipes.segment import CONFIG
-    from milan.train.config import config_path
-    from milan.train.config import load_config
+    from milan.train.config import config_path, load_config
 
     cfg = load_config(CONFIG, config_path("segment_ade20k_vit_base"))
     o, d, m = cfg.optim, cfg.data, cfg.model

@@ -28,7 +28,6 @@ sampling) is restored; `run.max_steps` stops early (the schedule still spans `op
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +37,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-import milan
 from milan.data.sampler import EpochSampler
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.coco_eval import evaluate_results, to_coco_results
@@ -51,12 +49,20 @@ from milan.dense.det_data import (
     shapes_coco_gt,
 )
 from milan.dense.detection import ENCODER_PREFIX, build_mask_rcnn
-from milan.io.weights import WeightsError, build_encoder
+from milan.errors import ConfigError, DataError, UserError
+from milan.io.weights import build_encoder
 from milan.train import distributed as distr
-from milan.train.checkpoint import save_checkpoint
-from milan.train.config import to_dict
+from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
+from milan.train.config import save_config, to_dict
 from milan.train.log import MetricsLogger, get_logger, progress
-from milan.train.run import find_resume_last, restore_rng, rng_state, start_run
+from milan.train.run import (
+    NonFiniteGuard,
+    find_resume_last,
+    restore_rng,
+    rng_state,
+    set_lr,
+    start_run,
+)
 
 __all__ = ["DetectConfig", "CONFIG", "main", "evaluate", "warmup_step_lr", "build_datasets"]
 
@@ -140,10 +146,6 @@ class DetectConfig:
 CONFIG = DetectConfig
 
 
-def _fail(message: str) -> SystemExit:
-    return SystemExit(f"milan detect: {message}")
-
-
 def warmup_step_lr(step: int, *, peak: float, milestones: tuple[int, ...] | list[int], warmup: int,
                    gamma: float = 0.1, warmup_factor: float = 0.001) -> float:
     """Step decay (× `gamma` at each milestone iteration passed) times Detectron's linear warmup.
@@ -162,7 +164,7 @@ def _under(root: Path | None, path: str | None, default: str, what: str) -> Path
         p = Path(path).expanduser()
         return p if p.is_absolute() or root is None else root / p
     if root is None:
-        raise _fail(f"set data.path=<COCO root> (or data.{what})")
+        raise ConfigError(f"set data.path=<COCO root> (or data.{what})")
     return root / default
 
 
@@ -178,9 +180,9 @@ def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset, Any, dict[int, i
             train = CocoDetection(train_images, train_json, train=True)
             val = CocoDetection(val_images, val_json, train=False)
         except (FileNotFoundError, ValueError) as err:
-            raise _fail(str(err)) from None
+            raise DataError(str(err)) from None
         if train.cat_ids != val.cat_ids:
-            raise _fail(f"{train_json} and {val_json} have different categories")
+            raise DataError(f"{train_json} and {val_json} have different categories")
         if data.val_limit is not None:
             val.ids = val.ids[: data.val_limit]
         return train, val, val.coco, train.label_to_cat, train.classes
@@ -196,9 +198,9 @@ def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset, Any, dict[int, i
             val = ShapesDetection(root, "val", limit=data.val_limit)
             coco_gt = load_coco(shapes_coco_gt(root, "val", limit=data.val_limit))
         except (FileNotFoundError, ValueError) as err:
-            raise _fail(f"{err} (data.path={data.path})") from None
+            raise DataError(f"{err} (data.path={data.path})") from None
         return train, val, coco_gt, train.label_to_cat, train.classes
-    raise _fail(f"unknown data.kind {data.kind!r}")
+    raise ConfigError(f"unknown data.kind {data.kind!r}; choose coco or shapes")
 
 
 def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -260,8 +262,8 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     try:
         import pycocotools  # noqa: F401  (masks and COCO AP)
     except ImportError:
-        raise _fail("needs pycocotools: pip install 'milan[dense]'") from None
-    info, run_dir, amp_dtype = start_run(cfg)
+        raise UserError("needs pycocotools: pip install 'milan[dense]'") from None
+    info, run_dir, amp_dtype, _ = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
     device = info.device
 
     # --- data ----------------------------------------------------------------------------------
@@ -269,14 +271,12 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     train_raw, val_raw, coco_gt, label_to_cat, classes = build_datasets(d)
     num_classes = len(classes)
     if o.batch_size % info.world_size:
-        raise _fail(f"optim.batch_size={o.batch_size} (total) is not divisible by {info.world_size} processes")
+        raise ConfigError(f"optim.batch_size={o.batch_size} (total) is not divisible by {info.world_size} "
+                          "processes")
     per_rank = o.batch_size // info.world_size
 
     # --- model ---------------------------------------------------------------------------------
-    try:
-        encoder, meta = build_encoder(m.weights, preset=m.preset, img_size=m.pad_to, drop_path_rate=m.drop_path)
-    except WeightsError as err:
-        raise _fail(str(err)) from None
+    encoder, meta = build_encoder(m.weights, preset=m.preset, img_size=m.pad_to, drop_path_rate=m.drop_path)
     try:
         model = build_mask_rcnn(
             encoder, num_classes, pyramid=m.pyramid, out_indices=m.out_indices, fpn_channels=m.fpn_channels,
@@ -287,7 +287,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
             box_batch_size_per_image=m.box_batch_size_per_image, box_score_thresh=m.box_score_thresh,
             detections_per_img=m.detections_per_img)
     except ValueError as err:
-        raise _fail(f"{err} (model.*)") from None
+        raise ConfigError(f"{err} (model.*)") from None
     model.backbone.amp_dtype = amp_dtype  # bf16 ViT + FPN on GPU; RPN / RoI heads stay float32
     model.to(device)
     groups = layer_decay_groups(model, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
@@ -295,16 +295,22 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
 
     # --- resume --------------------------------------------------------------------------------
+    encoder_shape = {**meta["encoder"], "img_size": m.pad_to or meta["encoder"]["img_size"]}
+    identity = {"encoder": encoder_shape, "num_classes": num_classes, "pyramid": m.pyramid}
     step, history = 0, []
     found = find_resume_last(cfg.run.resume, run_dir, info=info)
     if found is not None:
         path, state = found
+        check_resumable(path, state, kind="detect", identity=identity, expected=model.state_dict(),
+                        fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = int(state["step"]), list(state.get("history") or [])
         restore_rng(state.get("rng"), info)
         if info.is_main:
             log.info("resumed from %s at iteration %d", path, step)
+    if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
 
     body = model.backbone.body
     unused = m.pyramid == "intermediate" and max(body.out_indices) < body.num_layers - 1
@@ -315,7 +321,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         sampler = EpochSampler(len(train_raw), rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
                                batch_size=per_rank)
     except ValueError as err:
-        raise _fail(f"{err} (optim.batch_size is the total over processes)") from None
+        raise DataError(f"{err} (optim.batch_size is the total over processes)") from None
     pin = device.type == "cuda"
     loader = DataLoader(DetSamples(train_raw, hflip=d.hflip, seed=cfg.run.seed), batch_size=per_rank,
                         sampler=sampler, drop_last=True, num_workers=d.num_workers, pin_memory=pin,
@@ -360,14 +366,16 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     def save_last(step: int) -> None:
         rng = distr.all_gather_object(rng_state())
         if info.is_main:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
-                             "world_size": info.world_size, "kind": "detect", "preset": meta.get("preset"),
-                             "encoder": {**meta["encoder"], "img_size": m.pad_to or meta["encoder"]["img_size"]},
-                             "num_classes": num_classes, "classes": list(classes),
-                             "label_to_cat": {int(k): int(v) for k, v in label_to_cat.items()},
-                             "step": step, "epoch": step / steps_per_epoch, "history": history,
-                             "config": to_dict(cfg), "version": milan.__version__},
-                            run_dir / "checkpoint-last.pt")
+            record = CheckpointRecord("detect", step, to_dict(cfg), identity, epoch=step / steps_per_epoch,
+                                      world_size=info.world_size, rng=rng)
+            save_checkpoint(record.state(
+                model=model.state_dict(), optimizer=optimizer.state_dict(), preset=meta.get("preset"),
+                encoder=encoder_shape, num_classes=num_classes, classes=list(classes),
+                label_to_cat={int(k): int(v) for k, v in label_to_cat.items()}, history=history,
+            ), run_dir / "checkpoint-last.pt")
+
+    finite = NonFiniteGuard(device, fix="Lower optim.lr or set optim.clip_grad=1.0, then rerun to resume from "
+                                        "checkpoint-last.pt.")
 
     result = None
     bar = progress(last_step, initial=step, desc="detect", active=info.is_main)
@@ -380,28 +388,30 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
             targets = _to_device(targets, device)
             lr = warmup_step_lr(step, peak=o.lr, milestones=milestones, warmup=o.warmup_iters, gamma=o.gamma,
                                 warmup_factor=o.warmup_factor)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+            set_lr(optimizer, lr)  # times each group's layer-wise decay
             losses = ddp(images, targets)  # autocast (bf16) inside the backbone only
             loss = sum(v.float() for v in losses.values())
-            if not math.isfinite(loss.item()):
-                parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
-                raise _fail(f"loss is {loss.item()} at iteration {step} ({parts}); lower optim.lr or set "
-                            "optim.clip_grad=1.0, then resume from checkpoint-last.pt")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if o.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
             optimizer.step()
+            finite.update(loss, step)
             step += 1
             bar.update(1)
-            if step % cfg.run.log_every == 0 or step == last_step:
+            epoch_end = step % steps_per_epoch == 0
+            log_now = step % cfg.run.log_every == 0 or step == last_step
+            eval_now = (epoch_end and (step // steps_per_epoch) % max(1, cfg.run.eval_every_epochs) == 0) \
+                or step == last_step
+            save_now = epoch_end or step % cfg.run.ckpt_every == 0 or step == last_step
+            if log_now or eval_now or save_now:
+                finite.check()  # every rank; no evaluation or checkpoint after a bad step
+            if log_now:
                 metrics.log(step, loss=loss.item(), lr=lr, **{k: v.item() for k, v in losses.items()})
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            epoch_end = step % steps_per_epoch == 0
-            if (epoch_end and (step // steps_per_epoch) % max(1, cfg.run.eval_every_epochs) == 0) or step == last_step:
+            if eval_now:
                 result = run_eval(step)
-            if epoch_end or step % cfg.run.ckpt_every == 0 or step == last_step:
+            if save_now:
                 save_last(step)
             if step >= last_step:
                 break

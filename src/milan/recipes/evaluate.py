@@ -20,9 +20,11 @@ from torch.utils.data import DataLoader
 from milan.data import build_dataset
 from milan.data.transforms import eval_transform
 from milan.encoder import EncoderConfig
-from milan.io.weights import WeightsError, encoder_state_dict, load_encoder
-from milan.train import distributed as distr
+from milan.errors import ConfigError, DataError, WeightsError
+from milan.io.weights import encoder_state_dict, load_encoder
+from milan.train.classify import Relabel, build_classifier, evaluate
 from milan.train.log import MetricsLogger, get_logger
+from milan.train.run import start_run
 
 __all__ = ["EvalConfig", "CONFIG", "main", "class_index", "imagenet_classes"]
 
@@ -67,7 +69,7 @@ def imagenet_classes() -> list[str]:
 
 
 def class_index(folder_classes: list[str], model_classes: list[str]) -> torch.Tensor:
-    """For each folder class, its output index in the model; a clear error when names do not match.
+    """For each folder class, its output index in the model; a `DataError` when names do not match.
 
     Returns:
         `[C_folder]` int64 indices into the model's outputs.
@@ -75,51 +77,36 @@ def class_index(folder_classes: list[str], model_classes: list[str]) -> torch.Te
     index = {name: i for i, name in enumerate(model_classes)}
     unknown = [c for c in folder_classes if c not in index]
     if len(unknown) == len(folder_classes):
-        raise ValueError(
+        raise DataError(
             f"none of the folder's classes ({', '.join(folder_classes[:4])}, ...) is a class of the model "
             f"({', '.join(model_classes[:3])}, ...); for ImageNet(-A/-R/-Sketch) the class folders must be "
             "named by WordNet id (n01440764, ...) as in the official releases"
         )
     if unknown:
-        raise ValueError(f"{len(unknown)} folder classes are not classes of the model: {', '.join(unknown[:8])}")
+        raise DataError(f"{len(unknown)} folder classes are not classes of the model: {', '.join(unknown[:8])}")
     return torch.tensor([index[c] for c in folder_classes], dtype=torch.long)
 
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate the checkpoint on every set in data.paths; returns {set name: metrics} on rank 0."""
-    from milan.recipes.finetune import _Relabel, build_classifier, evaluate
-
     log = get_logger()
-    info = distr.init_distributed(cfg.run.device)
+    if not cfg.model.weights:
+        raise ConfigError("set model.weights=<finetuned checkpoint, e.g. runs/finetune/checkpoint-best.pt>")
+    if not cfg.data.paths:
+        raise ConfigError("set data.paths=[/data/imagenet/val,/data/imagenet-r] (ImageFolder val sets)")
+    info, run_dir, amp_dtype, _ = start_run(cfg)
     if not info.is_main:
         return {}  # rank 0 computes alone; waiting in a collective could outlast its timeout
-    if not cfg.model.weights:
-        raise SystemExit("milan eval: set model.weights=<finetuned checkpoint, e.g. runs/finetune/checkpoint-best.pt>")
-    if not cfg.data.paths:
-        raise SystemExit("milan eval: set data.paths=[/data/imagenet/val,/data/imagenet-r] (ImageFolder val sets)")
     device = info.device
-    precision = cfg.run.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    amp_dtype = torch.bfloat16 if precision == "bf16" else None
 
     state, meta = encoder_state_dict(cfg.model.weights)
     if "head.weight" not in state:
-        raise SystemExit(f"milan eval: {cfg.model.weights} has no classifier head; evaluate a finetuned "
-                         "checkpoint (milan finetune), or use milan knn / milan linprobe for an encoder")
+        raise WeightsError(f"{cfg.model.weights} has no classifier head; evaluate a finetuned checkpoint "
+                           "(milan finetune), or use milan knn / milan linprobe for an encoder")
     config = EncoderConfig(**meta["encoder"])
     num_classes = meta["num_classes"]
-    model = build_classifier(config, num_classes)
-    if meta["global_pool"] != "avg":
-        from timm.models import VisionTransformer
-
-        from milan.io.weights import timm_kwargs
-
-        model = VisionTransformer(**timm_kwargs(config), num_classes=num_classes, global_pool="token")
-    try:
-        load_encoder(model, state, allow_missing=())
-    except WeightsError as err:
-        raise SystemExit(f"milan eval: {err}") from None
+    model = build_classifier(config, num_classes, global_pool="avg" if meta["global_pool"] == "avg" else "token")
+    load_encoder(model, state, allow_missing=())
     model.eval().to(device)
     raw = torch.load(cfg.model.weights, map_location="cpu", weights_only=True) \
         if not str(cfg.model.weights).endswith(".safetensors") else {}
@@ -129,8 +116,6 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 
     img_size = cfg.data.img_size or config.img_size
     transform = eval_transform(img_size, crop_pct=cfg.data.crop_pct)
-    run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLogger(run_dir, tensorboard=False)
     results: dict[str, Any] = {}
     for path in cfg.data.paths:
@@ -138,16 +123,16 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         if model_classes:
             try:
                 index = class_index(dataset.classes, model_classes)
-            except ValueError as err:
-                raise SystemExit(f"milan eval: {path}: {err}") from None
+            except DataError as err:
+                raise DataError(f"{path}: {err}") from None
         elif len(dataset.classes) == num_classes:  # no names to match: trust the folder order
             index = torch.arange(num_classes)
         else:
-            raise SystemExit(f"milan eval: {cfg.model.weights} records no class names and has {num_classes} "
-                             f"outputs, but {path} has {len(dataset.classes)} classes; cannot match them")
+            raise DataError(f"{cfg.model.weights} records no class names and has {num_classes} outputs, but "
+                            f"{path} has {len(dataset.classes)} classes; cannot match them")
         restrict = {"auto": len(index) < num_classes, "always": True, "never": False}[cfg.data.restrict_logits]
         if not restrict:
-            dataset = _Relabel(dataset, index)  # targets become model output indices
+            dataset = Relabel(dataset, index)  # targets become model output indices
         loader = DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
         name = Path(path).name if Path(path).name not in ("val", "train") else Path(path).parent.name + "/val"
         result = evaluate(model, loader, device, class_index=index if restrict else None, amp_dtype=amp_dtype,

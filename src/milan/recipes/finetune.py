@@ -26,24 +26,43 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-import milan
 from milan.data import build_dataset
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
-from milan.io.weights import WeightsError, encoder_state_dict, load_encoder, timm_kwargs
+from milan.errors import ConfigError, DataError
+from milan.io.weights import encoder_state_dict, load_encoder
 from milan.train import distributed as distr
-from milan.train.checkpoint import load_checkpoint, save_checkpoint, state_mismatch
+from milan.train.checkpoint import (
+    CheckpointRecord,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from milan.train.classify import (
+    Relabel,
+    build_classifier,
+    build_optimizer,
+    evaluate,
+    keep_posterize_bits,
+)
 from milan.train.config import save_config, to_dict
 from milan.train.log import MetricsLogger, get_logger, progress
-from milan.train.probe import remap_labels, topk_accuracy
-from milan.train.run import check_values, find_resume_last, restore_rng, rng_state, start_run
+from milan.train.probe import remap_labels
+from milan.train.run import (
+    NonFiniteGuard,
+    check_values,
+    find_resume_last,
+    restore_rng,
+    rng_state,
+    set_lr,
+    start_run,
+)
 from milan.train.schedule import scaled_lr, warmup_cosine
 
-__all__ = ["FinetuneConfig", "CONFIG", "main", "build_classifier", "build_optimizer", "evaluate"]
+__all__ = ["FinetuneConfig", "CONFIG", "main"]
 
 
 @dataclass
@@ -114,67 +133,16 @@ class FinetuneConfig:
 CONFIG = FinetuneConfig
 
 
-def _fail(message: str) -> SystemExit:
-    return SystemExit(f"milan finetune: {message}")
-
-
 def _validate(cfg: FinetuneConfig) -> None:
     """Values the type check lets through but the run cannot use: one line naming the key."""
     o, r = cfg.optim, cfg.run
-    check_values("finetune", at_least_one={
+    check_values(at_least_one={
         "optim.epochs": o.epochs, "optim.batch_size": o.batch_size, "run.log_every": r.log_every,
         "run.max_epochs": r.max_epochs, "data.img_size": cfg.data.img_size,
     }, non_negative={"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers})
     if o.warmup_epochs > o.epochs:
-        raise _fail(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}; "
-                    "lower optim.warmup_epochs (A.1: 5 of 100)")
-
-
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW with layer-wise lr decay (timm's): group["lr_scale"] = layer_decay^(depth + 1 − layer),
-    layer 0 = patch embedding, CLS token and position embedding, layer i = block i, depth + 1 = the
-    head and fc_norm; no weight decay on 1-D parameters and tokens."""
-    from timm.optim import create_optimizer_v2
-
-    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=optim.weight_decay,
-                               layer_decay=optim.layer_decay, betas=optim.betas)
-
-
-def build_classifier(config: EncoderConfig, num_classes: int, *, drop_path: float = 0.0) -> torch.nn.Module:
-    """timm `VisionTransformer` of this encoder shape with average pooling + fc_norm and a head."""
-    from timm.models import VisionTransformer
-
-    return VisionTransformer(**timm_kwargs(config), num_classes=num_classes, global_pool="avg",
-                             drop_path_rate=drop_path)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, *,
-             class_index: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None,
-             desc: str = "eval") -> dict[str, float]:
-    """Top-1/top-5 and mean CE of `model` over `loader`.
-
-    Args:
-        class_index: restrict the logits to these output classes (e.g. the 200 ImageNet-R
-            classes among the 1000); targets index into it.
-    """
-    model.eval()
-    hits1 = hits5 = loss = 0.0
-    count = 0
-    bar = progress(len(loader), desc=desc, unit="batch", active=distr.is_main())
-    for images, targets in loader:
-        bar.update(1)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images.to(device)).float()  # [B, C]
-        if class_index is not None:
-            logits = logits[:, class_index.to(device)]  # [B, C_subset]
-        targets = torch.as_tensor(targets).to(device)
-        top1, top5 = topk_accuracy(logits, targets)
-        n = len(targets)
-        hits1, hits5, count = hits1 + top1 * n, hits5 + top5 * n, count + n
-        loss += float(F.cross_entropy(logits, targets, reduction="sum"))
-    bar.close()
-    return {"top1": hits1 / count, "top5": hits5 / count, "loss": loss / count, "count": count}
+        raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}; "
+                          "lower optim.warmup_epochs (A.1: 5 of 100)")
 
 
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -184,7 +152,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
 
     log = get_logger()
     _validate(cfg)
-    info, run_dir, amp_dtype = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
+    info, run_dir, amp_dtype, _ = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
     device = info.device
 
     # --- encoder weights and shape -------------------------------------------------------------
@@ -195,31 +163,31 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     elif cfg.model.preset in ENCODER_PRESETS:
         state, config, preset = None, ENCODER_PRESETS[cfg.model.preset], cfg.model.preset
     else:
-        raise SystemExit("milan finetune: give model.weights=<pretrain checkpoint or export>, or "
-                         f"model.preset=<one of: {', '.join(ENCODER_PRESETS)}> to train from scratch")
+        raise ConfigError("give model.weights=<pretrain checkpoint or export>, or "
+                          f"model.preset=<one of: {', '.join(ENCODER_PRESETS)}> to train from scratch")
     img_size = cfg.data.img_size or config.img_size
     if img_size % config.patch_size:
         patch = config.patch_size
-        raise _fail(f"data.img_size={img_size} is not a multiple of the patch size {patch}; "
-                    f"use e.g. {max(patch, img_size // patch * patch)}")
+        raise ConfigError(f"data.img_size={img_size} is not a multiple of the patch size {patch}; "
+                          f"use e.g. {max(patch, img_size // patch * patch)}")
     config = replace(config, img_size=img_size)
 
     # --- data ----------------------------------------------------------------------------------
     if cfg.data.kind == "imagefolder" and not cfg.data.path:
-        raise SystemExit("milan finetune: set data.path=<root with train/ and val/>")
+        raise ConfigError("set data.path=<root with train/ and val/>")
     train_tf = create_transform(
         img_size, is_training=True, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
         auto_augment=cfg.data.auto_augment, interpolation="bicubic", re_prob=cfg.data.reprob,
         re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )
-    _keep_posterize_bits(train_tf)
+    keep_posterize_bits(train_tf)
     train_set = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=train_tf, label=cfg.data.label)
     val_set = build_dataset(cfg.data.kind, cfg.data.path, split="val",
                             transform=eval_transform(img_size, crop_pct=cfg.data.crop_pct), label=cfg.data.label)
     classes = list(getattr(train_set, "classes", []))
     if classes and getattr(val_set, "classes", None) not in (None, classes):
         lut = remap_labels(torch.arange(len(val_set.classes)), val_set.classes, classes)
-        val_set = _Relabel(val_set, lut)
+        val_set = Relabel(val_set, lut)
     num_classes = len(classes)
     batch = cfg.optim.batch_size
     sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=cfg.run.seed,
@@ -229,8 +197,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers)
     if len(loader) == 0:
-        raise SystemExit(f"milan finetune: {len(train_set)} training images are fewer than one batch "
-                         f"per process; lower optim.batch_size={batch}")
+        raise DataError(f"{len(train_set)} training images are fewer than one batch per process; "
+                        f"lower optim.batch_size={batch}")
     val_loader = DataLoader(val_set, batch_size=batch, num_workers=cfg.data.num_workers)
 
     # --- model ---------------------------------------------------------------------------------
@@ -239,10 +207,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a new task's head
         # Average pooling uses fc_norm (fresh) in place of the final norm, as MAE finetuning.
         allow_unexpected = ("norm.",) if "norm.weight" in state else ()
-        try:
-            load_encoder(model, state, allow_missing=("head.", "fc_norm."), allow_unexpected=allow_unexpected)
-        except WeightsError as err:
-            raise SystemExit(f"milan finetune: {err}") from None
+        load_encoder(model, state, allow_missing=("head.", "fc_norm."), allow_unexpected=allow_unexpected)
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: start near a uniform prediction
     torch.nn.init.zeros_(model.head.bias)
     model.to(device)
@@ -251,12 +216,13 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     total = cfg.optim.epochs * steps_per_epoch
     warmup = cfg.optim.warmup_epochs * steps_per_epoch
     peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, batch * info.world_size)
-    optimizer = build_optimizer(model, cfg.optim, peak)
+    optimizer = build_optimizer(model, peak, weight_decay=cfg.optim.weight_decay,
+                                layer_decay=cfg.optim.layer_decay, betas=cfg.optim.betas)
     mix = cfg.mixup
     mixup = None
     if mix.mixup > 0 or mix.cutmix > 0:
         if batch % 2:
-            raise SystemExit(f"milan finetune: mixup/cutmix need an even optim.batch_size, got {batch}")
+            raise ConfigError(f"mixup/cutmix need an even optim.batch_size, got {batch}")
         mixup = Mixup(mixup_alpha=mix.mixup, cutmix_alpha=mix.cutmix, prob=mix.prob, switch_prob=mix.switch_prob,
                       label_smoothing=mix.label_smoothing, num_classes=num_classes)
         criterion: torch.nn.Module = SoftTargetCrossEntropy()
@@ -266,12 +232,17 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         criterion = torch.nn.CrossEntropyLoss()
 
     # --- resume --------------------------------------------------------------------------------
+    identity = {"encoder": asdict(config), "num_classes": num_classes}
     start_epoch, step, best, last = 0, 0, {"top1": -1.0}, None
     rng = None
     found = find_resume_last(cfg.run.resume, run_dir, info=info)
     if found is not None:
         path, state = found
-        _check_resumable(path, state, cfg, config, num_classes, model)
+        check_resumable(path, state, kind="finetune", identity=identity, expected=model.state_dict(),
+                        needs=("optimizer", "epoch"),
+                        fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
+                            "(its checkpoint-best.pt would be replaced)")
+        _warn_if_weights_changed(path, state, cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
@@ -316,6 +287,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, lr %.3g, layer decay %.2f",
                  preset or "encoder", img_size, num_classes, len(train_set), cfg.optim.epochs, steps_per_epoch,
                  peak, cfg.optim.layer_decay)
+    finite = NonFiniteGuard(device, fix="Lower optim.lr or optim.base_lr, or set optim.clip_grad=1.0; then "
+                                        "rerun to resume from checkpoint-last.pt.")
     restore_rng(rng, info)  # last: building the model and data above drew from the RNGs
     bar = progress(last_epoch * steps_per_epoch, initial=step, desc="finetune", active=info.is_main)
     for epoch in range(start_epoch, last_epoch):
@@ -326,40 +299,43 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             if mixup is not None:
                 images, targets = mixup(images, targets)  # soft targets [B, C]
             lr = warmup_cosine(step, total=total, warmup=warmup, peak=peak, final=cfg.optim.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise decay
+            set_lr(optimizer, lr)  # times each group's layer-wise decay
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = criterion(ddp(images).float(), targets)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"milan finetune: loss is {loss.item()} at step {step}; lower the lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
             optimizer.step()
+            finite.update(loss, step)
             step += 1
             bar.update(1)
             if step % cfg.run.log_every == 0:
+                finite.check()
                 metrics.log(step, loss=loss.item(), lr=lr)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+        finite.check()  # every rank, before the evaluation and the checkpoints of this epoch
         if info.is_main:  # rank 0 evaluates the whole val set; others wait at the RNG gather
             result = evaluate(model, val_loader, device, amp_dtype=amp_dtype, desc=f"val {epoch + 1}")
             metrics.log(step, epoch=epoch + 1, loss=loss.item(), top1=result["top1"], top5=result["top5"],
                         val_loss=result["loss"])
             last = {"top1": result["top1"], "top5": result["top5"]}
-            ckpt = {"model": model.state_dict(), "kind": "finetune", "preset": preset,
-                    "encoder": asdict(config), "num_classes": num_classes, "classes": classes,
-                    "epoch": epoch + 1, "step": step, **last, "config": to_dict(cfg), "version": milan.__version__}
+            payload = {"model": model.state_dict(), "preset": preset, "encoder": asdict(config),
+                       "num_classes": num_classes, "classes": classes, **last}
             if result["top1"] > best["top1"]:
                 best = {**last, "epoch": epoch + 1}
-                save_checkpoint(ckpt, run_dir / "checkpoint-best.pt")
+                record = CheckpointRecord("finetune", step, to_dict(cfg), identity, epoch=epoch + 1,
+                                          world_size=info.world_size)
+                save_checkpoint(record.state(**payload), run_dir / "checkpoint-best.pt")
             log.info("epoch %d: top-1 %.2f%% top-5 %.2f%%", epoch + 1, 100 * result["top1"], 100 * result["top5"])
         # every rank's RNG states after the epoch (and rank 0's evaluation): the next epoch's
         # dropout, drop path, mixup, augmentation and worker seeds all follow from them
         rngs = distr.all_gather_object(rng_state())
         if info.is_main:
-            save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(), "best": best, "rng": rngs,
-                             "world_size": info.world_size}, run_dir / "checkpoint-last.pt")
+            record = CheckpointRecord("finetune", step, to_dict(cfg), identity, epoch=epoch + 1,
+                                      world_size=info.world_size, rng=rngs)
+            save_checkpoint(record.state(**payload, optimizer=optimizer.state_dict(), best=best),
+                            run_dir / "checkpoint-last.pt")
         epoch_done = epoch + 1
         distr.barrier()
     bar.close()
@@ -378,64 +354,8 @@ def _best_of(path: Path) -> dict[str, Any]:
     return {"top1": state["top1"], "top5": state["top5"], "epoch": state["epoch"]}
 
 
-def _check_resumable(path: Path, state: dict[str, Any], cfg: FinetuneConfig, config: EncoderConfig,
-                     num_classes: int, model: torch.nn.Module) -> None:
-    """Refuse a checkpoint of another model or class count with one line naming the fix."""
-    fix = (f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
-           "(its checkpoint-best.pt would be replaced)")
-    if state.get("kind") != "finetune" or not {"model", "optimizer", "epoch", "step"} <= set(state):
-        raise _fail(f"{path} is not a finetune checkpoint-last.pt (kind {state.get('kind')!r}). {fix}")
-    saved = state.get("encoder") or {}
-    if saved != asdict(config) or state.get("num_classes") != num_classes:
-        def shape(enc: dict[str, Any], classes: Any) -> str:
-            return (f"width {enc.get('embed_dim')}, depth {enc.get('depth')}, patch {enc.get('patch_size')}, "
-                    f"{enc.get('img_size')}px, {classes} classes")
-
-        raise _fail(f"{path} is a checkpoint of another model ({shape(saved, state.get('num_classes'))}; this "
-                    f"run: {shape(asdict(config), num_classes)}). {fix}")
-    problem = state_mismatch(model.state_dict(), state["model"])
-    if problem:
-        raise _fail(f"{path} does not fit this model ({problem}). {fix}")
+def _warn_if_weights_changed(path: Path, state: dict[str, Any], cfg: FinetuneConfig) -> None:
     weights = (state.get("config") or {}).get("model", {}).get("weights")
     if weights != cfg.model.weights and distr.is_main():
         get_logger().warning("resuming %s, finetuned from model.weights=%s (this run: %s); the weights it "
                              "finetunes are the checkpoint's", path, weights, cfg.model.weights)
-
-
-class _PosterizeLevel:
-    """timm's PosterizeIncreasing level with at least 1 bit kept.
-
-    At the top magnitude (reached by mstd noise ~2% of the time at m9) timm asks Pillow to keep
-    0 bits, which Pillow >= 10 rejects with a ValueError mid-epoch; older Pillow returned black.
-    A module-level class so DataLoader workers can pickle the transform.
-    """
-
-    def __init__(self, level_fn: Any) -> None:
-        self.level_fn = level_fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple[int]:
-        return (max(1, self.level_fn(*args, **kwargs)[0]),)
-
-
-def _keep_posterize_bits(transform: Any) -> None:
-    from timm.data.auto_augment import RandAugment
-
-    for t in getattr(transform, "transforms", []):
-        if isinstance(t, RandAugment):
-            for op in t.ops:
-                if op.name == "PosterizeIncreasing" and not isinstance(op.level_fn, _PosterizeLevel):
-                    op.level_fn = _PosterizeLevel(op.level_fn)
-
-
-class _Relabel(torch.utils.data.Dataset):
-    """A dataset with its labels passed through a lookup table (val classes onto train's)."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, lut: torch.Tensor) -> None:
-        self.dataset, self.lut = dataset, lut
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, label = self.dataset[index]
-        return image, int(self.lut[label])

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from milan.data import build_dataset
 from milan.data.transforms import eval_transform
+from milan.errors import ConfigError
 from milan.io.weights import build_encoder
-from milan.train import distributed as distr
-from milan.train.config import save_config
 from milan.train.log import MetricsLogger, get_logger
 from milan.train.probe import extract_features, knn_accuracy, remap_labels
+from milan.train.run import start_run
 
 __all__ = ["KnnConfig", "CONFIG", "main"]
 
@@ -76,12 +75,9 @@ CONFIG = KnnConfig
 def main(cfg: KnnConfig) -> dict[str, Any]:
     """Extract frozen features of both sets and report weighted-kNN top-1 (rank 0; {} elsewhere)."""
     log = get_logger()
-    info = distr.init_distributed(cfg.run.device)
+    info, run_dir, _, _ = start_run(cfg)
     if not info.is_main:  # extraction is cheap next to training; one rank does it all
         return {}  # rank 0 computes alone; waiting in a collective could outlast its timeout
-    run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
 
     encoder, meta = build_encoder(cfg.model.weights, preset=cfg.model.preset, img_size=cfg.data.img_size)
     encoder.requires_grad_(False)  # frozen: features only
@@ -91,8 +87,8 @@ def main(cfg: KnnConfig) -> dict[str, Any]:
     train_path = cfg.data.train_path or cfg.data.path
     val_path = cfg.data.val_path or cfg.data.path
     if cfg.data.kind == "imagefolder" and not (train_path and val_path):
-        raise SystemExit("milan knn: set data.path=<root with train/ and val/> "
-                         "(or data.train_path= and data.val_path=) for data.kind=imagefolder")
+        raise ConfigError("set data.path=<root with train/ and val/> "
+                          "(or data.train_path= and data.val_path=) for data.kind=imagefolder")
     sets = {split: build_dataset(cfg.data.kind, path, split=split, transform=transform, label=cfg.data.label)
             for split, path in (("train", train_path), ("val", val_path))}
 

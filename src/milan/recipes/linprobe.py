@@ -35,13 +35,21 @@ from torchvision import transforms as T
 import milan
 from milan.data import build_dataset
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from milan.errors import ConfigError, TeacherError
 from milan.io.weights import build_encoder
 from milan.train import distributed as distr
-from milan.train.checkpoint import save_checkpoint, state_mismatch
+from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
 from milan.train.config import save_config, to_dict
 from milan.train.log import MetricsLogger, get_logger, progress
 from milan.train.probe import extract_features, remap_labels, topk_accuracy
-from milan.train.run import check_values, find_resume_last, restore_rng, rng_state, seed_all
+from milan.train.run import (
+    check_values,
+    find_resume_last,
+    restore_rng,
+    rng_state,
+    set_lr,
+    start_run,
+)
 from milan.train.schedule import scaled_lr, warmup_cosine
 
 __all__ = ["LinprobeConfig", "CONFIG", "main", "ProbeHead"]
@@ -110,20 +118,16 @@ class LinprobeConfig:
 CONFIG = LinprobeConfig
 
 
-def _fail(message: str) -> SystemExit:
-    return SystemExit(f"milan linprobe: {message}")
-
-
 def _validate(cfg: LinprobeConfig) -> None:
     """Values the type check lets through but the run cannot use: one line naming the key."""
     o = cfg.optim
-    check_values("linprobe", at_least_one={
+    check_values(at_least_one={
         "optim.epochs": o.epochs, "optim.batch_size": o.batch_size, "run.max_epochs": cfg.run.max_epochs,
         "data.img_size": cfg.data.img_size,
     }, non_negative={"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers})
     if o.warmup_epochs > o.epochs:
-        raise _fail(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}; "
-                    "lower optim.warmup_epochs (A.1: 10 of 100)")
+        raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}; "
+                          "lower optim.warmup_epochs (A.1: 10 of 100)")
 
 
 class ProbeHead(nn.Sequential):
@@ -151,20 +155,17 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     """Train a linear head on frozen features; returns best/last top-1/top-5 (rank 0; {} elsewhere)."""
     log = get_logger()
     _validate(cfg)
-    info = distr.init_distributed(cfg.run.device)
+    info, run_dir, _, _ = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
     if not info.is_main:
         return {}  # rank 0 computes alone; waiting in a collective could outlast its timeout
     device = info.device
-    run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_all(cfg.run.seed)
 
     # --- frozen encoder (and teacher for semantic-aware probing) --------------------------------
     encoder, meta = build_encoder(cfg.model.weights, preset=cfg.model.preset, img_size=cfg.data.img_size)
     patch = encoder.patch_size
     if cfg.data.img_size is not None and cfg.data.img_size % patch:
-        raise _fail(f"data.img_size={cfg.data.img_size} is not a multiple of the patch size {patch}; "
-                    f"use e.g. {max(patch, cfg.data.img_size // patch * patch)}")
+        raise ConfigError(f"data.img_size={cfg.data.img_size} is not a multiple of the patch size {patch}; "
+                          f"use e.g. {max(patch, cfg.data.img_size // patch * patch)}")
     encoder.requires_grad_(False)  # frozen: only the head learns
     encoder.eval().to(device)
     img_size = encoder.patch_embed.img_size[0]
@@ -172,17 +173,17 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     topk = cfg.model.semantic_topk
     if topk is not None:
         if not 0 < topk <= 1:
-            raise SystemExit(f"milan linprobe: model.semantic_topk={topk} must be in (0, 1], e.g. 0.5")
+            raise ConfigError(f"model.semantic_topk={topk} must be in (0, 1], e.g. 0.5")
         if not cfg.teacher.spec:
-            raise SystemExit("milan linprobe: model.semantic_topk needs teacher.spec=... "
-                             "(and teacher.weights=... except for builtin:shapes)")
+            raise TeacherError("model.semantic_topk needs teacher.spec=... "
+                               "(and teacher.weights=... except for builtin:shapes)")
         teacher = milan.build_teacher(cfg.teacher.spec, weights=cfg.teacher.weights,
                                       student_patch_size=encoder.patch_size).to(device)
     features = _feature_fn(encoder, teacher, topk)
 
     # --- data ----------------------------------------------------------------------------------
     if cfg.data.kind == "imagefolder" and not cfg.data.path:
-        raise SystemExit("milan linprobe: set data.path=<root with train/ and val/>")
+        raise ConfigError("set data.path=<root with train/ and val/>")
     val_tf = eval_transform(img_size, crop_pct=cfg.data.crop_pct)
     train_tf = val_tf
     if not cfg.optim.cache_features:
@@ -216,13 +217,18 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
                      lr=peak, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     encoder_meta = {"preset": meta.get("preset"), "encoder": {**meta["encoder"], "img_size": img_size},
                     "semantic_topk": topk}
+    identity = {"encoder": encoder_meta["encoder"], "semantic_topk": topk, "num_classes": num_classes}
 
     # --- resume (before the features: a finished or refused run costs no encoder pass) ----------
     start_epoch, step, best, last, saved = 0, 0, {"top1": -1.0}, None, None
     found = find_resume_last(cfg.run.resume, run_dir, "head-last.pt")
     if found is not None:
         path, saved = found
-        _check_resumable(path, saved, cfg, encoder_meta, num_classes, head)
+        check_resumable(path, saved, kind="linprobe", identity=identity, expected=head.state_dict(),
+                        weights_key="head", needs=("optimizer", "epoch", "best"),
+                        fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
+                            "(its head-best.pt would be replaced)")
+        _warn_if_weights_changed(path, saved, cfg)
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
         start_epoch, step, best = int(saved["epoch"]), int(saved["step"]), dict(saved["best"])
@@ -285,8 +291,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         head.train()
         for x, y in train_batches(epoch):
             lr = warmup_cosine(step, total=total, warmup=warmup, peak=peak)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             loss = F.cross_entropy(head(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -300,15 +305,16 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         top1, top5 = topk_accuracy(logits, val_y)
         metrics.log(step, epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5, lr=lr)
         last = {"top1": top1, "top5": top5, "epoch": epoch + 1}
-        state = {"head": head.state_dict(), "kind": "linprobe", **encoder_meta, "epoch": epoch + 1, "step": step,
-                 "top1": top1, "top5": top5, "num_classes": num_classes, "config": to_dict(cfg),
-                 "version": milan.__version__}
+        payload = {"head": head.state_dict(), **encoder_meta, "top1": top1, "top5": top5,
+                   "num_classes": num_classes}
         if top1 > best["top1"]:
             best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
-            save_checkpoint(state, run_dir / "head-best.pt")
+            record = CheckpointRecord("linprobe", step, to_dict(cfg), identity, epoch=epoch + 1)
+            save_checkpoint(record.state(**payload), run_dir / "head-best.pt")
         # everything the next epoch draws from: a resumed run continues exactly
-        save_checkpoint({**state, "optimizer": optimizer.state_dict(), "best": best, "rng": [rng_state()],
-                         "loader_rng": None if cfg.optim.cache_features else loader.generator.get_state()},
+        record = CheckpointRecord("linprobe", step, to_dict(cfg), identity, epoch=epoch + 1, rng=[rng_state()])
+        save_checkpoint(record.state(**payload, optimizer=optimizer.state_dict(), best=best,
+                                     loader_rng=None if cfg.optim.cache_features else loader.generator.get_state()),
                         run_dir / "head-last.pt")
     bar.close()
     metrics.close()
@@ -319,25 +325,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     return finish(last["epoch"])
 
 
-def _check_resumable(path: Path, state: dict[str, Any], cfg: LinprobeConfig, encoder_meta: dict[str, Any],
-                     num_classes: int, head: nn.Module) -> None:
-    """Refuse a head of another encoder, feature set or class count with one line naming the fix."""
-    fix = (f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
-           "(its head-best.pt would be replaced)")
-    if not {"head", "optimizer", "epoch", "step", "best"} <= set(state):
-        raise _fail(f"{path} is not a resumable linprobe head-last.pt (written by an older milan, or another "
-                    f"recipe's). {fix}")
-    ours = {"encoder": encoder_meta["encoder"], "semantic_topk": encoder_meta["semantic_topk"],
-            "num_classes": num_classes}
-    theirs = {key: state.get(key) for key in ours}
-    if theirs != ours or state_mismatch(head.state_dict(), state["head"]):
-        def describe(d: dict[str, Any]) -> str:
-            enc = d["encoder"] or {}
-            topk = f", semantic top-{d['semantic_topk']}" if d["semantic_topk"] is not None else ""
-            return (f"width {enc.get('embed_dim')}, depth {enc.get('depth')}, patch {enc.get('patch_size')}, "
-                    f"{enc.get('img_size')}px{topk}, {d['num_classes']} classes")
-
-        raise _fail(f"{path} is a head of another model ({describe(theirs)}; this run: {describe(ours)}). {fix}")
+def _warn_if_weights_changed(path: Path, state: dict[str, Any], cfg: LinprobeConfig) -> None:
     weights = (state.get("config") or {}).get("model", {}).get("weights")
     if weights != cfg.model.weights:
         get_logger().warning("resuming %s, probed on model.weights=%s (this run: %s): the head continues on "

@@ -20,7 +20,6 @@ and `results.json`.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,6 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-import milan
 from milan.data.sampler import EpochSampler
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.seg_data import (
@@ -45,12 +43,20 @@ from milan.dense.seg_data import (
 )
 from milan.dense.seg_metrics import SegMetric
 from milan.dense.upernet import Segmenter, build_segmenter
-from milan.io.weights import WeightsError, build_encoder
+from milan.errors import ConfigError, DataError
+from milan.io.weights import build_encoder
 from milan.train import distributed as distr
-from milan.train.checkpoint import save_checkpoint
-from milan.train.config import to_dict
+from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
+from milan.train.config import save_config, to_dict
 from milan.train.log import MetricsLogger, get_logger, progress
-from milan.train.run import find_resume_last, restore_rng, rng_state, start_run
+from milan.train.run import (
+    NonFiniteGuard,
+    find_resume_last,
+    restore_rng,
+    rng_state,
+    set_lr,
+    start_run,
+)
 from milan.train.schedule import warmup_poly
 
 __all__ = ["SegmentConfig", "CONFIG", "main", "evaluate", "predict", "seg_loss", "build_datasets"]
@@ -130,10 +136,6 @@ class SegmentConfig:
 CONFIG = SegmentConfig
 
 
-def _fail(message: str) -> SystemExit:
-    return SystemExit(f"milan segment: {message}")
-
-
 def seg_loss(logits: Tensor, target: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Pixel cross-entropy averaged over labelled pixels (0, not NaN, when none is labelled)."""
     total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
@@ -144,13 +146,13 @@ def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset, tuple[str, ...] 
     """Raw (image, label) train and val datasets and the class names (None if unknown)."""
     if data.kind == "ade20k":
         if not data.path:
-            raise _fail("set data.path=<ADE20K root with images/{training,validation} and "
-                        "annotations/{training,validation}>")
+            raise ConfigError("set data.path=<ADE20K root with images/{training,validation} and "
+                              "annotations/{training,validation}>")
         try:
             train = ADE20KDataset(data.path, "train", reduce_zero_label=data.reduce_zero_label)
             val = ADE20KDataset(data.path, "val", reduce_zero_label=data.reduce_zero_label)
         except (FileNotFoundError, ValueError) as err:
-            raise _fail(str(err)) from None
+            raise DataError(str(err)) from None
         return train, val, train.classes
     if data.kind == "shapes":
         from milan.data.shapes import default_shapes_root, generate_shapes
@@ -162,9 +164,9 @@ def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset, tuple[str, ...] 
         try:
             train, val = ShapesSegDataset(root, "train"), ShapesSegDataset(root, "val")
         except (FileNotFoundError, ValueError) as err:
-            raise _fail(f"{err} (data.path={data.path})") from None
+            raise DataError(f"{err} (data.path={data.path})") from None
         return train, val, train.classes
-    raise _fail(f"unknown data.kind {data.kind!r}")
+    raise ConfigError(f"unknown data.kind {data.kind!r}; choose ade20k or shapes")
 
 
 def _forward_padded(model: nn.Module, images: Tensor, patch: int) -> Tensor:
@@ -238,7 +240,7 @@ def _brief(result: dict[str, Any], step: int) -> dict[str, Any]:
 def main(cfg: SegmentConfig) -> dict[str, Any]:
     """Train (or resume) and evaluate; returns the summary written to results.json (on every rank)."""
     log = get_logger()
-    info, run_dir, amp_dtype = start_run(cfg)
+    info, run_dir, amp_dtype, _ = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
     device = info.device
 
     # --- data ----------------------------------------------------------------------------------
@@ -246,26 +248,24 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     train_raw, val_raw, classes = build_datasets(d)
     num_classes = d.num_classes or (len(classes) if classes else None)
     if num_classes is None:
-        raise _fail("set data.num_classes (the class names are unknown without reduce_zero_label)")
+        raise ConfigError("set data.num_classes (the class names are unknown without reduce_zero_label)")
     if classes is not None and len(classes) != num_classes:
         classes = None
     if o.batch_size % info.world_size:
-        raise _fail(f"optim.batch_size={o.batch_size} (total) is not divisible by {info.world_size} processes")
+        raise ConfigError(f"optim.batch_size={o.batch_size} (total) is not divisible by {info.world_size} "
+                          "processes")
     per_rank = o.batch_size // info.world_size
 
     # --- model ---------------------------------------------------------------------------------
     m = cfg.model
-    try:
-        encoder, meta = build_encoder(m.weights, preset=m.preset, img_size=d.crop_size, drop_path_rate=m.drop_path)
-    except WeightsError as err:
-        raise _fail(str(err)) from None
+    encoder, meta = build_encoder(m.weights, preset=m.preset, img_size=d.crop_size, drop_path_rate=m.drop_path)
     patch = encoder.patch_size
     if d.crop_size % patch:
-        raise _fail(f"data.crop_size={d.crop_size} is not a multiple of the patch size {patch}; "
-                    f"use e.g. {max(patch, d.crop_size // patch * patch)}")
+        raise ConfigError(f"data.crop_size={d.crop_size} is not a multiple of the patch size {patch}; "
+                          f"use e.g. {max(patch, d.crop_size // patch * patch)}")
     if per_rank < 2 and not (m.sync_bn and device.type == "cuda" and info.world_size > 1):
-        raise _fail(f"{per_rank} image per process is too few for BatchNorm in the UperNet head; "
-                    "raise optim.batch_size (or use SyncBatchNorm on several GPUs)")
+        raise ConfigError(f"{per_rank} image per process is too few for BatchNorm in the UperNet head; "
+                          "raise optim.batch_size (or use SyncBatchNorm on several GPUs)")
     model = build_segmenter(encoder, num_classes, pyramid=m.pyramid, out_indices=m.out_indices,
                             out_channels=m.out_channels, channels=m.channels, pool_scales=m.pool_scales,
                             dropout=m.dropout, aux=m.aux, aux_channels=m.aux_channels)
@@ -277,16 +277,23 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
 
     # --- resume --------------------------------------------------------------------------------
+    encoder_shape = {**meta["encoder"], "img_size": d.crop_size}
+    identity = {"encoder": encoder_shape, "num_classes": num_classes, "pyramid": m.pyramid}
     step, best = 0, None
     found = find_resume_last(cfg.run.resume, run_dir, info=info)
     if found is not None:
         path, state = found
+        check_resumable(path, state, kind="segment", identity=identity, expected=model.state_dict(),
+                        fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
+                            "(its checkpoint-best.pt would be replaced)")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best = int(state["step"]), state.get("best")
         restore_rng(state.get("rng"), info)
         if info.is_main:
             log.info("resumed from %s at iteration %d", path, step)
+    if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
 
     unused = m.pyramid == "intermediate" and max(model.backbone.out_indices) < model.backbone.num_layers - 1
     ddp: nn.Module = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -298,7 +305,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
         sampler = EpochSampler(len(train_raw), rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
                                batch_size=per_rank)
     except ValueError as err:
-        raise _fail(f"{err} (optim.batch_size is the total over processes)") from None
+        raise DataError(f"{err} (optim.batch_size is the total over processes)") from None
     pin = device.type == "cuda"
     loader = DataLoader(SegSamples(train_raw, train_tf, seed=cfg.run.seed), batch_size=per_rank, sampler=sampler,
                         drop_last=True, num_workers=d.num_workers, pin_memory=pin,
@@ -330,17 +337,19 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                      100 * result["mAcc"], 100 * result["aAcc"])
         return result
 
-    def ckpt_meta(step: int) -> dict[str, Any]:
-        return {"kind": "segment", "preset": meta.get("preset"), "encoder": {**meta["encoder"], "img_size": d.crop_size},
-                "num_classes": num_classes, "classes": list(classes) if classes else None, "step": step,
-                "config": to_dict(cfg), "version": milan.__version__}
+    def checkpoint(step: int, *, rng: list[dict[str, Any]] | None = None, **payload: Any) -> dict[str, Any]:
+        record = CheckpointRecord("segment", step, to_dict(cfg), identity, world_size=info.world_size, rng=rng)
+        return record.state(model=model.state_dict(), preset=meta.get("preset"), encoder=encoder_shape,
+                            num_classes=num_classes, classes=list(classes) if classes else None, **payload)
 
     def save_last(step: int) -> None:
         rng = distr.all_gather_object(rng_state())
         if info.is_main:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
-                             "rng": rng, "world_size": info.world_size, **ckpt_meta(step)},
+            save_checkpoint(checkpoint(step, rng=rng, optimizer=optimizer.state_dict(), best=best),
                             run_dir / "checkpoint-last.pt")
+
+    finite = NonFiniteGuard(device, fix="Lower optim.lr or set optim.clip_grad=1.0, then rerun to resume from "
+                                        "checkpoint-last.pt.")
 
     result = None
     bar = progress(last_step, initial=step, desc="segment", active=info.is_main)
@@ -351,33 +360,35 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
         for images, targets in loader:
             images, targets = images.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
             lr = warmup_poly(step, total=o.iters, warmup=o.warmup_iters, peak=o.lr, power=o.power, final=o.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+            set_lr(optimizer, lr)  # times each group's layer-wise decay
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits, aux = ddp(images, with_aux=True)
             main_loss = seg_loss(logits, targets)
             loss = main_loss + m.aux_weight * seg_loss(aux, targets) if aux is not None else main_loss
-            if not math.isfinite(loss.item()):
-                raise _fail(f"loss is {loss.item()} at iteration {step}; lower optim.lr or set optim.clip_grad=1.0, "
-                            "then resume from checkpoint-last.pt")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if o.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
             optimizer.step()
+            finite.update(loss, step)
             step += 1
             bar.update(1)
-            if step % cfg.run.log_every == 0 or step == last_step:
+            log_now = step % cfg.run.log_every == 0 or step == last_step
+            eval_now = (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == last_step
+            save_now = step % cfg.run.ckpt_every == 0 or step == last_step
+            if log_now or eval_now or save_now:
+                finite.check()  # every rank; no evaluation or checkpoint after a bad step
+            if log_now:
                 metrics.log(step, loss=loss.item(), seg_loss=main_loss.item(), lr=lr)
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == last_step:
+            if eval_now:
                 result = run_eval(step)
                 if best is None or result["mIoU"] > best["mIoU"]:
                     best = _brief(result, step)
                     if info.is_main:
-                        save_checkpoint({"model": model.state_dict(), **ckpt_meta(step), "mIoU": result["mIoU"],
-                                         "aAcc": result["aAcc"]}, run_dir / "checkpoint-best.pt")
-            if step % cfg.run.ckpt_every == 0 or step == last_step:
+                        save_checkpoint(checkpoint(step, mIoU=result["mIoU"], aAcc=result["aAcc"]),
+                                        run_dir / "checkpoint-best.pt")
+            if save_now:
                 save_last(step)
             if step >= last_step:
                 break

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from milan.errors import DataError
+
 __all__ = ["extract_features", "linear_probe", "knn_classify", "knn_accuracy", "remap_labels", "topk_accuracy"]
 
 
@@ -106,8 +108,8 @@ def remap_labels(labels: Tensor, classes: list[str], onto: list[str]) -> Tensor:
     index = {name: i for i, name in enumerate(onto)}
     unknown = [c for c in classes if c not in index]
     if unknown:
-        raise ValueError(f"val classes not in the training set: {', '.join(unknown[:5])}; "
-                         "the val folder's class folders must be a subset of train's")
+        raise DataError(f"val classes not in the training set: {', '.join(unknown[:5])}; "
+                        "the val folder's class folders must be a subset of train's")
     return torch.tensor([index[c] for c in classes], dtype=torch.long)[labels]
 
 
