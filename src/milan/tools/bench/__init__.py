@@ -63,6 +63,7 @@ from milan.model import MaskedAutoencoder, ModelSpec, build_model
 from milan.pretraining import MILAN
 from milan.recipes.pretrain import param_groups
 from milan.teacher import OpenCLIPTeacher, Teacher, build_teacher
+from milan.teacher.openclip import openclip_tower_teacher
 from milan.tools.bench.flops import count_flops
 from milan.tools.bench.report import (
     PHASES,
@@ -181,7 +182,7 @@ def _build_teacher(spec: str, settings: BenchSettings, *, dtype: torch.dtype,
             visual = open_clip.create_model(arch, pretrained=None).visual
         finally:
             logging.root.removeFilter(quiet)
-        teacher: Teacher = OpenCLIPTeacher(visual, student_patch_size=student_patch_size)
+        teacher: Teacher = openclip_tower_teacher(arch, visual, student_patch_size=student_patch_size)
         teacher.backbone.to(dtype=dtype)
     else:
         teacher = build_teacher(spec, weights=settings.teacher_weights, dtype=dtype,
@@ -189,14 +190,45 @@ def _build_teacher(spec: str, settings: BenchSettings, *, dtype: torch.dtype,
     return teacher.to(device)
 
 
-def _library_tokens(teacher: OpenCLIPTeacher) -> Callable[[Tensor], Tensor]:
-    """open_clip's own embed + transformer + ln_post + proj on all tokens, no cls_attn.
+def _library_forward(teacher: Teacher) -> tuple[Callable[[Tensor], Tensor], str] | str:
+    """The library's own forward of the teacher's tower without the importance signal, and what it
+    computes; or why there is none to compare with.
 
     Same input handling as `Teacher.forward` (re-normalise, resize, cast), so the difference to
-    the teacher is the CLS-row attention and the block-by-block loop. Only for the grid the
-    position embedding was trained for (the library's forward does not interpolate it).
+    the teacher is the importance computation (and, for CLIP, the block-by-block loop):
+    - open_clip CLIP: embed + transformer + ln_post + proj on all tokens, at the grid the position
+      embedding was trained for (its forward does not interpolate);
+    - timm (CLIP ViT, EVA-CLIP): `forward_features` + head on all tokens;
+    - timm SigLIP: `forward_features` + the attention-pool head (the pooled embedding only: the
+      library has no per-patch output to compare with).
     """
-    visual = teacher.backbone
+    from milan.teacher import EvaTeacher, SiglipTeacher, TimmTeacher
+
+    if isinstance(teacher, OpenCLIPTeacher):
+        visual = teacher.backbone
+        grid = tuple(visual.grid_size)
+
+        def tower(x: Tensor) -> Tensor:
+            x = visual.ln_post(visual.transformer(visual._embeds(x)))  # [B, 1+N, D]
+            return x @ visual.proj if visual.proj is not None else x  # [B, 1+N, Dt]
+        what = "open_clip forward: ln_post + proj on all tokens, no cls_attn"
+    elif isinstance(teacher, SiglipTeacher):
+        trunk, head = teacher.backbone["trunk"], teacher.backbone["head"]
+        grid = None
+
+        def tower(x: Tensor) -> Tensor:
+            return head(trunk.forward_head(trunk.forward_features(x)))  # [B, Dt] pooled
+        what = "timm forward: features + attention-pool head (pooled only), no importance"
+    elif isinstance(teacher, EvaTeacher | TimmTeacher):
+        trunk = teacher.backbone["trunk"] if isinstance(teacher, EvaTeacher) else teacher.backbone
+        head = teacher.backbone["head"] if isinstance(teacher, EvaTeacher) else torch.nn.Identity()
+        grid = None
+
+        def tower(x: Tensor) -> Tensor:
+            return head(trunk.head(trunk.fc_norm(trunk.forward_features(x))))  # [B, prefix+N, Dt]
+        what = "timm forward: features + head on all tokens, no cls_attn"
+    else:
+        return f"no library forward to compare a {type(teacher).__name__} with"
 
     @torch.no_grad()
     def forward(images: Tensor) -> Tensor:
@@ -204,11 +236,11 @@ def _library_tokens(teacher: OpenCLIPTeacher) -> Callable[[Tensor], Tensor]:
         size = teacher.input_size(*x.shape[-2:])
         if size != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-        x = visual.transformer(visual._embeds(x.to(teacher.dtype)))  # [B, 1+N, D]
-        x = visual.ln_post(x)
-        return (x @ visual.proj if visual.proj is not None else x).float()  # [B, 1+N, Dt]
+        if grid is not None and tuple(s // teacher.patch_size for s in size) != grid:
+            raise ValueError(f"the library's forward cannot run this grid (trained for {grid})")
+        return tower(x.to(teacher.dtype)).float()
 
-    return forward
+    return forward, what
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,17 +452,18 @@ def _bench_teacher(
     teacher: Teacher, images: Tensor, count_images: Tensor, flop_scale: float,
     settings: BenchSettings, device: torch.device, peak_flops: float,
 ) -> dict[str, Any]:
-    if not isinstance(teacher, OpenCLIPTeacher):
-        return {"skipped": f"the plain-forward comparison needs an open_clip teacher, not "
-                           f"{type(teacher).__name__}"}
-    grid = tuple(s // teacher.patch_size for s in teacher.input_size(*images.shape[-2:]))
-    if grid != tuple(teacher.backbone.grid_size):
-        return {"skipped": f"the library's forward cannot run a {grid} grid (trained for "
-                           f"{tuple(teacher.backbone.grid_size)}) without interpolation"}
-    plain = _library_tokens(teacher)
+    found = _library_forward(teacher)
+    if isinstance(found, str):
+        return {"skipped": found}
+    plain, what = found
+    if isinstance(teacher, OpenCLIPTeacher):
+        grid = tuple(s // teacher.patch_size for s in teacher.input_size(*images.shape[-2:]))
+        if grid != tuple(teacher.backbone.grid_size):
+            return {"skipped": f"the library's forward cannot run a {grid} grid (trained for "
+                               f"{tuple(teacher.backbone.grid_size)}) without interpolation"}
     fns: dict[str, Callable[[Tensor], Any]] = {"with_cls_attn": teacher, "plain": plain}
-    labels = {"with_cls_attn": "milan Teacher: all tokens + cls_attn (CLS query row)",
-              "plain": "library forward: all tokens, no cls_attn"}
+    labels = {"with_cls_attn": f"milan {type(teacher).__name__}: all-token targets + importance",
+              "plain": what}
     flops = {name: round(count_flops(lambda fn=fn: fn(count_images))[0] * flop_scale)
              for name, fn in fns.items()}
     with torch.no_grad():
