@@ -17,7 +17,7 @@ error naming both.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -281,35 +281,20 @@ _DECODERS = {"prompting": PromptingDecoder, "mae": MAEDecoder, "none": VisibleHe
 
 
 def build_model(
-    name: str | ModelSpec,
-    *,
-    target_dim: int | None = None,
-    variant: int | None = None,
-    target: TargetKind | None = None,
-    decoder: DecoderKind | None = None,
-    masking: MaskingKind | None = None,
-    mask_ratio: float = 0.75,
-    decoder_dim: int | None = None,
-    decoder_depth: int | None = None,
-    decoder_heads: int | None = None,
-    drop_path_rate: float = 0.0,
+    name: str | ModelSpec, *, target_dim: int | None = None, drop_path_rate: float = 0.0, **choices: Any
 ) -> MaskedAutoencoder:
     """Build a pretraining model by name (e.g. `milan_vit_base_patch16`) or from a `ModelSpec`.
 
     Args:
-        name: `<milan|mae|kd>_<encoder preset>`, or a resolved `ModelSpec` (the other choices
-            must then be left unset).
+        name: `<milan|mae|kd>_<encoder preset>`, or a resolved `ModelSpec` (then no `choices`).
         target_dim: the teacher's token width `teacher.dim` (required for target='clip').
-        variant, target, decoder, masking, mask_ratio, decoder_dim, decoder_depth, decoder_heads:
-            see `ModelSpec.resolve`.
         drop_path_rate: stochastic depth in the encoder.
+        **choices: `ModelSpec.resolve`'s keywords: variant, target, decoder, masking, mask_ratio,
+            decoder_dim, decoder_depth, decoder_heads.
     """
-    if isinstance(name, ModelSpec):
-        spec = name
-    else:
-        spec = ModelSpec.resolve(name, variant=variant, target=target, decoder=decoder, masking=masking,
-                                 mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
-                                 decoder_heads=decoder_heads)
+    if isinstance(name, ModelSpec) and choices:
+        raise ValueError(f"build_model got a resolved ModelSpec and choices {sorted(choices)}; give one or the other")
+    spec = name if isinstance(name, ModelSpec) else ModelSpec.resolve(name, **choices)
     config = spec.encoder
     encoder = MaskedViTEncoder.from_config(config, drop_path_rate=drop_path_rate)
     if spec.target == "clip":

@@ -53,7 +53,7 @@ from milan.errors import ConfigError, DataError, UserError
 from milan.io.weights import build_encoder
 from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
-from milan.train.config import save_config, to_dict
+from milan.train.config import RunSection, save_config, to_dict
 from milan.train.log import MetricsLogger, get_logger, progress
 from milan.train.run import (
     NonFiniteGuard,
@@ -121,18 +121,14 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
-    out_dir: str = "runs/detect"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+class RunConfig(RunSection):
+    out_dir: str = "runs/detect"  # resume=auto: its checkpoint-last.pt
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     log_every: int = 20
     ckpt_every: int = 1000  # checkpoint-last.pt every N iterations; also at every epoch end
     eval_every_epochs: int = 1  # also evaluated at the end
-    resume: str = "auto"  # auto: out_dir/checkpoint-last.pt if present; none; or a path
     save_detections: bool = False  # write the last evaluation's COCO results (detections_{bbox,segm}.json)
     max_steps: int | None = None  # stop here (the schedule still spans optim.epochs); resume later
-    tensorboard: bool = True
 
 
 @dataclass

@@ -48,7 +48,7 @@ from milan.train.classify import (
     evaluate,
     keep_posterize_bits,
 )
-from milan.train.config import save_config, to_dict
+from milan.train.config import RunSection, save_config, to_dict
 from milan.train.log import MetricsLogger, get_logger, progress
 from milan.train.probe import remap_labels
 from milan.train.run import (
@@ -110,15 +110,11 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
-    out_dir: str = "runs/finetune"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+class RunConfig(RunSection):
+    out_dir: str = "runs/finetune"  # resume=auto: its checkpoint-last.pt
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     log_every: int = 50
-    resume: str = "auto"  # auto: out_dir/checkpoint-last.pt if present; none; or a path
     max_epochs: int | None = None  # stop after this many epochs (the schedule still spans optim.epochs); resume later
-    tensorboard: bool = True
 
 
 @dataclass

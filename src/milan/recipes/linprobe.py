@@ -39,7 +39,7 @@ from milan.errors import ConfigError, TeacherError
 from milan.io.weights import build_encoder
 from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
-from milan.train.config import save_config, to_dict
+from milan.train.config import RunSection, save_config, to_dict
 from milan.train.log import MetricsLogger, get_logger, progress
 from milan.train.probe import extract_features, remap_labels, topk_accuracy
 from milan.train.run import (
@@ -97,13 +97,9 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
-    out_dir: str = "runs/linprobe"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    resume: str = "auto"  # auto: out_dir/head-last.pt if present; none; or a path
+class RunConfig(RunSection):
+    out_dir: str = "runs/linprobe"  # resume=auto: its head-last.pt
     max_epochs: int | None = None  # stop after this many epochs (the schedule still spans optim.epochs); resume later
-    tensorboard: bool = True
 
 
 @dataclass

@@ -47,7 +47,7 @@ from milan.errors import ConfigError, DataError
 from milan.io.weights import build_encoder
 from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
-from milan.train.config import save_config, to_dict
+from milan.train.config import RunSection, save_config, to_dict
 from milan.train.log import MetricsLogger, get_logger, progress
 from milan.train.run import (
     NonFiniteGuard,
@@ -112,17 +112,13 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
-    out_dir: str = "runs/segment"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+class RunConfig(RunSection):
+    out_dir: str = "runs/segment"  # resume=auto: its checkpoint-last.pt
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     log_every: int = 50
     eval_every: int = 16_000  # also evaluated at the end; 0: only at the end
     ckpt_every: int = 2000  # checkpoint-last.pt; also written at the end
-    resume: str = "auto"  # auto: out_dir/checkpoint-last.pt if present; none; or a path
     max_iters: int | None = None  # stop here (the schedule still spans optim.iters); resume later
-    tensorboard: bool = True
 
 
 @dataclass

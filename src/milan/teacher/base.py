@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,10 @@ __all__ = [
     "TeacherFileNotFound",
     "Teacher",
     "TeacherOutput",
+    "TimmTowerTeacher",
     "check_fits",
+    "out_dim",
+    "square_patch",
     "cls_attention",
     "query_attention",
 ]
@@ -172,3 +175,40 @@ def check_fits(
     raise TeacherError(
         f"weights {path} do not fit {what}.\n  " + "\n  ".join(problems) + f"\n  {hint}"
     )
+
+
+def out_dim(module: nn.Module, dim: int) -> int:
+    """Output width of a per-token head (Linear, Mlp, Sequential of those, Identity) given `dim`."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else dim
+
+
+def square_patch(patch_size: Any, what: str) -> int:
+    """The patch side of a square patch; a TeacherError otherwise."""
+    p = tuple(patch_size) if isinstance(patch_size, list | tuple) else (patch_size, patch_size)
+    if p[0] != p[1]:
+        raise TeacherError(f"{what} has non-square patches {p[0]}x{p[1]}; only square patches are supported")
+    return int(p[0])
+
+
+class TimmTowerTeacher(Teacher):
+    """A timm tower (`backbone["trunk"]`) with an optional per-token `backbone["head"]` after timm's
+    own head (open_clip's projection): what the EVA-CLIP and SigLIP teachers share.
+
+    Args:
+        model: the timm model; build it with `dynamic_img_size=True` to accept other grids.
+        head: open_clip's `TimmModel.head`, or None for a plain timm model.
+        width: the width timm's own head receives (its output width when it has none).
+        mean, std: the family's input statistics, used when the model's pretrained_cfg has none.
+        what: the tower's name in error messages.
+        **kwargs: `Teacher` arguments.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module | None, *, width: int, mean: Any, std: Any,
+                 what: str, **kwargs: Any) -> None:
+        head = head if head is not None else nn.Identity()
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        kwargs.setdefault("mean", cfg.get("mean", mean))
+        kwargs.setdefault("std", cfg.get("std", std))
+        super().__init__(nn.ModuleDict({"trunk": model, "head": head}), dim=out_dim(head, out_dim(model.head, width)),
+                         patch_size=square_patch(model.patch_embed.patch_size, what), **kwargs)

@@ -20,13 +20,12 @@ from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import Tensor, nn
 
 from milan.errors import TeacherError
-from milan.teacher.base import Teacher, _heads, cls_attention
-from milan.teacher.siglip import out_dim, square_patch
+from milan.teacher.base import TimmTowerTeacher, _heads, cls_attention
 
 __all__ = ["EvaTeacher"]
 
 
-class EvaTeacher(Teacher):
+class EvaTeacher(TimmTowerTeacher):
     """A timm `Eva` with a class token and token pooling (EVA-CLIP); `head` is the projection.
 
     Register tokens are dropped from the outputs, so tokens are [CLS, patches].
@@ -58,14 +57,8 @@ class EvaTeacher(Teacher):
                 f"an EVA teacher's last block must be an EvaBlock with EvaAttention, got "
                 f"{type(last).__name__} with {type(last.attn).__name__}"
             )
-        head = head if head is not None else nn.Identity()
-        dim = out_dim(head, out_dim(model.head, model.embed_dim))
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        kwargs.setdefault("mean", cfg.get("mean", OPENAI_CLIP_MEAN))
-        kwargs.setdefault("std", cfg.get("std", OPENAI_CLIP_STD))
-        patch = square_patch(model.patch_embed.patch_size, "the EVA tower")
-        backbone = nn.ModuleDict({"trunk": model, "head": head})
-        super().__init__(backbone, dim=dim, patch_size=patch, **kwargs)
+        super().__init__(model, head, width=model.embed_dim, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                         what="the EVA tower", **kwargs)
         self.post_norm: bool = isinstance(last, EvaBlockPostNorm)
 
     def _tokens_and_attn(self, x: Tensor) -> tuple[Tensor, Tensor]:

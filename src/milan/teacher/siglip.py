@@ -30,9 +30,9 @@ from timm.data.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from torch import Tensor, nn
 
 from milan.errors import TeacherError
-from milan.teacher.base import Teacher, query_attention
+from milan.teacher.base import TimmTowerTeacher, query_attention
 
-__all__ = ["SIGLIP_MEAN", "SIGLIP_STD", "SiglipTeacher", "map_targets", "out_dim"]
+__all__ = ["SIGLIP_MEAN", "SIGLIP_STD", "SiglipTeacher", "map_targets"]
 
 # SigLIP normalises pixels to [-1, 1]: mean = std = 0.5 per channel.
 SIGLIP_MEAN, SIGLIP_STD = IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
@@ -68,21 +68,7 @@ def map_targets(
     return x, importance
 
 
-def out_dim(module: nn.Module, dim: int) -> int:
-    """Output width of a per-token head (Linear, Mlp, Sequential of those, Identity) given `dim`."""
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else dim
-
-
-def square_patch(patch_size: Any, what: str) -> int:
-    """The patch side of a square patch; a TeacherError otherwise."""
-    p = tuple(patch_size) if isinstance(patch_size, list | tuple) else (patch_size, patch_size)
-    if p[0] != p[1]:
-        raise TeacherError(f"{what} has non-square patches {p[0]}x{p[1]}; only square patches are supported")
-    return int(p[0])
-
-
-class SiglipTeacher(Teacher):
+class SiglipTeacher(TimmTowerTeacher):
     """A timm `VisionTransformer` pooled by `AttentionPoolLatent` (global_pool='map'): SigLIP 1/2.
 
     Args:
@@ -110,14 +96,8 @@ class SiglipTeacher(Teacher):
                 f"tokens, no pool position embedding); this one has latent_len={pool.latent_len}, "
                 f"pos_embed={pool.pos_embed is not None}"
             )
-        head = head if head is not None else nn.Identity()
-        dim = out_dim(head, out_dim(model.head, pool.out_features))
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        kwargs.setdefault("mean", cfg.get("mean", SIGLIP_MEAN))
-        kwargs.setdefault("std", cfg.get("std", SIGLIP_STD))
-        patch = square_patch(model.patch_embed.patch_size, "the SigLIP tower")
-        backbone = nn.ModuleDict({"trunk": model, "head": head})
-        super().__init__(backbone, dim=dim, patch_size=patch, **kwargs)
+        super().__init__(model, head, width=pool.out_features, mean=SIGLIP_MEAN, std=SIGLIP_STD,
+                         what="the SigLIP tower", **kwargs)
 
     def _tokens_and_attn(self, x: Tensor) -> tuple[Tensor, Tensor]:
         m = self.backbone["trunk"]

@@ -34,6 +34,17 @@ def _recipe_parser(sub: argparse._SubParsersAction, name: str, help: str, config
     p.set_defaults(func=_run_recipe, config_cls=config_cls_path)
 
 
+def _tool_parser(sub: argparse._SubParsersAction, name: str, module: str, help: str, description: str) -> None:
+    """A subcommand whose module brings its own `add_arguments` and `run_from_args`."""
+    import importlib
+
+    tool = importlib.import_module(module)
+    p = sub.add_parser(name, help=help, description=description,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tool.add_arguments(p)
+    p.set_defaults(func=tool.run_from_args)
+
+
 def _run_recipe(args: argparse.Namespace) -> None:
     import importlib
 
@@ -113,16 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     export_module.add_arguments(export)
     export.set_defaults(func=export_module.run_from_args)
 
-    demo = sub.add_parser(
-        "demo", help="end-to-end demo on the built-in shapes data and teacher (CPU, minutes)",
-        description="Generate the shapes data, load builtin:shapes, pretrain a tiny MILAN student, "
-        "probe it against a random-init student and the teacher, write a report and figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    from milan.tools import demo as demo_recipe
-
-    demo_recipe.add_arguments(demo)
-    demo.set_defaults(func=demo_recipe.run_from_args)
+    _tool_parser(sub, "demo", "milan.tools.demo",
+                 "end-to-end demo on the built-in shapes data and teacher (CPU, minutes)",
+                 "Generate the shapes data, load builtin:shapes, pretrain a tiny MILAN student, probe it "
+                 "against a random-init student and the teacher, write a report and figures.")
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", metavar="<what>", required=True)
@@ -144,17 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     teacher = sub.add_parser("teacher", help="teacher utilities")
     teacher_sub = teacher.add_subparsers(dest="teacher_command", metavar="<what>", required=True)
-    from milan.tools import train_shapes_teacher
-
-    train = teacher_sub.add_parser(
-        "train-shapes", help="train the small CLIP shipped as builtin:shapes (≈10 min on 2 CPU cores)",
-        description="Train the shapes CLIP with language supervision, report zero-shot accuracy and "
-        "attention on objects, export the vision tower and card (default: runs/shapes_teacher; use it with "
-        "teacher.spec=builtin:shapes teacher.weights=runs/shapes_teacher/shapes_clip_visual.safetensors).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    train_shapes_teacher.add_arguments(train)
-    train.set_defaults(func=train_shapes_teacher.run_from_args)
+    _tool_parser(teacher_sub, "train-shapes", "milan.tools.train_shapes_teacher",
+                 "train the small CLIP shipped as builtin:shapes (≈10 min on 2 CPU cores)",
+                 "Train the shapes CLIP with language supervision, report zero-shot accuracy and attention on "
+                 "objects, export the vision tower and card (default: runs/shapes_teacher; use it with "
+                 "teacher.spec=builtin:shapes teacher.weights=runs/shapes_teacher/shapes_clip_visual.safetensors).")
 
     bench = sub.add_parser("bench", help="benchmarks (speed, MFU)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="<what>", required=True)

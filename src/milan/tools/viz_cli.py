@@ -36,6 +36,12 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", help="split to draw images from")
 
 
+def _figure_args(p: argparse.ArgumentParser, *, seed: str) -> None:
+    p.add_argument("--num", type=int, default=6, help="number of images (rows)")
+    p.add_argument("--seed", type=int, default=0, help=seed)
+    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `masks`, `attention`, `tsne` and `curves` subcommands to `parser` (sets its `func`)."""
     parser.description = parser.description or "Write the paper's figures as PNG files (headless matplotlib)."
@@ -51,9 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "patches (visible patches are blank). The teacher comes from the checkpoint's config.")
     p.add_argument("checkpoint", type=Path, help="checkpoint file (.pt) or run folder (its newest checkpoint)")
     _data_args(p)
-    p.add_argument("--num", type=int, default=6, help="number of images (rows)")
-    p.add_argument("--seed", type=int, default=0, help="seed for image choice and mask draws")
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder")
+    _figure_args(p, seed="seed for image choice and mask draws")
     p.set_defaults(viz_fn=_masks)
 
     p = sub.add_parser("attention", formatter_class=fmt, help="teacher vs student CLS attention (Fig. 3)",
@@ -67,9 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="student checkpoint or run folder (repeatable)")
     _data_args(p)
     p.add_argument("--img-size", type=int, help="input resolution without a checkpoint (default: 224, shapes 64)")
-    p.add_argument("--num", type=int, default=6, help="number of images (rows)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the image choice")
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder")
+    _figure_args(p, seed="seed for the image choice")
     p.set_defaults(viz_fn=_attention)
 
     p = sub.add_parser("tsne", formatter_class=fmt, help="t-SNE of pooled features by class (Fig. 2)",

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -20,7 +21,7 @@ import yaml
 
 from milan.errors import ConfigError
 
-__all__ = ["ConfigError", "load_config", "apply_overrides", "to_dict", "save_config", "from_dict", "CONFIG_DIR",
+__all__ = ["RunSection", "ConfigError", "load_config", "apply_overrides", "to_dict", "save_config", "from_dict", "CONFIG_DIR",
            "shipped_configs", "config_path", "config_recipe"]
 
 #: The YAML configs shipped with the package (`--config NAME`).
@@ -29,6 +30,18 @@ CONFIG_DIR = Path(__file__).parents[1] / "configs"
 _PREFIXED_RECIPES = ("finetune", "linprobe", "segment", "detect")
 
 T = TypeVar("T")
+
+
+@dataclass
+class RunSection:
+    """The `run` keys every training recipe shares; each recipe's `RunConfig` subclasses it, sets its
+    own `out_dir` default and adds its own keys (precision, intervals, early stops)."""
+
+    out_dir: str = "runs/run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: str = "auto"  # auto: the run folder's newest good checkpoint, if any; none; or a path
+    tensorboard: bool = True
 
 
 def _is_dataclass_type(tp: Any) -> bool:
