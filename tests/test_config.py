@@ -54,7 +54,7 @@ def test_every_shipped_config_loads(name: str) -> None:
     ("override", "message"),
     [
         ("optim.lrr=1", r"unknown config key optim\.lrr in section 'optim' — valid keys: .*base_lr"),
-        ("modle.name=x", r"unknown config key modle — valid keys: data, model, monitor, optim, run, teacher"),
+        ("modle.name=x", r"unknown config key modle — valid keys: data, debug, model, monitor, optim, recover, run, teacher"),
         ("optim.epochs=1.5", r"optim\.epochs=1\.5 should be an integer"),
         ("optim.betas=[0.9]", r"optim\.betas needs 2 values, got 1"),
         ("run.precision=fp8", r"run\.precision='fp8' is not valid; choose one of: 'auto', 'bf16', 'fp16', 'fp32'"),

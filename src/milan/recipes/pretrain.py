@@ -5,7 +5,9 @@
 Single process, `torchrun` DDP (NCCL on GPU, gloo on CPU), gradient accumulation with `no_sync`,
 AMP (bf16 on GPU by default, fp16 with a scaler, fp32 on CPU), atomic checkpoints and exact
 resume (data order, crops and masks are functions of (seed, epoch, index, step), never of how
-the run was interrupted).
+the run was interrupted), and automatic recovery from instability (`recover`, docs/RECOVERY.md):
+a NaN/inf or spiking step is found at check points, every rank rolls back to the newest in-memory
+snapshot, skips batches, lowers the lr for a while and retries.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from milan.data import build_dataset
 from milan.data.folder import Samples
 from milan.data.sampler import EpochSampler
 from milan.data.transforms import pretrain_transform
-from milan.errors import CheckpointError, ConfigError, DataError
+from milan.errors import CheckpointError, ConfigError, DataError, TrainingError
 from milan.model import ModelSpec, build_model
 from milan.pretraining import MILAN
 from milan.train import distributed as distr
@@ -39,12 +41,24 @@ from milan.train.checkpoint import (
     save_checkpoint,
     step_checkpoints,
 )
-from milan.train.config import save_config, to_dict
+from milan.train.config import RunSection, save_config, to_dict
 from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.recover import (
+    Detector,
+    Recovery,
+    append_event,
+    describe,
+    restore_snapshot,
+    snapshot_from_payload,
+    snapshot_payload,
+    take_snapshot,
+    write_events,
+)
 from milan.train.run import (
-    NonFiniteGuard,
+    AMP_DTYPES,
     agree_on_checkpoint,
     check_values,
+    grad_norm,
     rng_state,
     set_lr,
     start_run,
@@ -121,19 +135,15 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
-    out_dir: str = "runs/pretrain"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+class RunConfig(RunSection):
+    out_dir: str = "runs/pretrain"  # resume=auto: its newest good checkpoint-<step>.pt
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False
     log_every: int = 20
     ckpt_every: int = 1000  # optimizer steps; also at every epoch end
     keep_last: int = 2
     milestone_every: int = 0  # keep every n-th step's checkpoint forever (0: none)
-    resume: str = "auto"  # auto: newest good checkpoint in out_dir; none; or a path
     max_steps: int | None = None  # stop early (the schedule still spans all epochs)
-    tensorboard: bool = True
 
 
 @dataclass
@@ -150,6 +160,43 @@ class MonitorConfig:
 
 
 @dataclass
+class RecoverConfig:
+    """Automatic recovery from instability (docs/RECOVERY.md). At check points (a sync the run pays
+    anyway) every rank agrees on the first bad step; the run then rolls back to the newest in-memory
+    snapshot taken at a step verified good, skips batches, scales the lr down for a while and goes
+    on; more than `max_retries` failures within `retry_window` steps stop it with a TrainingError.
+    No checkpoint is ever written after a bad step. A run without bad steps is bit-identical with
+    `enabled` true or false."""
+
+    enabled: bool = True  # false: the first bad step stops the run (TrainingError), as before
+    check_every: int | None = None  # steps between checks (one all-reduce + host sync); None: run.log_every
+    snapshot_every: int = 100  # steps between snapshots (CPU copy of model, optimizer, scaler; also at checkpoints)
+    skip_batches: int | None = None  # batches skipped after a rollback; None: the snapshot's through the first bad one
+    lr_scale: float = 0.5  # lr × this after a rollback (compounding if a step inside the window fails again)
+    lr_scale_steps: int = 100  # for this many steps from the snapshot rolled back to (0: never scale)
+    fallback_precision: Literal["bf16", "fp32"] | None = None  # switch to it at the first rollback (e.g. from fp16)
+    max_retries: int = 3  # rollbacks allowed within retry_window steps; the next failure stops the run
+    retry_window: int = 1000  # steps
+    loss_spike_z: float | None = None  # flag a loss above mean + z·std of the last spike_window steps (None: off)
+    grad_spike_z: float | None = None  # the same test on the pre-clip gradient norm (None: off)
+    spike_window: int = 100  # steps in the running mean/std of the spike tests
+    spike_warmup: int = 100  # steps seen before the spike tests start
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection, to test a recovery set-up (docs/RECOVERY.md); leave empty for real runs. Steps
+    count from 0 like the lr schedule: step k is the optimizer step logged as step k + 1."""
+
+    nan_at_steps: list[int] = field(default_factory=list)  # multiply the loss by NaN at these optimizer steps
+    nan_rank: int | None = None  # only on this rank (None: every rank)
+    spike_at_steps: list[int] = field(default_factory=list)  # multiply the loss by spike_factor at these steps
+    spike_factor: float = 1000.0
+    repeat: bool = False  # false: a listed step fires once (its replay after a rollback is clean); true: every time
+    skip_batches: list[int] = field(default_factory=list)  # global batches the data order passes over
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -157,6 +204,8 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -190,6 +239,20 @@ def _validate(cfg: PretrainConfig) -> None:
     if not 0.0 < lo <= hi <= 1.0:
         raise ConfigError(f"data.crop_scale={list(cfg.data.crop_scale)} must satisfy 0 < min ≤ max ≤ 1, "
                           "e.g. [0.2, 1.0]")
+    rc, dbg = cfg.recover, cfg.debug
+    check_values(at_least_one={
+        "recover.check_every": rc.check_every, "recover.snapshot_every": rc.snapshot_every,
+        "recover.retry_window": rc.retry_window, "recover.spike_window": rc.spike_window,
+    }, non_negative={"recover.skip_batches": rc.skip_batches, "recover.lr_scale_steps": rc.lr_scale_steps,
+                     "recover.max_retries": rc.max_retries, "recover.spike_warmup": rc.spike_warmup,
+                     "debug.nan_rank": dbg.nan_rank})
+    for key, value in (("recover.lr_scale", rc.lr_scale), ("recover.loss_spike_z", rc.loss_spike_z),
+                       ("recover.grad_spike_z", rc.grad_spike_z), ("debug.spike_factor", dbg.spike_factor)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    for key in ("nan_at_steps", "spike_at_steps", "skip_batches"):
+        if any(v < 0 for v in getattr(dbg, key)):
+            raise ConfigError(f"debug.{key}={getattr(dbg, key)} must list steps/batches ≥ 0")
     img_size = cfg.model.spec().encoder.img_size
     if cfg.data.img_size != img_size:
         raise ConfigError(f"data.img_size={cfg.data.img_size} but {cfg.model.name} is built for {img_size}px; "
@@ -226,7 +289,8 @@ def mask_noise(seed: int, step: int, micro: int, shape: tuple[int, int], *, rank
 
 
 def main(cfg: PretrainConfig) -> dict[str, Any]:
-    """Run (or resume) pretraining; returns a summary (final step, last logged loss, run dir)."""
+    """Run (or resume) pretraining; returns a summary (final step, last logged loss, run dir, recovery
+    events, rollbacks and batches skipped)."""
     log = get_logger()
     _validate(cfg)
     info, run_dir, amp_dtype, precision = start_run(cfg, write_config=False, seed_per_rank=False)
@@ -254,6 +318,16 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                                   betas=cfg.optim.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+    # --- recovery: on-device detection, decisions shared by every rank (docs/RECOVERY.md) --------
+    rc = cfg.recover
+    if cfg.debug.nan_rank is not None and cfg.debug.nan_rank >= info.world_size:
+        raise ConfigError(f"debug.nan_rank={cfg.debug.nan_rank} but the run has {info.world_size} process(es)")
+    recovery = Recovery(rc, cfg.debug, precision=precision, rank=info.rank)
+    detector = Detector(device, loss_z=rc.loss_spike_z, grad_z=rc.grad_spike_z, window=rc.spike_window,
+                        warmup=rc.spike_warmup)
+    snapshot = None  # the newest in-memory snapshot: where a rollback returns to
+    last_ckpt: str | None = None  # the newest checkpoint of this run (named when recovery gives up)
+
     # --- resume --------------------------------------------------------------------------------
     identity = {"model": spec.name, "variant": "/".join((spec.target, spec.decoder, spec.masking))}
     step, resumed_window = 0, None
@@ -267,10 +341,22 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         _warn_if_batch_changed(state, cfg, world_size=info.world_size)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("recover") or {}
+        recovery.load_state_dict(saved.get("state"))  # events, data offset, lr window, retries, precision
+        if recovery.precision != precision:  # a rollback before the checkpoint fell back from fp16
+            precision = recovery.precision
+            step_fn.amp_dtype = AMP_DTYPES[precision]
+            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
         windows = state.get("log_window") or []
         resumed_window = windows[info.rank] if len(windows) == info.world_size else None
+        detectors = saved.get("detector") or []
+        if len(detectors) == info.world_size:
+            detector.load_state_dict(detectors[info.rank])
+        if rc.enabled:  # a checkpoint between snapshot points carries the snapshot a rollback would use
+            snapshot = snapshot_from_payload(saved.get("snapshot"), info.rank, info.world_size)
+        last_ckpt = str(path)
         if info.is_main:
             log.info("resumed from %s at step %d", path, step)
     if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
@@ -294,7 +380,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             log.info("nothing to do: %s is at step %d, the run stops at %d (optim.steps / optim.epochs / "
                      "run.max_steps); raise it to continue", run_dir, step, last_step)
         distr.cleanup()
-        return {"step": step, "loss": float("nan"), "run_dir": str(run_dir), "bad_images": 0}
+        return {"step": step, "loss": float("nan"), "run_dir": str(run_dir), "bad_images": 0, **recovery.summary()}
     metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
                             resume_from=step if found is not None else None)
     if info.is_main:
@@ -303,33 +389,79 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             cfg.model.name, sum(p.numel() for p in model.parameters()), cfg.teacher.spec if teacher else "-",
             num_images, effective_batch, peak_lr, total_steps, steps_per_epoch,
         )
+        if rc.enabled:
+            write_events(run_dir, recovery.events)  # a resumed run's file: its checkpoint's events, then its own
+        if cfg.debug != DebugConfig():
+            log.warning("debug: fault injection is on (%s)", to_dict(cfg.debug))
 
-    def checkpoint(step: int, epoch: int) -> None:
-        finite.check()
-        # every rank's RNG state and open log window (so that a resumed run logs the same averages)
-        ranks = distr.all_gather_object((rng_state(), {"loss_sum": loss_sum.detach().cpu(), "steps": window_steps,
-                                                       "seen": seen, "bad_images": bad_images}))
-        rng, window = [r for r, _ in ranks], [w for _, w in ranks]
+    # Check points: where every rank agrees whether a step since the last one was bad (one all-reduce
+    # and host sync). Log and checkpoint steps always (no checkpoint follows a bad step); with
+    # recovery also every recover.check_every steps and at snapshot points.
+    check_every = rc.check_every or cfg.run.log_every
+
+    def regular_checkpoint(s: int) -> bool:  # a checkpoint every run writes at s, paused or not
+        return s % cfg.run.ckpt_every == 0 or s % steps_per_epoch == 0
+
+    def is_log(s: int) -> bool:
+        return s % cfg.run.log_every == 0 or s == last_step
+
+    def is_checkpoint(s: int) -> bool:
+        return regular_checkpoint(s) or s == last_step
+
+    def is_snapshot_point(s: int) -> bool:  # a function of the step: a resumed run snapshots where the first did
+        return s % rc.snapshot_every == 0 or regular_checkpoint(s)
+
+    def is_check(s: int) -> bool:
+        return is_log(s) or is_checkpoint(s) or (rc.enabled and (s % check_every == 0 or is_snapshot_point(s)))
+
+    def open_window() -> dict[str, Any]:
+        return {"loss_sum": loss_sum, "grad_sum": grad_sum, "grad_count": grad_count, "steps": window_steps,
+                "seen": seen, "bad_images": bad_images}
+
+    def checkpoint(step: int, epoch: int) -> str:
+        # every rank's RNG state, open log window (so that a resumed run logs the same averages) and
+        # spike windows; a checkpoint between snapshot points (a pause) carries the newest snapshot,
+        # so that a resumed run rolls back where an uninterrupted one would
+        carry = snapshot is not None and snapshot.step != step
+        window = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in open_window().items()}
+        ranks = distr.all_gather_object((rng_state(), window, detector.state_dict(),
+                                         (snapshot.window, snapshot.detector) if carry else None))
+        path = run_dir / f"checkpoint-{step:08d}.pt"
         if not info.is_main:
-            return
+            return str(path)
+        rng, windows = [r[0] for r in ranks], [r[1] for r in ranks]
+        recover_state = {
+            "state": recovery.state_dict(), "detector": [r[2] for r in ranks],
+            "snapshot": snapshot_payload(snapshot, [r[3][0] for r in ranks], [r[3][1] for r in ranks]) if carry else None,
+        }
         record = CheckpointRecord("pretrain", step, to_dict(cfg), identity, epoch=epoch,
                                   world_size=info.world_size, rng=rng)
         save_checkpoint(record.state(
             model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-            spec=asdict(spec), variant=[spec.target, spec.decoder, spec.masking], log_window=window,
-            total_steps=total_steps,
-        ), run_dir / f"checkpoint-{step:08d}.pt")
+            spec=asdict(spec), variant=[spec.target, spec.decoder, spec.masking], log_window=windows,
+            total_steps=total_steps, recover=recover_state,
+        ), path)
         prune_checkpoints(run_dir, keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every)
+        return str(path)
 
-    finite = NonFiniteGuard(device, fix="Lower optim.lr or base_lr, set optim.clip_grad=1.0, or use "
-                                        "run.precision=bf16/fp32; then resume from the last checkpoint.")
+    fix = ("Lower optim.lr or base_lr, set optim.clip_grad=1.0, or use run.precision=bf16/fp32; then resume from "
+           "the last checkpoint.")
     loss_sum = torch.zeros((), device=device)
+    grad_sum = torch.zeros((), device=device)  # pre-clip gradient norms of the window's steps (finite ones)
+    grad_count = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
     timed_steps = 0  # steps of the window run by this process (a resumed window's first part is not)
     seen = bad_images = 0
     if resumed_window is not None:
         loss_sum.copy_(resumed_window["loss_sum"])
+        if "grad_sum" in resumed_window:
+            grad_sum.copy_(resumed_window["grad_sum"])
+            grad_count.copy_(resumed_window["grad_count"])
         window_steps, seen, bad_images = (resumed_window[k] for k in ("steps", "seen", "bad_images"))
+    if rc.enabled and snapshot is None:  # the state the run starts from is the first rollback target
+        snapshot = take_snapshot(step, model=model, optimizer=optimizer, scaler=scaler, window=open_window(),
+                                 detector=detector)
+    snapshot_cost_logged = False
     last_loss = float("nan")
     bar = progress(last_step, initial=step, desc="pretrain", active=info.is_main)
     knn = _knn_monitor(cfg, img_size, device) if cfg.monitor.every and info.is_main else None
@@ -337,9 +469,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
 
     try:
         while step < last_step:
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            set_epoch(epoch, step_in_epoch * accum)  # skips the batches done before a resume
-            micro = 0
+            position = recovery.position(step)  # the global batch this step trains on
+            epoch, batch_in_epoch = divmod(position, steps_per_epoch)
+            set_epoch(epoch, batch_in_epoch * accum)  # skips the batches done before a resume or rollback
+            micro, step_loss = 0, None
             for images, _, bad in loader:
                 images = images.to(device, non_blocking=True)
                 seen += images.shape[0]
@@ -349,10 +482,16 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                 noise = mask_noise(cfg.run.seed, step, micro, (images.shape[0], model.num_patches),
                                    rank=info.rank, world_size=info.world_size, device=device)
                 sync = micro == accum - 1
+                inject = recovery.injection(step)  # debug.nan_at_steps / spike_at_steps
                 with (ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()):
                     loss = step_fn(images, noise=noise, net=net, check_values=device.type == "cpu").loss
+                    if inject is not None:
+                        if micro == 0:
+                            log.warning("debug: step %d: loss × %g on rank %d", step, inject, info.rank)
+                        loss = loss * inject
                     scaler.scale(loss / accum).backward()
                 loss_sum += loss.detach() / accum
+                step_loss = loss.detach() / accum if step_loss is None else step_loss + loss.detach() / accum
                 micro += 1
                 if not sync:
                     continue
@@ -361,47 +500,129 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                 micro = 0
                 lr = warmup_cosine(step, total=total_steps, warmup=warmup_steps, peak=peak_lr,
                                    final=cfg.optim.min_lr)
+                lr_scale = recovery.lr_scale(step)
+                if lr_scale != 1.0:  # the window after a rollback
+                    lr = lr * lr_scale
                 set_lr(optimizer, lr)
+                scaler.unscale_(optimizer)  # (what scaler.step would do; a no-op without fp16)
                 if cfg.optim.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                else:
+                    norm = grad_norm(model.parameters())
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                finite.update(loss, step)
+                finite_norm = torch.isfinite(norm)  # not a scaler's overflow step
+                grad_sum += torch.where(finite_norm, norm, torch.zeros_like(norm))
+                grad_count += finite_norm
+                detector.update(step, step_loss, norm, scaler_active=scaler.is_enabled())
+                recovery.ran(step)
+                step_loss = None
                 step += 1
                 window_steps += 1
                 timed_steps += 1
                 bar.update(1)
 
-                if step % cfg.run.log_every == 0 or step == last_step:
-                    finite.check()
-                    mean_loss = float(distr.all_reduce_mean(loss_sum / window_steps))
+                checked = is_check(step)
+                if checked:
+                    bad_step = detector.agree()  # the same answer on every rank
+                    if bad_step is not None:
+                        first, cause = bad_step
+                        if not rc.enabled:
+                            raise TrainingError(f"{describe(cause, loss_z=rc.loss_spike_z, grad_z=rc.grad_spike_z)} "
+                                                f"at step {first}; no checkpoint was written after it. {fix}")
+                        event = recovery.fail(first, cause, detected_at=step, snapshot_step=snapshot.step,
+                                              last_checkpoint=last_ckpt)
+                        if info.is_main:
+                            metrics.log(first, **{k: v for k, v in event.items() if k not in ("step", "time")})
+                            append_event(run_dir, event)
+                        if event["action"] == "stop":
+                            raise TrainingError(event["message"])
+                        if recovery.precision != precision:  # recover.fallback_precision
+                            precision = recovery.precision
+                            step_fn.amp_dtype = AMP_DTYPES[precision]
+                            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+                        restore_snapshot(snapshot, model=model, optimizer=optimizer, scaler=scaler)
+                        detector.reset()
+                        detector.load_state_dict(snapshot.detector)
+                        kept = snapshot.window
+                        loss_sum.copy_(kept["loss_sum"])
+                        grad_sum.copy_(kept["grad_sum"])
+                        grad_count.copy_(kept["grad_count"])
+                        window_steps, seen, bad_images = kept["steps"], kept["seen"], kept["bad_images"]
+                        step = snapshot.step
+                        timed_steps, window_start = 0, time.perf_counter()
+                        bar.n = step
+                        bar.refresh()
+                        if info.is_main:
+                            lr_note = (f", lr × {event['lr_scale']:g} until step {event['lr_scale_until']}"
+                                       if event["lr_scale"] != 1.0 else "")
+                            if "precision" in event:
+                                lr_note += f", precision {' → '.join(event['precision'])}"
+                            log.warning("step %d: %s (found at step %d); rolled back to step %d, skipped %d "
+                                        "batch(es) %s%s (retry %d of %d)", first,
+                                        describe(cause, loss_z=rc.loss_spike_z, grad_z=rc.grad_spike_z),
+                                        event["detected_at"], step, len(event["batches_skipped"]),
+                                        _spans(event["batches_skipped"]), lr_note, event["retry"], rc.max_retries)
+                        break  # restart the data at the new position
+
+                if is_log(step):
+                    stats = distr.all_reduce_mean(torch.stack([loss_sum / window_steps, grad_sum, grad_count]))
+                    mean_loss, norm_sum, norm_count = (float(v) for v in stats)
+                    norm_mean = norm_sum / norm_count if norm_count > 0 else None  # pre-clip, this window
                     elapsed = time.perf_counter() - window_start
                     img_s = timed_steps * effective_batch / max(elapsed, 1e-9)
                     last_loss = mean_loss
                     metrics.log(step, loss=mean_loss, lr=lr, img_per_s=img_s, epoch=epoch,
-                                bad_images=bad_images)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
+                                bad_images=bad_images, grad_norm=norm_mean)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
+                                    gnorm="-" if norm_mean is None else f"{norm_mean:.3g}", img_s=f"{img_s:.1f}")
                     loss_sum.zero_()
+                    grad_sum.zero_()
+                    grad_count.zero_()
                     window_steps, timed_steps, window_start = 0, 0, time.perf_counter()
-                paused = time.perf_counter()  # monitor and checkpoint time is not training throughput
+                paused = time.perf_counter()  # snapshot, monitor and checkpoint time is not training throughput
+                if rc.enabled and checked and is_snapshot_point(step):  # verified good; the state a checkpoint has
+                    snapshot = take_snapshot(step, model=model, optimizer=optimizer, scaler=scaler,
+                                             window=open_window(), detector=detector, reuse=snapshot)
+                    if info.is_main and not snapshot_cost_logged:
+                        snapshot_cost_logged = True
+                        log.info("recover: a snapshot holds %.1f MiB of CPU memory per process and took %.1f ms "
+                                 "(every %d steps and at checkpoints)", snapshot.nbytes() / 2**20,
+                                 1e3 * (time.perf_counter() - paused), rc.snapshot_every)
                 if knn is not None and (step % cfg.monitor.every == 0 or step == last_step):
                     acc = knn(model.encoder)
                     metrics.log(step, knn_acc=acc)
                     log.info("step %d: kNN %s accuracy %.3f", step, cfg.monitor.label, acc)
-                if step % cfg.run.ckpt_every == 0 or step == last_step or step % steps_per_epoch == 0:
-                    checkpoint(step, step // steps_per_epoch)
+                if is_checkpoint(step):
+                    last_ckpt = checkpoint(step, step // steps_per_epoch)
                 window_start += time.perf_counter() - paused
                 if step >= last_step:
+                    break
+                position += 1
+                if recovery.position(step) != position:  # debug.skip_batches passes over the next batch
                     break
     finally:
         bar.close()
         metrics.close()
+    summary = recovery.summary()
     if info.is_main:
-        log.info("done: step %d, loss %.4f, checkpoints in %s", step, last_loss, run_dir)
+        log.info("done: step %d, loss %.4f, %d recovery event(s) (%d rollback(s), %d batch(es) skipped), "
+                 "checkpoints in %s", step, last_loss, summary["events"], summary["rollbacks"],
+                 summary["batches_skipped"], run_dir)
     distr.cleanup()
-    return {"step": step, "loss": last_loss, "run_dir": str(run_dir), "bad_images": bad_images}
+    return {"step": step, "loss": last_loss, "run_dir": str(run_dir), "bad_images": bad_images, **summary}
+
+
+def _spans(batches: list[int]) -> str:
+    """[3, 4, 5, 9] → "3–5, 9" (for one log line)."""
+    spans: list[list[int]] = []
+    for b in batches:
+        if spans and b == spans[-1][1] + 1:
+            spans[-1][1] = b
+        else:
+            spans.append([b, b])
+    return "[" + ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans) + "]"
 
 
 def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):

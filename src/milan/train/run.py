@@ -18,7 +18,8 @@ from milan.train.checkpoint import CheckpointError, load_checkpoint
 from milan.train.config import save_config
 
 __all__ = ["RunStart", "start_run", "resolve_precision", "AMP_DTYPES", "check_values", "seed_all",
-           "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng", "set_lr", "NonFiniteGuard"]
+           "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng", "set_lr", "NonFiniteGuard",
+           "grad_norm"]
 
 #: run.precision → autocast dtype (None: plain fp32).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -65,6 +66,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr, times its `lr_scale` (layer-wise decay groups carry one)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def grad_norm(parameters: Any) -> torch.Tensor:
+    """The total 2-norm of the parameters' gradients, as a device scalar (no host sync, no change to
+    the gradients: cheaper than `clip_grad_norm_(max_norm=inf)`, which would also rescale them by 1).
+    Call it where `clip_grad_norm_` would be called: after `scaler.unscale_`."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
 
 class NonFiniteGuard:
