@@ -39,8 +39,7 @@ from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from milan.io.weights import build_encoder
 from milan.model import KD_BASELINE, TABLE5
 from milan.recipes import pretrain
-from milan.train.config import config_path
-from milan.train.config import load_config
+from milan.train.config import config_path, load_config
 from milan.train.log import get_logger
 from milan.train.probe import extract_features, knn_accuracy, linear_probe
 
