@@ -24,3 +24,13 @@ def random_pretrain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint-2.pt"
     torch.save({"model": model.state_dict(), "config": {"model": {"name": "milan_vit_shapes_patch8"}}}, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny shapes dataset (64 train / 16 val images) per test module; modules may define their own."""
+    from milan.data.shapes import generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes") / "data"
+    generate_shapes(root, num_train=64, num_val=16, workers=1, progress=False)
+    return root

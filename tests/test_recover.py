@@ -14,27 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from _pretrain_cli import pretrain_args as _args
 from milan.data.sampler import EpochSampler
-from milan.data.shapes import generate_shapes
 from milan.errors import TrainingError
 from milan.tools.cli import main as cli
 from milan.train.checkpoint import latest_checkpoint, step_checkpoints
 from milan.train.recover import Detector, Recovery, restore_snapshot, take_snapshot
-
-
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shapes") / "data"
-    generate_shapes(root, num_train=64, num_val=16, workers=1, progress=False)
-    return root
-
-
-def _args(root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "pretrain", "--config", "pretrain_shapes", f"data.path={root}", f"run.out_dir={out}",
-        "data.num_workers=0", "optim.batch_size=8", "optim.steps=4", "optim.warmup_steps=1",
-        "run.log_every=1", "run.tensorboard=false", "model.decoder_depth=1", "monitor.every=0", *extra,
-    ]
 
 
 def _run(args: list[str]) -> dict:
