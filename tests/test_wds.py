@@ -22,6 +22,7 @@ from webdataset import TarWriter
 
 from milan.data import wds
 from milan.data.folder import load_rgb
+from milan.data.reading import BadFiles, collate
 from milan.data.wds import ShardStream, count_samples, decode_rgb, folder_to_shards, write_shards
 from milan.errors import DataError
 
@@ -49,15 +50,19 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _crop = T.Compose([T.RandomResizedCrop(8, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
-def _run(stream: ShardStream, *, workers: int, batch_size: int | None = None) -> list[tuple[int, torch.Tensor, int]]:
-    """(label, image, bad) per sample in the order the DataLoader yields them."""
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, persistent_workers=False)
+def _run(stream: ShardStream, *, workers: int, batch_size: int | None = None) -> list[tuple[int, torch.Tensor, list]]:
+    """(label, image, names of the bad files passed over before it) per sample, in the order the
+    DataLoader yields them (batched: the batch's bad files go with its first sample)."""
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, persistent_workers=False,
+                        collate_fn=None if batch_size is None else collate)
     out = []
-    for images, labels, bad in loader:
+    for images, labels, reports in loader:
+        bad = [name for name, _, is_bad in reports if is_bad]
         if batch_size is None:
             out.append((labels, images, bad))
         else:
-            out += list(zip(labels.tolist(), images, bad.tolist(), strict=True))
+            out += [(label, image, bad if i == 0 else []) for i, (label, image) in enumerate(zip(labels.tolist(), images,
+                                                                                             strict=True))]
     return out
 
 
@@ -177,13 +182,20 @@ def _bad_shard(path: Path) -> dict[str, bytes]:
 def test_bad_images_are_converted_or_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     good = _bad_shard(tmp_path / "bad.tar")
     stream = ShardStream(tmp_path / "bad.tar", transform=T.PILToTensor(), shuffle_buffer=0, min_size=8)
+    registry = BadFiles()
     with caplog.at_level(logging.WARNING, logger="milan"):
-        out = _run(stream, workers=0)
-    assert [(label, bad) for label, _, bad in out] == [(0, 0), (2, 1), (6, 3), (7, 0), (8, 0), (9, 0)]
+        for _ in range(2):  # two epochs: each bad sample warned about once
+            loader = DataLoader(stream, batch_size=2, num_workers=1, collate_fn=collate)
+            assert [labels.tolist() for _, labels in registry.track(loader)] == [[0, 2], [6, 7], [8, 9]]
+    out = _run(stream, workers=0)
+    assert [(label, bad) for label, _, bad in out] == [
+        (0, []), (2, ["bad.tar:000001.jpg"]), (6, ["bad.tar:000003.jpg", "bad.tar:000004.png", "bad.tar:000005"]),
+        (7, []), (8, []), (9, [])]
     for label, image, _ in out:
         assert image.shape == (3, 16, 16) and image.dtype == torch.uint8, label
-    for key in ("000001", "000003", "000004", "000005"):
-        assert f"bad.tar:{key}" in caplog.text
+    assert list(registry.bad) == ["bad.tar:000001.jpg", "bad.tar:000003.jpg", "bad.tar:000004.png", "bad.tar:000005"]
+    for name in registry.bad:
+        assert caplog.text.count(f"skipping unreadable image {name}:") == 1
     # The same conversion as the ImageFolder path.
     for key, data in good.items():
         (tmp_path / f"{key}.img").write_bytes(data)

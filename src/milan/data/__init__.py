@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from milan.errors import ConfigError, DataNotFound
@@ -22,6 +23,8 @@ def build_dataset(
     transform: Callable | None = None,
     min_size: int = 1,
     label: str = "shape",
+    exif_transpose: bool = True,
+    log: bool = True,
 ) -> Dataset:
     """Open a dataset by kind.
 
@@ -34,6 +37,12 @@ def build_dataset(
         transform: applied to each RGB PIL image.
         min_size: ImageFolder images with a shorter side are treated as bad.
         label: for shapes, which label to return (shape, colour, position, count, shape_colour).
+        exif_transpose: apply each image's EXIF Orientation (ImageFolder; `data.exif_transpose`).
+        log: log the ImageFolder's start line ("426 images in 5 classes; ignored 3 files: ...")
+            on rank 0.
+
+    Bad files are only found when read: wrap the dataset for a DataLoader with
+    `milan.data.folder.Samples` (pretraining) or `milan.data.reading.Checked` (elsewhere).
     """
     if kind == "imagefolder":
         from milan.data.folder import ImageFolderDataset
@@ -43,7 +52,12 @@ def build_dataset(
         root = Path(path).expanduser()
         if (root / split).is_dir():
             root = root / split
-        return ImageFolderDataset(root, transform, min_size=min_size)
+        dataset = ImageFolderDataset(root, transform, min_size=min_size, exif_transpose=exif_transpose)
+        if log and _is_main():
+            from milan.train.log import get_logger
+
+            get_logger().info("%s: %s", root, dataset.describe())
+        return dataset
     if kind == "shapes":
         from milan.data.shapes import ShapesDataset, default_shapes_root, generate_shapes
 
@@ -52,3 +66,7 @@ def build_dataset(
             generate_shapes(root)
         return ShapesDataset(root, split=split, transform=transform, label=label)
     raise ConfigError(f"unknown data.kind {kind!r}; choose one of: {', '.join(DATASET_KINDS)}")
+
+
+def _is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

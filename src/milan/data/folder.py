@@ -6,8 +6,9 @@ corrupt, truncated or too-small files raise `BadImage`.
 
 `Samples` wraps any dataset for training: it seeds the augmentation of sample i in epoch e from
 (seed, epoch, i) alone, so a resumed run sees exactly the crops of an uninterrupted one whatever
-the worker count; and it replaces a bad image by the next good one, returning a flag so the loop
-can count bad images and stop when too many are bad. A folder that cannot be used (missing, no
+the worker count; and it replaces a bad image by the next good one, reporting the files passed over
+so that the main process (`milan.data.reading.BadFiles`) warns once per file, lists them in
+`bad_images.txt` and stops when too many are bad. A folder that cannot be used (missing, no
 images, nothing but bad images) raises `milan.errors.DataError`.
 """
 
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from milan.data import DataNotFound
@@ -31,11 +33,18 @@ _log = logging.getLogger("milan")
 
 __all__ = ["BadImage", "ImageFolderDataset", "Samples", "UnreadableImages", "load_rgb", "IMAGE_EXTENSIONS"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 class BadImage(Exception):
-    """An image that cannot be used (corrupt, truncated, too small)."""
+    """An image that cannot be used (corrupt, truncated, too small).
+
+    `name` is the file (or shard member) and `reason` what is wrong with it; `str()` is both.
+    """
+
+    def __init__(self, message: str, *, name: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.name, self.reason = name, reason if reason is not None else message
 
 
 class UnreadableImages(DataError, RuntimeError):
@@ -51,74 +60,174 @@ def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
-def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | None = None) -> Image.Image:
+def _bad(name: str, reason: str) -> BadImage:
+    return BadImage(f"{name}: {reason}", name=name, reason=reason)
+
+
+def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | None = None,
+             exif_transpose: bool = True, notes: list[tuple[str, str]] | None = None) -> Image.Image:
     """Open an image file (path or binary stream) as RGB, fully decoded.
+
+    Multi-frame files (GIF, multipage TIFF) give their first frame. With `exif_transpose` the EXIF
+    Orientation tag is applied (a phone photo taken in portrait comes out upright).
+    PIL's `DecompressionBombWarning` (an image over `PIL.Image.MAX_IMAGE_PIXELS` but under twice
+    that) becomes a note `(name, message)` appended to `notes`, or a log warning when `notes` is None.
 
     Raises `BadImage` with the reason, prefixed by `name` (default: the path), otherwise.
     """
     name = name or str(source)
     try:
-        with Image.open(source) as img:
-            img.load()
-            if img.mode in ("P", "LA", "RGBA", "PA") or "transparency" in img.info:
-                img = img.convert("RGBA")  # palette/alpha: resolve transparency first
-            elif img.mode.startswith("I"):  # 16-bit grayscale ("I;16*", or "I" from PNG/TIFF)
-                img = _sixteen_bit_to_l(img)
-            rgb = img.convert("RGB")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                img.load()
+                if exif_transpose:
+                    img = _upright(img)
+                if img.mode in ("P", "LA", "RGBA", "PA") or "transparency" in img.info:
+                    img = img.convert("RGBA")  # palette/alpha: resolve transparency first
+                elif img.mode.startswith("I"):  # 16-bit grayscale ("I;16*", or "I" from PNG/TIFF)
+                    img = _sixteen_bit_to_l(img)
+                rgb = img.convert("RGB")
     except Image.DecompressionBombError as err:
-        raise BadImage(f"{name}: {err} (resize it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust "
-                       "the file)") from err
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise BadImage(f"{name}: {err}") from err
+        raise _bad(name, f"{err} (resize it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file)") from err
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as err:
+        raise _bad(name, str(err) or type(err).__name__) from err
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            note = (name, f"{rgb.size[0]}x{rgb.size[1]} = {rgb.size[0] * rgb.size[1]} pixels is over PIL's "
+                          f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}; read anyway (it is not over "
+                          "twice the limit), but consider resizing it")
+            if notes is None:
+                _log.warning("%s: %s", *note)
+            else:
+                notes.append(note)
     if min(rgb.size) < min_size:
-        raise BadImage(f"{name}: {rgb.size[0]}x{rgb.size[1]} is smaller than min_size={min_size}")
+        raise _bad(name, f"{rgb.size[0]}x{rgb.size[1]} is smaller than min_size={min_size}")
     return rgb
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """`ImageOps.exif_transpose`, ignoring EXIF blocks too broken to read (the pixels are fine)."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - any malformed EXIF: keep the image as stored
+        return img
+    if orientation in (None, 1):
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001
+        return img
+
+
+# Never images: operating-system and tool droppings (ignored, and listed as such).
+_SYSTEM_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db", ".ds_store", "icon\r"}
+_SYSTEM_DIRS = {"__macosx", "@eadir", "$recycle.bin", "system volume information"}
+
+
+def _hidden(rel: Path) -> bool:
+    """A hidden or system file or folder (`.DS_Store`, `._x.jpg`, `Thumbs.db`, `__MACOSX/`)."""
+    return any(part.startswith(".") or part.lower() in _SYSTEM_DIRS for part in rel.parts[:-1]) or \
+        rel.name.startswith(".") or rel.name.lower() in _SYSTEM_FILES or rel.name.lower() in _SYSTEM_DIRS
+
+
 class ImageFolderDataset(Dataset):
-    """`root/<class>/*.jpg` (labels from folder names) or `root/*.jpg` (label -1).
+    """`root/<class>/**/*.jpg` (labels from folder names) or `root/*.jpg` (label -1).
+
+    Files are images by extension (any case; `IMAGE_EXTENSIONS`). Everything else is *ignored* and
+    listed in `ignored` (relative paths): other extensions, hidden and system files (`.DS_Store`,
+    `Thumbs.db`, `._*`, `__MACOSX/`), and loose files beside the class folders. `describe()` is the
+    one-line account the commands log at start.
 
     Args:
         root: the folder.
         transform: applied to the RGB PIL image.
         min_size: images whose short side is below this are bad.
+        exif_transpose: apply the EXIF Orientation tag (see `load_rgb`).
     """
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, *, min_size: int = 1) -> None:
+    def __init__(self, root: str | Path, transform: Callable | None = None, *, min_size: int = 1,
+                 exif_transpose: bool = True) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataNotFound(f"data path not found: {root} (expected an ImageFolder: root/<class>/<image>)")
         self.root, self.transform, self.min_size = root, transform, min_size
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.exif_transpose = exif_transpose
+        entries = sorted(root.iterdir())
+        classes = [p.name for p in entries if p.is_dir() and not _hidden(Path(p.name))]
         self.classes = classes
         self.samples: list[tuple[Path, int]] = []
+        self.ignored: list[str] = []
+
+        def take(path: Path, label: int) -> None:
+            rel = path.relative_to(root)
+            if path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(rel):
+                self.samples.append((path, label))
+            else:
+                self.ignored.append(rel.as_posix())
+
         if classes:
             for label, name in enumerate(classes):
-                files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-                self.samples += [(p, label) for p in files]
+                for path in sorted(p for p in (root / name).rglob("*") if not p.is_dir()):
+                    take(path, label)
+            # loose files beside the class folders (and hidden folders) are not part of any class
+            for path in entries:
+                if path.name in classes:
+                    continue
+                self.ignored.append(path.name + ("/" if path.is_dir() else ""))
         else:
-            files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-            self.samples = [(p, -1) for p in files]
+            for path in entries:
+                if path.is_dir():  # only hidden/system folders get here
+                    self.ignored.append(path.name + "/")
+                else:
+                    take(path, -1)
         if not self.samples:
             raise DataNotFound(
                 f"no images found under {root} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+                + (f"; ignored {_listing(self.ignored)}" if self.ignored else "")
             )
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def name(self, index: int) -> str:
+        """The file of sample `index`, as bad-image reports name it."""
+        return str(self.samples[index][0])
+
+    def read(self, index: int) -> tuple[Any, int, list[tuple[str, str]]]:
+        """`(image, label, notes)`: notes are `(file, message)` warnings about an image that was used
+        (a decompression-bomb size). Raises `BadImage` for a file that cannot be used."""
         path, label = self.samples[index]
-        img = load_rgb(path, min_size=self.min_size)
-        return (self.transform(img) if self.transform else img), label
+        notes: list[tuple[str, str]] = []
+        img = load_rgb(path, min_size=self.min_size, exif_transpose=self.exif_transpose, notes=notes)
+        return (self.transform(img) if self.transform else img), label, notes
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label, notes = self.read(index)
+        for note in notes:
+            _log.warning("%s: %s", *note)
+        return image, label
+
+    def describe(self) -> str:
+        """"426 images in 5 classes; ignored 3 files: .DS_Store, cat/notes.txt, loose.jpg"."""
+        what = f"{len(self.samples)} images" + (f" in {len(self.classes)} classes" if self.classes else "")
+        return what + (f"; ignored {_listing(self.ignored)}" if self.ignored else "")
+
+
+def _listing(names: list[str], show: int = 5) -> str:
+    more = f", … ({len(names) - show} more)" if len(names) > show else ""
+    return f"{len(names)} file{'s' if len(names) != 1 else ''}: {', '.join(names[:show])}{more}"
 
 
 class Samples(Dataset):
     """Training view of a dataset: per-sample seeded augmentation and bad-image replacement.
 
-    `__getitem__(i)` returns `(image, label, bad)` where `bad` counts the bad images skipped to
-    produce it. Call `set_epoch` before each epoch (the loader's workers see it through the
-    sampler, which passes `(epoch, index)` pairs).
+    `__getitem__((epoch, i))` returns `(image, label, reports)`: `reports` is a tuple of
+    `(file, reason, bad)` for the bad files passed over to produce it (and `bad=False` notes on the
+    image used), for `milan.data.reading.BadFiles` in the main process (collate with
+    `milan.data.reading.collate`). A bad image is replaced by the next good one, deterministically.
+    Call `set_epoch` before each epoch (the loader's workers see it through the sampler, which
+    passes `(epoch, index)` pairs).
     """
 
     def __init__(self, dataset: Dataset, *, seed: int, max_tries: int = 16) -> None:
@@ -127,23 +236,24 @@ class Samples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int, tuple[tuple[str, str, bool], ...]]:
+        from milan.data.reading import read_sample
+
         epoch, index = key
-        reason = None
-        for bad in range(self.max_tries):
-            i = (index + bad) % len(self.dataset)
+        reports: list[tuple[str, str, bool]] = []
+        for tries in range(self.max_tries):
+            i = (index + tries) % len(self.dataset)
             # Global RNGs are per worker process; seeding them here makes the crop of (epoch, i)
             # independent of which worker (or the main process) draws it.
             seed = hash((self.seed, epoch, i)) & 0x7FFF_FFFF
             torch.manual_seed(seed)
             random.seed(seed)
-            try:
-                image, label = self.dataset[i]
-                return image, label, bad
-            except BadImage as err:
-                reason = err
-                _log.warning("skipping bad image %s", err)
+            image, label, found = read_sample(self.dataset, i)
+            reports += found
+            if image is not None:
+                return image, label, tuple(reports)
+        last = reports[-1]
         raise UnreadableImages(
             f"{self.max_tries} consecutive unreadable or too small images from index {index} "
-            f"(last: {reason}); check that the data path holds readable images"
+            f"(last: {last[0]}: {last[1]}); check that the data path holds readable images"
         )

@@ -33,9 +33,10 @@ Dataset size. A stream has no length: the recipe needs the number of samples to 
 schedule and `samples_per_rank` (config key `data.num_samples`; `count_samples` reads
 `sizes.json` or counts the keys in local shards).
 
-Bad images (corrupt, truncated, too small, no image member) are skipped with a warning naming
-the shard and key, and counted in the `bad` field of the next sample yielded (bad samples at the
-very end of a worker's stream are only logged); CMYK, grayscale, palette and alpha images are
+Bad images (corrupt, truncated, too small, no image member) are skipped and reported, as
+`(shard:key.ext, reason, True)`, in the `reports` of the next sample yielded, for the main
+process's `milan.data.reading.BadFiles` to warn about once and count (bad samples at the very end
+of a worker's stream are only logged); EXIF orientation is applied; CMYK, grayscale, palette and alpha images are
 converted to RGB, as in `milan.data.folder`. A shard that cannot be read to the end is warned
 about and the rest of it skipped.
 
@@ -46,7 +47,7 @@ Use (per rank; `per_rank` as `EpochSampler.per_rank`, the loader's `in_order` le
     stream.check_workers(num_workers)
     loader = DataLoader(stream, batch_size=batch, num_workers=num_workers, persistent_workers=False)
     stream.set_epoch(epoch, skip=batches_done * batch)
-    for images, labels, bad in loader: ...
+    for images, labels, reports in loader: ...   # collate_fn=milan.data.reading.collate
 """
 
 from __future__ import annotations
@@ -117,9 +118,10 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def decode_rgb(data: bytes, *, name: str, min_size: int = 1) -> Image.Image:
+def decode_rgb(data: bytes, *, name: str, min_size: int = 1, exif_transpose: bool = True,
+               notes: list[tuple[str, str]] | None = None) -> Image.Image:
     """`milan.data.folder.load_rgb` for in-memory bytes; `name` goes into `BadImage` reasons."""
-    return load_rgb(io.BytesIO(data), min_size=min_size, name=name)
+    return load_rgb(io.BytesIO(data), min_size=min_size, name=name, exif_transpose=exif_transpose, notes=notes)
 
 
 def _share(total: int, *, batch_size: int, worker: int, num_workers: int) -> int:
@@ -129,7 +131,7 @@ def _share(total: int, *, batch_size: int, worker: int, num_workers: int) -> int
 
 
 class ShardStream(IterableDataset):
-    """Stream `(image, label, bad)` from webdataset tar shards, split over ranks and workers.
+    """Stream `(image, label, reports)` from webdataset tar shards, split over ranks and workers.
 
     Args:
         urls: a brace pattern (`/data/train-{000000..000127}.tar`), a directory of `.tar`, or a list.
@@ -144,6 +146,11 @@ class ShardStream(IterableDataset):
             every sample once, however many that is.
         batch_size: the DataLoader's batch size, for splitting `samples_per_rank` and `skip`
             over workers in whole batches.
+        exif_transpose: apply each image's EXIF Orientation (see `load_rgb`).
+
+    Yields `(image, label, reports)`: `reports` are the `(name, reason, bad)` of the bad samples
+    passed over before this one (and notes on this one), for `milan.data.reading.BadFiles`; batch
+    with `milan.data.reading.collate`.
     """
 
     def __init__(
@@ -160,6 +167,7 @@ class ShardStream(IterableDataset):
         label_key: str | None = "cls",
         samples_per_rank: int | None = None,
         batch_size: int = 1,
+        exif_transpose: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -178,6 +186,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.min_size = shuffle_buffer, min_size
         self.image_keys, self.label_key = tuple(image_keys), label_key
         self.samples_per_rank, self.batch_size = samples_per_rank, batch_size
+        self.exif_transpose = exif_transpose
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -207,7 +216,7 @@ class ShardStream(IterableDataset):
         random.Random(_seed(self.seed, self.epoch)).shuffle(shards)  # same on all ranks
         return shards[self.rank::self.world_size][worker::num_workers]
 
-    def __iter__(self) -> Iterator[tuple[Any, int, int]]:
+    def __iter__(self) -> Iterator[tuple[Any, int, tuple[tuple[str, str, bool], ...]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self.check_workers(num_workers)
@@ -228,29 +237,35 @@ class ShardStream(IterableDataset):
         for _ in islice(raw, skip):  # resume: no decoding
             pass
         done, bad = skip, 0
+        reports: list[tuple[str, str, bool]] = []
         while quota is None or done < quota:
             item = next(raw, None)
             if item is None:
+                left = [f"{n}: {r}" for n, r, b in reports if b]
+                if left:  # no sample left to carry them to the main process: log here (in the worker)
+                    _log.warning("skipping bad sample(s) at the end of the stream: %s", "; ".join(left))
                 return
             epoch_pass, shard, sample = item
             name = f"{Path(shard).name}:{sample['__key__']}"
+            notes: list[tuple[str, str]] = []
             try:
-                image, label = self._decode(sample, name)
+                image, label = self._decode(sample, name, notes)
             except BadImage as err:
-                _log.warning("skipping bad sample %s", err)
                 bad += 1
+                reports.append((err.name or name, err.reason, True))
                 if per_pass and bad > per_pass[0]:
                     raise UnreadableImages(
                         f"every sample in {', '.join(shards)} is bad (last: {err}); check the shards"
                     ) from err
                 continue
+            reports += [(n, note, False) for n, note in notes]
             # Global RNGs are per worker process; seeding them here makes the crop of a sample
             # independent of which rank and worker read it.
             seed = _seed(self.seed, self.epoch, epoch_pass, Path(shard).name, sample["__key__"])
             torch.manual_seed(seed)
             random.seed(seed)
-            yield (self.transform(image) if self.transform else image), label, bad
-            done, bad = done + 1, 0
+            yield (self.transform(image) if self.transform else image), label, tuple(reports)
+            done, bad, reports = done + 1, 0, []
 
     def _raw(self, shards: list[str], rng: random.Random, *, repeat: bool,
              per_pass: list[int]) -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -269,17 +284,22 @@ class ShardStream(IterableDataset):
                 raise DataError(f"no samples in {', '.join(shards)}; check the shards")
             rng.shuffle(shards)
 
-    def _decode(self, sample: dict[str, Any], name: str) -> tuple[Image.Image, int]:
+    def _decode(self, sample: dict[str, Any], name: str,
+                notes: list[tuple[str, str]] | None = None) -> tuple[Image.Image, int]:
         ext = next((k for k in self.image_keys if k in sample), None)
         if ext is None:
-            raise BadImage(f"{name}: no image member (looked for {', '.join(self.image_keys)})")
+            reason = f"no image member (looked for {', '.join(self.image_keys)})"
+            raise BadImage(f"{name}: {reason}", name=name, reason=reason)
         label = -1
         if self.label_key is not None and self.label_key in sample:
             try:
                 label = int(sample[self.label_key].decode().strip())
             except ValueError as err:
-                raise BadImage(f"{name}.{self.label_key}: label is not an integer: {err}") from err
-        return decode_rgb(sample[ext], name=f"{name}.{ext}", min_size=self.min_size), label
+                reason = f"label is not an integer: {err}"
+                raise BadImage(f"{name}.{self.label_key}: {reason}", name=f"{name}.{self.label_key}",
+                               reason=reason) from err
+        return decode_rgb(sample[ext], name=f"{name}.{ext}", min_size=self.min_size,
+                          exif_transpose=self.exif_transpose, notes=notes), label
 
 
 def _read_shard(shard: str) -> Iterator[dict[str, Any]]:
@@ -398,35 +418,48 @@ def write_shards(samples: Iterable[tuple[str, bytes, int]], out_dir: str | Path,
 
 
 def folder_to_shards(image_folder: str | Path, out_dir: str | Path, per_shard: int = 1000,
-                     *, seed: int = 0) -> list[Path]:
+                     *, seed: int = 0, min_size: int = 16, bad_files: Any = None) -> list[Path]:
     """Convert an ImageFolder tree (or flat folder) to shuffled tar shards.
 
     Samples are shuffled before writing so every shard mixes classes (the stream only shuffles
-    within a buffer). JPEG, PNG and WEBP files are copied byte for byte (bad ones are caught when
-    training); other formats are re-encoded as PNG, and those that cannot be read are skipped with
-    a warning. Class names go to `classes.json` (index = label).
+    within a buffer). Every file is decoded once to check it: unreadable ones and those with a
+    short side under `min_size` are left out, warned about once each and listed in
+    `out_dir/bad_images.txt` (through `bad_files`, a `milan.data.reading.BadFiles`; by default a
+    new one writing there). JPEG, PNG and WEBP files are then copied byte for byte (EXIF
+    orientation included, applied when decoded); other formats (GIF's first frame, TIFF, BMP, ...)
+    are re-encoded upright as PNG. Class names go to `classes.json` (index = label).
     """
+    from milan.data.reading import BadFiles
+
     folder = ImageFolderDataset(image_folder)
+    _log.info("%s: %s", folder.root, folder.describe())
+    if bad_files is None:
+        bad_files = BadFiles(max_fraction=None, folder=out_dir)
+    bad_files.expect(folder)
     order = list(range(len(folder.samples)))
     random.Random(seed).shuffle(order)
 
     def records() -> Iterator[tuple[str, bytes, int]]:
         for i in order:
             path, label = folder.samples[i]
+            notes: list[tuple[str, str]] = []
+            try:
+                image = load_rgb(path, min_size=min_size, notes=notes)
+            except BadImage as err:
+                bad_files.add([(err.name or str(path), err.reason, True)])
+                continue
+            bad_files.add([(name, note, False) for name, note in notes])
             data = path.read_bytes()
             try:
                 _image_ext(data)
             except ValueError:
-                try:
-                    buffer = io.BytesIO()
-                    load_rgb(path).save(buffer, format="PNG")
-                except BadImage as err:
-                    _log.warning("skipping bad image %s", err)
-                    continue
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
                 data = buffer.getvalue()
             yield f"{i:09d}", data, label
 
     paths = write_shards(records(), out_dir, per_shard=per_shard)
     if folder.classes:
         (Path(out_dir) / "classes.json").write_text(json.dumps(folder.classes, indent=1) + "\n")
+    bad_files.write(out_dir)
     return paths

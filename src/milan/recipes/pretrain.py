@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 import milan
 from milan.data import build_dataset
 from milan.data.folder import Samples
+from milan.data.reading import BadFiles, collate
 from milan.data.sampler import EpochSampler
 from milan.data.transforms import pretrain_transform
 from milan.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -115,7 +116,8 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = 8
     min_size: int = 16  # images with a shorter side are skipped as bad
-    max_bad_fraction: float = 0.01  # stop when more of the images seen are bad
+    max_bad_fraction: float = 0.01  # stop when clearly more of the distinct files read are bad (README: Data)
+    exif_transpose: bool = True  # apply each photo's EXIF orientation (training and the kNN monitor)
 
 
 @dataclass
@@ -383,6 +385,14 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         return {"step": step, "loss": float("nan"), "run_dir": str(run_dir), "bad_images": 0, **recovery.summary()}
     metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
                             resume_from=step if found is not None else None)
+    # one registry of bad files per run: warned once each (rank 0), the same on every rank after
+    # each check point, listed in bad_images.txt; a resumed run starts from the file's list
+    bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir, verbose=info.is_main)
+    bad_files.total = num_images
+    if found is not None:
+        bad_files.load()
+    elif info.is_main and (run_dir / "bad_images.txt").is_file():
+        (run_dir / "bad_images.txt").unlink()  # a fresh start: not the old run's list
     if info.is_main:
         log.info(
             "%s | %d params | teacher %s | %d images | effective batch %d | lr %.3g | %d steps (%d/epoch)",
@@ -416,7 +426,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
 
     def open_window() -> dict[str, Any]:
         return {"loss_sum": loss_sum, "grad_sum": grad_sum, "grad_count": grad_count, "steps": window_steps,
-                "seen": seen, "bad_images": bad_images}
+                "seen": seen, "bad_images": len(bad_files)}
 
     def checkpoint(step: int, epoch: int) -> str:
         # every rank's RNG state, open log window (so that a resumed run logs the same averages) and
@@ -442,6 +452,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             total_steps=total_steps, recover=recover_state,
         ), path)
         prune_checkpoints(run_dir, keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every)
+        bad_files.write()
         return str(path)
 
     fix = ("Lower optim.lr or base_lr, set optim.clip_grad=1.0, or use run.precision=bf16/fp32; then resume from "
@@ -451,20 +462,20 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     grad_count = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
     timed_steps = 0  # steps of the window run by this process (a resumed window's first part is not)
-    seen = bad_images = 0
+    seen = 0  # images this rank trained on (with those of the open log window: resumed exactly)
     if resumed_window is not None:
         loss_sum.copy_(resumed_window["loss_sum"])
         if "grad_sum" in resumed_window:
             grad_sum.copy_(resumed_window["grad_sum"])
             grad_count.copy_(resumed_window["grad_count"])
-        window_steps, seen, bad_images = (resumed_window[k] for k in ("steps", "seen", "bad_images"))
+        window_steps, seen = resumed_window["steps"], resumed_window["seen"]
     if rc.enabled and snapshot is None:  # the state the run starts from is the first rollback target
         snapshot = take_snapshot(step, model=model, optimizer=optimizer, scaler=scaler, window=open_window(),
                                  detector=detector)
     snapshot_cost_logged = False
     last_loss = float("nan")
     bar = progress(last_step, initial=step, desc="pretrain", active=info.is_main)
-    knn = _knn_monitor(cfg, img_size, device) if cfg.monitor.every and info.is_main else None
+    knn = _knn_monitor(cfg, img_size, device, bad_files) if cfg.monitor.every and info.is_main else None
     net.train()
 
     try:
@@ -473,11 +484,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             epoch, batch_in_epoch = divmod(position, steps_per_epoch)
             set_epoch(epoch, batch_in_epoch * accum)  # skips the batches done before a resume or rollback
             micro, step_loss = 0, None
-            for images, _, bad in loader:
+            for images, _, reports in loader:
                 images = images.to(device, non_blocking=True)
                 seen += images.shape[0]
-                bad_images += int(bad.sum())
-                _check_bad_images(bad_images, seen, cfg.data.max_bad_fraction)
+                bad_files.add(reports)  # bad files passed over for this batch (each warned once per run)
 
                 noise = mask_noise(cfg.run.seed, step, micro, (images.shape[0], model.num_patches),
                                    rank=info.rank, world_size=info.world_size, device=device)
@@ -525,6 +535,9 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
 
                 checked = is_check(step)
                 if checked:
+                    # every rank: the same registry, then the same threshold decision (one line, no traceback)
+                    bad_files.sync(device)
+                    bad_files.check(seen=seen * info.world_size)
                     bad_step = detector.agree()  # the same answer on every rank
                     if bad_step is not None:
                         first, cause = bad_step
@@ -549,7 +562,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                         loss_sum.copy_(kept["loss_sum"])
                         grad_sum.copy_(kept["grad_sum"])
                         grad_count.copy_(kept["grad_count"])
-                        window_steps, seen, bad_images = kept["steps"], kept["seen"], kept["bad_images"]
+                        window_steps, seen = kept["steps"], kept["seen"]
                         step = snapshot.step
                         timed_steps, window_start = 0, time.perf_counter()
                         bar.n = step
@@ -574,7 +587,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                     img_s = timed_steps * effective_batch / max(elapsed, 1e-9)
                     last_loss = mean_loss
                     metrics.log(step, loss=mean_loss, lr=lr, img_per_s=img_s, epoch=epoch,
-                                bad_images=bad_images, grad_norm=norm_mean)
+                                bad_images=len(bad_files), grad_norm=norm_mean)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
                                     gnorm="-" if norm_mean is None else f"{norm_mean:.3g}", img_s=f"{img_s:.1f}")
                     loss_sum.zero_()
@@ -605,13 +618,17 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     finally:
         bar.close()
         metrics.close()
+        if info.is_main:
+            bad_files.write()
     summary = recovery.summary()
     if info.is_main:
         log.info("done: step %d, loss %.4f, %d recovery event(s) (%d rollback(s), %d batch(es) skipped), "
                  "checkpoints in %s", step, last_loss, summary["events"], summary["rollbacks"],
                  summary["batches_skipped"], run_dir)
+        bad_files.log_summary()
     distr.cleanup()
-    return {"step": step, "loss": last_loss, "run_dir": str(run_dir), "bad_images": bad_images, **summary}
+    return {"step": step, "loss": last_loss, "run_dir": str(run_dir), "bad_images": len(bad_files),
+            "bad_files": list(bad_files.bad), **summary}
 
 
 def _spans(batches: list[int]) -> str:
@@ -644,19 +661,20 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
                             f"× {info.world_size} process(es); lower the batch size or add data")
         stream = ShardStream(cfg.data.path, transform=transform, rank=info.rank, world_size=info.world_size,
                              seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                             min_size=cfg.data.min_size, samples_per_rank=per_rank, batch_size=batch)
+                             min_size=cfg.data.min_size, samples_per_rank=per_rank, batch_size=batch,
+                             exif_transpose=cfg.data.exif_transpose)
         stream.check_workers(cfg.data.num_workers)
         loader = DataLoader(stream, batch_size=batch, num_workers=cfg.data.num_workers, pin_memory=pin,
-                            drop_last=True, persistent_workers=False)
+                            drop_last=True, persistent_workers=False, collate_fn=collate)
         return loader, lambda epoch, start: stream.set_epoch(epoch, skip=start * batch), per_rank, num_images
 
     dataset = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=transform,
-                            min_size=cfg.data.min_size)
+                            min_size=cfg.data.min_size, exif_transpose=cfg.data.exif_transpose)
     sampler = EpochSampler(len(dataset), rank=info.rank, world_size=info.world_size,
                            seed=cfg.run.seed, batch_size=batch * accum)
     loader = DataLoader(Samples(dataset, seed=cfg.run.seed), batch_size=batch, sampler=sampler,
                         num_workers=cfg.data.num_workers, pin_memory=pin, drop_last=True,
-                        persistent_workers=False)
+                        persistent_workers=False, collate_fn=collate)
     return (loader, lambda epoch, start: sampler.set_epoch(epoch, start_batch=start, batch_size=batch),
             sampler.per_rank, len(dataset))
 
@@ -689,16 +707,7 @@ def _warn_if_batch_changed(state: dict[str, Any], cfg: PretrainConfig, *, world_
                              "uninterrupted run", now, before)
 
 
-def _check_bad_images(bad: int, seen: int, max_fraction: float) -> None:
-    if bad and seen >= 64 and bad / seen > max_fraction:
-        raise DataError(
-            f"{bad} of {seen} images so far were unreadable or too small "
-            f"({bad / seen:.1%} > data.max_bad_fraction={max_fraction}); "
-            "fix or remove them (the log lists each one), or raise data.max_bad_fraction"
-        )
-
-
-def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device):
+def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device, run_files: BadFiles):
     """Returns encoder → weighted-kNN top-1 on the held-out set (mean-pooled patch tokens).
 
     For shapes the sets default to the training data's own train/val splits.
@@ -714,7 +723,12 @@ def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device):
     if cfg.kind == "imagefolder" and not all(paths.values()):
         raise ConfigError("monitor.every > 0 needs monitor.train_path and monitor.val_path (labelled ImageFolders)")
     sets = {split: build_dataset(cfg.kind, paths[split] or paths["train"], split=split, transform=tf,
-                                 label=cfg.label) for split in ("train", "val")}
+                                 label=cfg.label, exif_transpose=full.data.exif_transpose)
+            for split in ("train", "val")}
+    # the monitor's own registry (its own threshold), listed in the run's bad_images.txt
+    bad_files = BadFiles(max_fraction=full.data.max_bad_fraction, key="data.max_bad_fraction (kNN monitor sets)")
+    bad_files.total = sum(min(len(sets[s]), limit) for s, limit in (("train", cfg.train_size), ("val", cfg.val_size)))
+    run_files.attach(bad_files)
 
     def evaluate(encoder: torch.nn.Module) -> float:
         was_training = encoder.training
@@ -722,8 +736,9 @@ def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device):
 
         def encode(x: torch.Tensor) -> torch.Tensor:
             return encoder(x)[:, 1:].mean(1)
-        xtr, ytr = extract_features(encode, sets["train"], device=device, limit=cfg.train_size)
-        xte, yte = extract_features(encode, sets["val"], device=device, limit=cfg.val_size)
+        xtr, ytr = extract_features(encode, sets["train"], device=device, limit=cfg.train_size,
+                                    bad_files=bad_files)
+        xte, yte = extract_features(encode, sets["val"], device=device, limit=cfg.val_size, bad_files=bad_files)
         encoder.train(was_training)
         return knn_accuracy(xtr, ytr, xte, yte)
 

@@ -71,10 +71,17 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_shards(args: argparse.Namespace) -> None:
+    from milan.data.reading import BadFiles
     from milan.data.wds import folder_to_shards
+    from milan.train.log import get_logger
 
-    shards = folder_to_shards(args.folder, args.out, per_shard=args.per_shard, seed=args.seed)
+    get_logger()  # the folder's start line and one warning per unreadable file
+    bad = BadFiles(max_fraction=None, folder=args.out)
+    shards = folder_to_shards(args.folder, args.out, per_shard=args.per_shard, seed=args.seed,
+                              min_size=args.min_size, bad_files=bad)
     print(f"wrote {len(shards)} shards to {args.out}")
+    if bad.summary() is not None:
+        print(bad.summary())
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -145,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("out", type=Path, help="output folder for shard-000000.tar, ... and sizes.json")
     shards.add_argument("--per-shard", type=int, default=1000, help="images per shard")
     shards.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    shards.add_argument("--min-size", type=int, default=16,
+                        help="leave out images with a shorter side (as pretrain's data.min_size)")
     shards.set_defaults(func=_cmd_data_shards)
 
     teacher = sub.add_parser("teacher", help="teacher utilities")

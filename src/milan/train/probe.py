@@ -6,6 +6,7 @@ Used by `milan demo`, and as the building blocks of the evaluation recipes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from milan.errors import DataError
 
+if TYPE_CHECKING:
+    from milan.data.reading import BadFiles
+
 __all__ = ["extract_features", "linear_probe", "knn_classify", "knn_accuracy", "remap_labels", "topk_accuracy"]
 
 
@@ -21,24 +25,34 @@ __all__ = ["extract_features", "linear_probe", "knn_classify", "knn_accuracy", "
 def extract_features(
     encode: Callable[[Tensor], Tensor], dataset: Dataset, *, batch_size: int = 256,
     num_workers: int = 0, device: torch.device | str = "cpu", limit: int | None = None,
-    desc: str | None = None,
+    desc: str | None = None, bad_files: BadFiles | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run `encode` (images → `[B, D]`) over a dataset of (image, label); returns features, labels.
 
-    With `desc`, a progress bar of that name is shown.
+    Unreadable images are left out, features and labels alike, and reported to `bad_files` (the
+    run's `milan.data.reading.BadFiles`: one warning per file, its threshold checked after each
+    batch; by default a registry of this call alone). With `desc`, a progress bar of that name is shown.
     """
+    from milan.data.reading import BadFiles, Checked, collate
+
     if limit is not None and limit < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(limit))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    if bad_files is None:
+        bad_files = BadFiles()
+        bad_files.expect(dataset)
+    loader = DataLoader(Checked(dataset), batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                        collate_fn=collate)
     feats, labels = [], []
-    batches = loader
+    batches = bad_files.track(loader)
     if desc is not None:
         from tqdm.auto import tqdm
 
-        batches = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True)
+        batches = tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True)
     for images, targets in batches:
         feats.append(encode(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(targets))
+    if not feats:
+        raise DataError(f"none of the {len(dataset)} images could be read; check the data path")
     return torch.cat(feats), torch.cat(labels)
 
 
