@@ -33,7 +33,7 @@ from torch.utils.data._utils.collate import default_collate
 from milan.data.folder import BadImage, UnreadableImages
 from milan.errors import DataError
 
-__all__ = ["BAD_IMAGES_FILE", "BadFiles", "Checked", "collate", "read_sample", "too_many_bad", "MIN_FILES"]
+__all__ = ["BAD_IMAGES_FILE", "BadFiles", "Checked", "Tolerant", "collate", "read_sample", "too_many_bad", "MIN_FILES"]
 
 _log = logging.getLogger("milan")
 
@@ -110,6 +110,27 @@ class Checked(Dataset):
         last = reports[-1]
         raise UnreadableImages(f"{self.max_tries} consecutive unreadable or too small images from index {index} "
                                f"(last: {last[0]}: {last[1]}); check that the data path holds readable images")
+
+
+class Tolerant(Dataset):
+    """`(image, label)` per sample of `dataset`, a bad image replaced by the next good one and
+    reported straight to `bad_files` — for reading in the main process only (`milan viz`); with
+    DataLoader workers use `Checked`, whose reports travel through the batch."""
+
+    def __init__(self, dataset: Dataset, bad_files: BadFiles, *, max_tries: int = 16) -> None:
+        self.checked, self.bad_files = Checked(dataset, replace=True, max_tries=max_tries), bad_files
+        bad_files.expect(dataset)
+        for name in ("classes", "samples", "targets"):
+            if hasattr(dataset, name):
+                setattr(self, name, getattr(dataset, name))
+
+    def __len__(self) -> int:
+        return len(self.checked)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, label, reports = self.checked[index]
+        self.bad_files.add(reports)
+        return image, label
 
 
 def collate(batch: Sequence[tuple[Any, Any, Iterable[Report]]]) -> tuple[Any, Any, list[Report]]:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from milan.data import build_dataset
+from milan.data.reading import BadFiles, Checked, collate
 from milan.data.transforms import eval_transform
 from milan.encoder import EncoderConfig
 from milan.errors import ConfigError, DataError, WeightsError
@@ -42,6 +43,8 @@ class DataConfig:
     batch_size: int = 128
     num_workers: int = 8
     restrict_logits: Literal["auto", "always", "never"] = "auto"  # auto: when the set has fewer classes
+    max_bad_fraction: float = 0.01  # stop when clearly more of the files read are unreadable (README: Data)
+    exif_transpose: bool = True  # apply each photo's EXIF orientation
 
 
 @dataclass
@@ -118,8 +121,12 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     transform = eval_transform(img_size, crop_pct=cfg.data.crop_pct)
     metrics = MetricsLogger(run_dir, tensorboard=False)
     results: dict[str, Any] = {}
+    # unreadable images are left out of the scores, warned about once each and listed in bad_images.txt
+    bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir)
     for path in cfg.data.paths:
-        dataset = build_dataset("imagefolder", path, split="val", transform=transform)
+        dataset = build_dataset("imagefolder", path, split="val", transform=transform,
+                                exif_transpose=cfg.data.exif_transpose)
+        bad_files.expect(dataset)
         if model_classes:
             try:
                 index = class_index(dataset.classes, model_classes)
@@ -133,10 +140,11 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         restrict = {"auto": len(index) < num_classes, "always": True, "never": False}[cfg.data.restrict_logits]
         if not restrict:
             dataset = Relabel(dataset, index)  # targets become model output indices
-        loader = DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
+        loader = DataLoader(Checked(dataset), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                            collate_fn=collate)
         name = Path(path).name if Path(path).name not in ("val", "train") else Path(path).parent.name + "/val"
-        result = evaluate(model, loader, device, class_index=index if restrict else None, amp_dtype=amp_dtype,
-                          desc=name)
+        result = evaluate(model, bad_files.track(loader), device, class_index=index if restrict else None,
+                          amp_dtype=amp_dtype, desc=name)
         result.update(num_classes=len(index), restricted=restrict, path=str(path))
         results[name] = result
         metrics.log(0, set=name, top1=result["top1"], top5=result["top5"])
@@ -144,4 +152,5 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
                  100 * result["top5"], result["count"], len(index), ", logits restricted" if restrict else "")
     metrics.close()
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    bad_files.log_summary()
     return results

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from milan.data import build_dataset
+from milan.data.reading import BadFiles, Checked, collate
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
 from milan.errors import ConfigError, DataError
@@ -84,6 +85,8 @@ class DataConfig:
     reprob: float = 0.25  # random erasing probability
     hflip: float = 0.5
     num_workers: int = 8
+    max_bad_fraction: float = 0.01  # stop when clearly more of the files read are unreadable (README: Data)
+    exif_transpose: bool = True  # apply each photo's EXIF orientation
 
 
 @dataclass
@@ -177,9 +180,11 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )
     keep_posterize_bits(train_tf)
-    train_set = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=train_tf, label=cfg.data.label)
-    val_set = build_dataset(cfg.data.kind, cfg.data.path, split="val",
-                            transform=eval_transform(img_size, crop_pct=cfg.data.crop_pct), label=cfg.data.label)
+    exif = cfg.data.exif_transpose
+    train_set = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=train_tf, label=cfg.data.label,
+                              exif_transpose=exif)
+    val_set = build_dataset(cfg.data.kind, cfg.data.path, split="val", label=cfg.data.label, exif_transpose=exif,
+                            transform=eval_transform(img_size, crop_pct=cfg.data.crop_pct))
     classes = list(getattr(train_set, "classes", []))
     if classes and getattr(val_set, "classes", None) not in (None, classes):
         lut = remap_labels(torch.arange(len(val_set.classes)), val_set.classes, classes)
@@ -190,12 +195,17 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                                  drop_last=True)
     # Workers are not persistent: each epoch's workers get their seeds from the global torch RNG, which
     # checkpoint-last.pt holds, so that a resumed epoch augments exactly as the uninterrupted one.
-    loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers)
+    # training: a bad image is replaced by the next good one (full batches); val: a bad one is left out.
+    # Workers report bad files through the batch to this registry (one warning per file, bad_images.txt).
+    loader = DataLoader(Checked(train_set, replace=True), batch_size=batch, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, collate_fn=collate)
     if len(loader) == 0:
         raise DataError(f"{len(train_set)} training images are fewer than one batch per process; "
                         f"lower optim.batch_size={batch}")
-    val_loader = DataLoader(val_set, batch_size=batch, num_workers=cfg.data.num_workers)
+    val_loader = DataLoader(Checked(val_set), batch_size=batch, num_workers=cfg.data.num_workers, collate_fn=collate)
+    bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir if info.is_main else None,
+                         verbose=info.is_main)
+    bad_files.total = len(train_set) + len(val_set)
 
     # --- model ---------------------------------------------------------------------------------
     model = build_classifier(config, num_classes, drop_path=cfg.model.drop_path)
@@ -290,7 +300,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     for epoch in range(start_epoch, last_epoch):
         sampler.set_epoch(epoch)
         ddp.train()
-        for images, targets in loader:
+        for images, targets in bad_files.track(loader, check=False):
             images, targets = images.to(device), torch.as_tensor(targets).to(device)
             if mixup is not None:
                 images, targets = mixup(images, targets)  # soft targets [B, C]
@@ -312,7 +322,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         finite.check()  # every rank, before the evaluation and the checkpoints of this epoch
         if info.is_main:  # rank 0 evaluates the whole val set; others wait at the RNG gather
-            result = evaluate(model, val_loader, device, amp_dtype=amp_dtype, desc=f"val {epoch + 1}")
+            result = evaluate(model, bad_files.track(val_loader, check=False), device, amp_dtype=amp_dtype,
+                              desc=f"val {epoch + 1}")
             metrics.log(step, epoch=epoch + 1, loss=loss.item(), top1=result["top1"], top5=result["top5"],
                         val_loss=result["loss"])
             last = {"top1": result["top1"], "top5": result["top5"]}
@@ -324,6 +335,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                                           world_size=info.world_size)
                 save_checkpoint(record.state(**payload), run_dir / "checkpoint-best.pt")
             log.info("epoch %d: top-1 %.2f%% top-5 %.2f%%", epoch + 1, 100 * result["top1"], 100 * result["top5"])
+        # every rank: the same bad files (rank 0's val ones included), then the same threshold decision,
+        # judged on the whole dataset (each file has now been read)
+        bad_files.sync(device)
+        bad_files.check(seen=bad_files.total)
         # every rank's RNG states after the epoch (and rank 0's evaluation): the next epoch's
         # dropout, drop path, mixup, augmentation and worker seeds all follow from them
         rngs = distr.all_gather_object(rng_state())
@@ -339,6 +354,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     if epoch_done < cfg.optim.epochs and info.is_main:
         log.info("stopped after epoch %d of %d (run.max_epochs): rerun to resume from checkpoint-last.pt",
                  epoch_done, cfg.optim.epochs)
+    bad_files.log_summary()
     return summary()
 
 

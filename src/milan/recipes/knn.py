@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from milan.data import build_dataset
+from milan.data.reading import BadFiles
 from milan.data.transforms import eval_transform
 from milan.errors import ConfigError
 from milan.io.weights import build_encoder
@@ -46,6 +47,8 @@ class DataConfig:
     num_workers: int = 8
     train_limit: int | None = None  # use only the first n reference images
     val_limit: int | None = None
+    max_bad_fraction: float = 0.01  # stop when clearly more of the files read are unreadable (README: Data)
+    exif_transpose: bool = True  # apply each photo's EXIF orientation
 
 
 @dataclass
@@ -89,14 +92,19 @@ def main(cfg: KnnConfig) -> dict[str, Any]:
     if cfg.data.kind == "imagefolder" and not (train_path and val_path):
         raise ConfigError("set data.path=<root with train/ and val/> "
                           "(or data.train_path= and data.val_path=) for data.kind=imagefolder")
-    sets = {split: build_dataset(cfg.data.kind, path, split=split, transform=transform, label=cfg.data.label)
+    sets = {split: build_dataset(cfg.data.kind, path, split=split, transform=transform, label=cfg.data.label,
+                                 exif_transpose=cfg.data.exif_transpose)
             for split, path in (("train", train_path), ("val", val_path))}
+    bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir)
+    for split, limit in (("train", cfg.data.train_limit), ("val", cfg.data.val_limit)):
+        bad_files.total += len(sets[split]) if limit is None else min(limit, len(sets[split]))
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         tokens = encoder(images)  # [B, 1+N, D]
         return tokens[:, 0] if cfg.model.pool == "cls" else tokens[:, 1:].mean(1)
 
-    common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, device=info.device)
+    common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, device=info.device,
+                  bad_files=bad_files)
     xtr, ytr = extract_features(encode, sets["train"], limit=cfg.data.train_limit, desc="train features", **common)
     xte, yte = extract_features(encode, sets["val"], limit=cfg.data.val_limit, desc="val features", **common)
     if hasattr(sets["train"], "classes") and hasattr(sets["val"], "classes"):
@@ -106,11 +114,12 @@ def main(cfg: KnnConfig) -> dict[str, Any]:
                         num_classes=num_classes)
     result = {"knn_top1": top1, "k": cfg.knn.k, "temperature": cfg.knn.temperature, "pool": cfg.model.pool,
               "num_train": len(xtr), "num_val": len(xte), "num_classes": num_classes,
-              "weights": cfg.model.weights, "preset": meta["preset"]}
+              "weights": cfg.model.weights, "preset": meta["preset"], "bad_images": len(bad_files)}
     metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard)
     metrics.log(0, knn_top1=top1)
     metrics.close()
     (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     log.info("kNN (k=%d, T=%g, %s) top-1 %.2f%% on %d val images", cfg.knn.k, cfg.knn.temperature,
              cfg.model.pool, 100 * top1, len(xte))
+    bad_files.log_summary()
     return result

@@ -34,6 +34,7 @@ from torchvision import transforms as T
 
 import milan
 from milan.data import build_dataset
+from milan.data.reading import BadFiles, Checked, collate
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.errors import ConfigError, TeacherError
 from milan.io.weights import build_encoder
@@ -82,6 +83,8 @@ class DataConfig:
     num_workers: int = 8
     train_limit: int | None = None
     val_limit: int | None = None
+    max_bad_fraction: float = 0.01  # stop when clearly more of the files read are unreadable (README: Data)
+    exif_transpose: bool = True  # apply each photo's EXIF orientation
 
 
 @dataclass
@@ -186,8 +189,11 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         steps = [T.RandomResizedCrop(img_size, scale=cfg.data.crop_scale, interpolation=T.InterpolationMode.BICUBIC)]
         steps += [T.RandomHorizontalFlip()] if cfg.data.hflip else []
         train_tf = T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    train_set = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=train_tf, label=cfg.data.label)
-    val_set = build_dataset(cfg.data.kind, cfg.data.path, split="val", transform=val_tf, label=cfg.data.label)
+    exif = cfg.data.exif_transpose
+    train_set = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=train_tf, label=cfg.data.label,
+                              exif_transpose=exif)
+    val_set = build_dataset(cfg.data.kind, cfg.data.path, split="val", transform=val_tf, label=cfg.data.label,
+                            exif_transpose=exif)
     classes = {"train": getattr(train_set, "classes", None), "val": getattr(val_set, "classes", None)}
     for name, limit in (("train", cfg.data.train_limit), ("val", cfg.data.val_limit)):
         if limit is not None:
@@ -200,6 +206,8 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     else:  # labels only, no encoder pass: known before the (costly) features, for the resume check
         num_classes = int(max(max(_targets(train_set)), max(_targets(val_set)))) + 1
     steps_per_epoch = max(1, num_train // batch)
+    bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir)  # one warning per file, listed
+    bad_files.total = len(train_set) + len(val_set)
 
     # --- head, LARS, schedule ------------------------------------------------------------------
     head = ProbeHead(encoder.embed_dim, num_classes).to(device)
@@ -253,7 +261,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         return finish(start_epoch)
 
     # --- features ------------------------------------------------------------------------------
-    common = dict(batch_size=batch, num_workers=cfg.data.num_workers, device=device)
+    common = dict(batch_size=batch, num_workers=cfg.data.num_workers, device=device, bad_files=bad_files)
     val_x, val_y = extract_features(features, val_set, desc="val features", **common)
     if classes["train"] is not None and classes["val"] is not None:
         val_y = remap_labels(val_y, classes["val"], classes["train"])
@@ -261,8 +269,10 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         train_x, train_y = extract_features(features, train_set, desc="train features (cached)", **common)
     else:
         # its own generator (shuffle order, worker seeds): its state is part of head-last.pt
-        loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=len(train_set) >= batch,
-                            num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.run.seed))
+        # a bad image is replaced by the next good one (batches stay full)
+        loader = DataLoader(Checked(train_set, replace=True), batch_size=batch, shuffle=True,
+                            drop_last=len(train_set) >= batch, num_workers=cfg.data.num_workers,
+                            generator=torch.Generator().manual_seed(cfg.run.seed), collate_fn=collate)
         if saved is not None and saved.get("loader_rng") is not None:
             loader.generator.set_state(saved["loader_rng"])
 
@@ -273,7 +283,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
                 idx = order[i * batch:(i + 1) * batch]
                 yield train_x[idx].to(device), train_y[idx].to(device)
         else:
-            for images, targets in loader:
+            for images, targets in bad_files.track(loader):
                 yield features(images.to(device)), torch.as_tensor(targets).to(device)
 
     metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_from=step if found is not None else None)
@@ -318,6 +328,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         log.info("stopped after epoch %d of %d (run.max_epochs): rerun to resume from head-last.pt",
                  last["epoch"], cfg.optim.epochs)
     log.info("linear probe top-1 %.2f%% (best %.2f%% at epoch %d)", 100 * top1, 100 * best["top1"], best["epoch"])
+    bad_files.log_summary()
     return finish(last["epoch"])
 
 

@@ -103,6 +103,9 @@ def run_from_args(args: argparse.Namespace) -> Path:
     """Dispatch to the chosen subcommand; returns the PNG written (also printed)."""
     path = args.viz_fn(args)
     print(path)
+    bad_files = getattr(args, "bad_files", None)  # set by _dataset
+    if bad_files is not None and bad_files.summary() is not None:
+        print(bad_files.summary())
     return path
 
 
@@ -144,8 +147,12 @@ def _dataset(args: argparse.Namespace, img_size: int, cfg: dict[str, Any] | None
     path = args.data_path
     if path is None and cfg is not None and (cfg.get("data") or {}).get("kind") == args.data:
         path = cfg["data"].get("path")
+    from milan.data.reading import BadFiles, Tolerant
+
     tf = eval_transform(img_size, crop_pct=1.0)
-    return build_dataset(args.data, path, split=args.split, transform=tf, label=label)
+    # an unreadable image is replaced by the next good one, warned about once; no run folder to list them in
+    args.bad_files = getattr(args, "bad_files", None) or BadFiles(max_fraction=None)
+    return Tolerant(build_dataset(args.data, path, split=args.split, transform=tf, label=label), args.bad_files)
 
 
 def _sample(dataset, num: int, seed: int) -> Tensor:
