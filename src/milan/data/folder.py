@@ -181,6 +181,7 @@ class ImageFolderDataset(Dataset):
                     self.ignored.append(path.name + "/")
                 else:
                     take(path, -1)
+        self.ignored.sort()
         if not self.samples:
             raise DataNotFound(
                 f"no images found under {root} (extensions: {', '.join(IMAGE_EXTENSIONS)})"

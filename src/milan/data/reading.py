@@ -164,11 +164,16 @@ class BadFiles:
         self.seen = 0  # good samples delivered by tracked loaders
         self.total = 0  # distinct files behind the tracked datasets (0: unknown)
         self.attached: list[BadFiles] = []
+        self.parent: BadFiles | None = None
 
     def attach(self, other: BadFiles) -> None:
         """List `other`'s files (e.g. the kNN monitor's) in this one's `bad_images.txt` and summary;
         each judges its own threshold."""
         self.attached.append(other)
+        other.parent = self
+
+    def _root(self) -> BadFiles:
+        return self if self.parent is None else self.parent._root()
 
     def all_bad(self) -> dict[str, str]:
         out = dict(self.bad)
@@ -189,9 +194,10 @@ class BadFiles:
         new = 0
         for name, reason, bad in reports:
             if bad and name not in self.bad:
+                known = name in self._root().all_bad()  # warned about by another registry of the run
                 self.bad[name] = reason
                 new += 1
-                if self.verbose:
+                if self.verbose and not known:
                     _log.warning("skipping unreadable image %s: %s", name, reason)
             elif not bad and name not in self.noted:
                 self.noted.add(name)
@@ -277,7 +283,7 @@ class BadFiles:
         bad = self.all_bad()
         if not bad:
             return None
-        total = total if total is not None else self.total + sum(other.total for other in self.attached)
+        total = total if total is not None else self.total
         where = self.write()
         n = len(bad)
         head = f"skipped {n} unreadable file{'s' if n != 1 else ''}" + (f" of {total}" if total else "")
