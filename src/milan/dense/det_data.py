@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -62,8 +61,9 @@ def load_coco(source: str | Path | dict) -> Any:
 
 
 def _read_image(path: Path) -> Tensor:
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    from milan.data.reading import read_annotated_image
+
+    array = np.asarray(read_annotated_image(path), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)  # [3, H, W]
 
 

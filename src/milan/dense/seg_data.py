@@ -141,8 +141,9 @@ class ADE20KDataset(Dataset):
         return len(self.stems)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        with Image.open(self.images[index]) as im:
-            image = im.convert("RGB")
+        from milan.data.reading import read_annotated_image
+
+        image = read_annotated_image(self.images[index])
         with Image.open(self.labels[index]) as im:
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise DataError(f"{self.labels[index]}: annotation should be a single-channel PNG of class ids, "
