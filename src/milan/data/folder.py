@@ -15,6 +15,7 @@ images, nothing but bad images) raises `milan.errors.DataError`.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import warnings
 from collections.abc import Callable
@@ -168,7 +169,7 @@ class ImageFolderDataset(Dataset):
 
         if classes:
             for label, name in enumerate(classes):
-                for path in sorted(p for p in (root / name).rglob("*") if not p.is_dir()):
+                for path in _files(root / name):
                     take(path, label)
             # loose files beside the class folders (and hidden folders) are not part of any class
             for path in entries:
@@ -213,6 +214,15 @@ class ImageFolderDataset(Dataset):
         """"426 images in 5 classes; ignored 3 files: .DS_Store, cat/notes.txt, loose.jpg"."""
         what = f"{len(self.samples)} images" + (f" in {len(self.classes)} classes" if self.classes else "")
         return what + (f"; ignored {_listing(self.ignored)}" if self.ignored else "")
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted (one `os.walk`: no stat per file, for million-image folders)."""
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        found += [Path(parent, f) for f in files]
+    return sorted(found)
 
 
 def _listing(names: list[str], show: int = 5) -> str:
