@@ -386,11 +386,15 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
                             resume_from=step if found is not None else None)
     # one registry of bad files per run: warned once each (rank 0), the same on every rank after
-    # each check point, listed in bad_images.txt; a resumed run starts from the file's list
-    bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir, verbose=info.is_main)
+    # each check point, listed in bad_images.txt; a resumed run starts from its checkpoint's list
+    bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir if info.is_main else None,
+                         verbose=info.is_main)
     bad_files.total = num_images
-    if found is not None:
-        bad_files.load()
+    if found is not None:  # the checkpoint's list (every rank: the same), or an older run's file
+        if "bad_files" in found[1]:
+            bad_files.bad.update(found[1]["bad_files"])
+        else:
+            bad_files.load(run_dir)
     elif info.is_main and (run_dir / "bad_images.txt").is_file():
         (run_dir / "bad_images.txt").unlink()  # a fresh start: not the old run's list
     if info.is_main:
@@ -449,7 +453,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         save_checkpoint(record.state(
             model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
             spec=asdict(spec), variant=[spec.target, spec.decoder, spec.masking], log_window=windows,
-            total_steps=total_steps, recover=recover_state,
+            total_steps=total_steps, recover=recover_state, bad_files=dict(bad_files.bad),
         ), path)
         prune_checkpoints(run_dir, keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every)
         bad_files.write()
