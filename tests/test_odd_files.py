@@ -250,17 +250,24 @@ def test_a_file_skipped_in_three_epochs_counts_once_and_is_warned_once(tmp_path:
         _photo(rng, 0, 32, 32).save(tmp_path / "data" / "x" / f"{i:02d}.png")
     for name in ("05a.jpg", "05b.jpg"):  # two bad ones next to each other
         (tmp_path / "data" / "x" / name).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    ds = ImageFolderDataset(tmp_path / "data", lambda img: torch.zeros(1))
+    from torchvision import transforms as T
+
+    ds = ImageFolderDataset(tmp_path / "data", T.Compose([T.RandomResizedCrop(8), T.PILToTensor()]))
     registry = BadFiles(max_fraction=0.5, folder=tmp_path / "run")
     registry.total = len(ds)
     sampler = EpochSampler(len(ds), rank=0, world_size=1, seed=0, batch_size=4)
-    loader = DataLoader(Samples(ds, seed=0), batch_size=4, sampler=sampler, num_workers=2, collate_fn=collate)
+    batches = {}
     with captured() as lines:
-        for epoch in range(3):
-            sampler.set_epoch(epoch)
-            for images, _, reports in loader:
-                assert images.shape[0] == 4
-                registry.add(reports)
+        for workers in (2, 0):  # the replacement of a bad image is the same in workers and in-process
+            loader = DataLoader(Samples(ds, seed=0), batch_size=4, sampler=sampler, num_workers=workers,
+                                collate_fn=collate)
+            for epoch in range(3):
+                sampler.set_epoch(epoch)
+                for i, (images, _, reports) in enumerate(loader):
+                    assert images.shape[0] == 4
+                    registry.add(reports)
+                    batches.setdefault((epoch, i), []).append(images)
+    assert all(torch.equal(*pair) for pair in batches.values())
     assert set(registry.bad) == {str(tmp_path / "data" / "x" / n) for n in ("05a.jpg", "05b.jpg")}
     assert _warned(lines, "05a.jpg") == 1 and _warned(lines, "05b.jpg") == 1
     assert registry.summary() == f"skipped 2 unreadable files of 16; list in {tmp_path / 'run' / 'bad_images.txt'}"

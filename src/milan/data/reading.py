@@ -187,6 +187,9 @@ class BadFiles:
     def _root(self) -> BadFiles:
         return self if self.parent is None else self.parent._root()
 
+    def _has(self, name: str) -> bool:
+        return name in self.bad or any(other._has(name) for other in self.attached)
+
     def all_bad(self) -> dict[str, str]:
         out = dict(self.bad)
         for other in self.attached:
@@ -206,7 +209,7 @@ class BadFiles:
         new = 0
         for name, reason, bad in reports:
             if bad and name not in self.bad:
-                known = name in self._root().all_bad()  # warned about by another registry of the run
+                known = self._root()._has(name)  # warned about by another registry of the run
                 self.bad[name] = reason
                 new += 1
                 if self.verbose and not known:
