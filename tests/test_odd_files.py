@@ -293,11 +293,29 @@ def pretrained(odd: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     n = len(ImageFolderDataset(odd))
     assert n % 8 == 0  # every file in every epoch (the sampler drops the remainder)
     with captured() as lines, phone_spy() as phones:
-        cli(pretrain_args(odd, out, "data.kind=imagefolder", "data.max_bad_fraction=0.5",
-                                   f"optim.steps={n // 8}", "run.log_every=2", "monitor.every=2",
-                                   "monitor.kind=imagefolder", f"monitor.train_path={odd}", f"monitor.val_path={odd}",
-                                   "monitor.train_size=64", "monitor.val_size=64"))
+        cli(_pretrain_odd(odd, out, n))
     return {"out": out, "lines": lines, "phones": phones, "n": n}
+
+
+def _pretrain_odd(odd: Path, out: Path, n: int, *extra: str) -> list[str]:
+    return pretrain_args(odd, out, "data.kind=imagefolder", "data.max_bad_fraction=0.5", f"optim.steps={n // 8}",
+                         "run.log_every=2", "monitor.every=2", "monitor.kind=imagefolder", f"monitor.train_path={odd}",
+                         f"monitor.val_path={odd}", "monitor.train_size=64", "monitor.val_size=64", *extra)
+
+
+def test_pretrain_resumed_between_bad_files_logs_the_same(odd: Path, pretrained: dict, tmp_path: Path) -> None:
+    part, n = tmp_path / "part", pretrained["n"]
+    with captured() as lines:
+        cli(_pretrain_odd(odd, part, n, "run.max_steps=2"))
+        cli(_pretrain_odd(odd, part, n))  # resumes at step 2, the registry from the checkpoint
+
+    def records(run: Path) -> list[dict]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "img_per_s")} for line in lines]
+
+    assert records(part) == records(pretrained["out"])  # losses, bad-image counts, kNN accuracies
+    assert sorted(bad_names(part)) == sorted(ALWAYS_BAD | TINY)
+    assert all(_warned(lines, name) == 1 for name in ALWAYS_BAD | TINY)  # before or after the pause, once
 
 
 def test_pretrain_skips_exactly_the_bad_files_once(pretrained: dict) -> None:

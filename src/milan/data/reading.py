@@ -177,6 +177,7 @@ class BadFiles:
         self.total = 0  # distinct files behind the tracked datasets (0: unknown)
         self.attached: list[BadFiles] = []
         self.parent: BadFiles | None = None
+        self.elsewhere: dict[str, str] = {}  # files known bad from before a resume, not counted here
 
     def attach(self, other: BadFiles) -> None:
         """List `other`'s files (e.g. the kNN monitor's) in this one's `bad_images.txt` and summary;
@@ -188,10 +189,10 @@ class BadFiles:
         return self if self.parent is None else self.parent._root()
 
     def _has(self, name: str) -> bool:
-        return name in self.bad or any(other._has(name) for other in self.attached)
+        return name in self.bad or name in self.elsewhere or any(other._has(name) for other in self.attached)
 
     def all_bad(self) -> dict[str, str]:
-        out = dict(self.bad)
+        out = {**self.elsewhere, **self.bad}
         for other in self.attached:
             for name, reason in other.all_bad().items():
                 out.setdefault(name, reason)

@@ -392,7 +392,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     bad_files.total = num_images
     if found is not None:  # the checkpoint's list (every rank: the same), or an older run's file
         if "bad_files" in found[1]:
-            bad_files.bad.update(found[1]["bad_files"])
+            bad_files.bad.update(found[1]["bad_files"])  # counted (the logged bad_images continue exactly)
+            bad_files.elsewhere.update(found[1].get("bad_files_all", {}))  # the monitor's: listed, not warned again
         else:
             bad_files.load(run_dir)
     elif info.is_main and (run_dir / "bad_images.txt").is_file():
@@ -454,6 +455,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
             spec=asdict(spec), variant=[spec.target, spec.decoder, spec.masking], log_window=windows,
             total_steps=total_steps, recover=recover_state, bad_files=dict(bad_files.bad),
+            bad_files_all=bad_files.all_bad(),
         ), path)
         prune_checkpoints(run_dir, keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every)
         bad_files.write()
