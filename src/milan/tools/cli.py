@@ -34,15 +34,21 @@ def _recipe_parser(sub: argparse._SubParsersAction, name: str, help: str, config
     p.set_defaults(func=_run_recipe, config_cls=config_cls_path)
 
 
-def _tool_parser(sub: argparse._SubParsersAction, name: str, module: str, help: str, description: str) -> None:
-    """A subcommand whose module brings its own `add_arguments` and `run_from_args`."""
-    import importlib
+def _tool_parser(sub: argparse._SubParsersAction, name: str, module: str, help: str, description: str | None = None,
+                 *, load: bool = True, formatter: type = argparse.ArgumentDefaultsHelpFormatter) -> None:
+    """A subcommand whose module brings its own `add_arguments` and `run_from_args`.
 
-    tool = importlib.import_module(module)
-    p = sub.add_parser(name, help=help, description=description,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tool.add_arguments(p)
-    p.set_defaults(func=tool.run_from_args)
+    The module (which imports torch) is imported only when `load` is true, i.e. when the command line
+    names this subcommand: `milan --help` lists every command without importing any of them.
+    """
+    p = sub.add_parser(name, help=help, description=description or help, formatter_class=formatter)
+    if load:
+        import importlib
+
+        tool = importlib.import_module(module)
+        tool.add_arguments(p)
+        if hasattr(tool, "run_from_args"):
+            p.set_defaults(func=tool.run_from_args)
 
 
 def _run_recipe(args: argparse.Namespace) -> None:
@@ -87,7 +93,12 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print("configs:  " + ", ".join(shipped_configs()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the subcommands it names get their (torch-importing) arguments."""
+
+    def wanted(name: str) -> bool:
+        return argv is None or name in argv
+
     parser = argparse.ArgumentParser(
         prog="milan",
         description="MILAN: masked image pretraining on language-assisted representation.",
@@ -114,20 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_parser(sub, "detect", "detection / instance segmentation transfer: Mask R-CNN + FPN on a ViT pyramid "
                    "(COCO json or shapes)", "milan.recipes.detect", "optim.epochs=2 model.weights=runs/pretrain")
 
-    export = sub.add_parser(
-        "export", help="export encoder (or finetuned classifier) weights for timm (.safetensors + .json)",
-        description="Write a checkpoint's encoder as timm-named safetensors plus a JSON sidecar with the "
-        "timm model name and kwargs; prints the timm.create_model call that loads it.",
-    )
-    from milan.io import export as export_module
-
-    export_module.add_arguments(export)
-    export.set_defaults(func=export_module.run_from_args)
+    _tool_parser(sub, "export", "milan.io.export",
+                 "export encoder (or finetuned classifier) weights for timm (.safetensors + .json)",
+                 "Write a checkpoint's encoder as timm-named safetensors plus a JSON sidecar with the "
+                 "timm model name and kwargs; prints the timm.create_model call that loads it.",
+                 load=wanted("export"), formatter=argparse.HelpFormatter)
 
     _tool_parser(sub, "demo", "milan.tools.demo",
                  "end-to-end demo on the built-in shapes data and teacher (CPU, minutes)",
                  "Generate the shapes data, load builtin:shapes, pretrain a tiny MILAN student, probe it "
-                 "against a random-init student and the teacher, write a report and figures.")
+                 "against a random-init student and the teacher, write a report and figures.", load=wanted("demo"))
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", metavar="<what>", required=True)
@@ -153,21 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
                  "train the small CLIP shipped as builtin:shapes (≈10 min on 2 CPU cores)",
                  "Train the shapes CLIP with language supervision, report zero-shot accuracy and attention on "
                  "objects, export the vision tower and card (default: runs/shapes_teacher; use it with "
-                 "teacher.spec=builtin:shapes teacher.weights=runs/shapes_teacher/shapes_clip_visual.safetensors).")
+                 "teacher.spec=builtin:shapes teacher.weights=runs/shapes_teacher/shapes_clip_visual.safetensors).",
+                 load=wanted("train-shapes"))
 
     bench = sub.add_parser("bench", help="benchmarks (speed, MFU)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="<what>", required=True)
-    from milan.tools import bench as bench_module
+    _tool_parser(bench_sub, "speed", "milan.tools.bench",
+                 "images/s, phase split, peak memory and MFU of one pretraining step (CPU or CUDA)",
+                 load=wanted("speed"), formatter=argparse.HelpFormatter)
 
-    speed = bench_sub.add_parser(
-        "speed", help="images/s, phase split, peak memory and MFU of one pretraining step (CPU or CUDA)"
-    )
-    bench_module.add_arguments(speed)
-    speed.set_defaults(func=bench_module.run_from_args)
-
-    from milan.tools import viz_cli
-
-    viz_cli.add_arguments(sub.add_parser("viz", help="paper figures as PNG files: masks, attention, tsne, curves"))
+    _tool_parser(sub, "viz", "milan.tools.viz_cli", "paper figures as PNG files: masks, attention, tsne, curves",
+                 "Write the paper's figures as PNG files (headless matplotlib).", load=wanted("viz"), formatter=argparse.HelpFormatter)
 
     info = sub.add_parser("info", help="list models, teacher specs and shipped configs")
     info.set_defaults(func=_cmd_info)
@@ -176,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse and run one command; errors propagate (the form tests and Python callers want)."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     func(args)
 
