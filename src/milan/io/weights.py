@@ -343,9 +343,12 @@ def build_encoder(
         the encoder (eval mode, gradients on; freeze it yourself if needed) and the file's meta.
     """
     from milan.encoder import MaskedViTEncoder
+    from milan.model import encoder_preset
 
+    if preset is not None:
+        preset = encoder_preset(preset)
     if weights is None:
-        if preset not in ENCODER_PRESETS:
+        if preset is None:
             raise WeightsError(f"give model.weights=<checkpoint>, or model.preset=<one of: "
                                f"{', '.join(ENCODER_PRESETS)}> for a random-init baseline")
         config = ENCODER_PRESETS[preset]

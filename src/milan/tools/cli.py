@@ -85,11 +85,15 @@ def _cmd_data_shards(args: argparse.Namespace) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> None:
     import milan
+    from milan.encoder import ENCODER_PRESETS
     from milan.model import model_names
+    from milan.teacher import SPEC_FORMS
 
     print(f"milan {milan.__version__}")
-    print("models:   " + ", ".join(model_names()))
-    print("teachers: openclip:<arch> (weights=FILE), hf:<folder>, timm:<name> (weights=FILE), builtin:shapes")
+    print("models:   " + ", ".join(model_names()) + "  (pretrain: model.name=)")
+    print("encoders: " + ", ".join(ENCODER_PRESETS) + "  (knn, linprobe, finetune, segment, detect: model.preset=; "
+          "a model name works too)")
+    print("teachers: " + "\n          ".join(SPEC_FORMS))
     print("configs:  " + ", ".join(shipped_configs()))
 
 
