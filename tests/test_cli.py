@@ -134,3 +134,20 @@ def test_package_exports_resolve_lazily() -> None:
         assert getattr(milan, name) is not None, name
     with pytest.raises(AttributeError):
         milan.no_such_name  # noqa: B018
+
+
+def test_failed_start_leaves_no_run_folder(tmp_path: Path) -> None:
+    """A command refused after its run folder was started removes that folder again; a folder that
+    existed before (a resumed run) is never removed."""
+    from milan.errors import UserError
+
+    out = tmp_path / "knn"
+    with pytest.raises(UserError, match="not an encoder preset"):
+        main(["knn", "data.kind=shapes", "model.preset=vit_nope", f"run.out_dir={out}"])
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(UserError):
+        main(["knn", "data.kind=shapes", "model.preset=vit_nope", f"run.out_dir={existing}"])
+    assert (existing / "notes.txt").read_text() == "mine"

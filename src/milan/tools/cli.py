@@ -186,7 +186,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
-    func(args)
+    try:
+        func(args)
+    except BaseException:
+        if "milan.train.run" in sys.modules:  # a run folder may have been started
+            sys.modules["milan.train.run"].discard_failed_starts()
+        raise
 
 
 def run(argv: Sequence[str] | None = None) -> None:

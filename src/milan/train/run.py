@@ -17,7 +17,7 @@ from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointError, load_checkpoint
 from milan.train.config import save_config
 
-__all__ = ["RunStart", "start_run", "resolve_precision", "AMP_DTYPES", "check_values", "seed_all",
+__all__ = ["RunStart", "start_run", "discard_failed_starts", "resolve_precision", "AMP_DTYPES", "check_values", "seed_all",
            "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng", "set_lr", "NonFiniteGuard",
            "grad_norm"]
 
@@ -53,6 +53,8 @@ def start_run(cfg: Any, *, write_config: bool = True, seed_per_rank: bool = True
     info = distr.init_distributed(cfg.run.device)
     run_dir = Path(cfg.run.out_dir)
     if info.is_main:
+        if not run_dir.exists():
+            _CREATED.append(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if write_config:
             save_config(cfg, run_dir / "config.yaml")
@@ -60,6 +62,37 @@ def start_run(cfg: Any, *, write_config: bool = True, seed_per_rank: bool = True
     seed_all(seed + info.rank if seed_per_rank else seed)
     precision = resolve_precision(getattr(cfg.run, "precision", "fp32"), info.device)
     return RunStart(info, run_dir, AMP_DTYPES[precision], precision)
+
+
+_CREATED: list[Path] = []  # run folders `start_run` created in this process
+
+
+def discard_failed_starts() -> list[Path]:
+    """Remove the run folders this process created that hold nothing of value: only config.yaml,
+    empty files and TensorBoard files without a scalar. The `milan` command calls it when a command
+    fails, so a refused start leaves no empty run folder behind. Returns the removed folders."""
+    import shutil
+
+    removed = []
+    while _CREATED:
+        run_dir = _CREATED.pop()
+        if run_dir.is_dir() and all(_worthless(f) for f in run_dir.rglob("*") if f.is_file()):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            removed.append(run_dir)
+    return removed
+
+
+def _worthless(path: Path) -> bool:
+    if path.name == "config.yaml" or path.stat().st_size == 0:
+        return True
+    if path.name.startswith("events.out.tfevents."):
+        try:
+            from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+            return not any(e.HasField("summary") for e in EventFileLoader(str(path)).Load())
+        except Exception:  # unreadable: keep it
+            return False
+    return False
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
