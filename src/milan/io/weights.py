@@ -154,6 +154,7 @@ def _encoder_from(obj: dict[str, Any], header: dict[str, str], path: Path) -> tu
         else:
             fmt = obj.get("kind", "reference")
         meta["preset"] = obj.get("preset") or _preset_from_config(obj.get("config"))
+        meta["classes"] = [str(c) for c in obj.get("classes") or []]  # a finetuned classifier's class names
         if isinstance(obj.get("encoder"), dict):  # our finetune checkpoints record their shape
             meta["encoder"] = obj["encoder"]
     raw = {k.removeprefix("module."): v for k, v in raw.items()}
@@ -172,6 +173,7 @@ def _encoder_from(obj: dict[str, Any], header: dict[str, str], path: Path) -> tu
         meta["encoder"] = asdict(infer_encoder_config(state, preset=meta["preset"]))
     meta["num_classes"] = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
     meta["global_pool"] = "avg" if "fc_norm.weight" in state else "token"
+    meta.setdefault("classes", [])
     return state, meta
 
 
