@@ -37,7 +37,9 @@ def test_disk_full_keeps_the_old_checkpoint_and_names_the_fix(tmp_path: Path, mo
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "checkpoint-00000010.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*checkpoint-00000010.pt"):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint-00000010.pt is not a weights file \(it "
+                                              r"starts with b'not a checkpoint'\): expected a checkpoint written by "
+                                              r"milan .*run\.resume=auto.*run\.resume=none"):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
