@@ -10,6 +10,7 @@ shapes and the fix.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +28,8 @@ __all__ = [
     "TeacherOutput",
     "TimmTowerTeacher",
     "check_fits",
+    "download_hint",
+    "hub_id",
     "out_dim",
     "square_patch",
     "cls_attention",
@@ -175,6 +178,26 @@ def check_fits(
     raise TeacherError(
         f"weights {path} do not fit {what}.\n  " + "\n  ".join(problems) + f"\n  {hint}"
     )
+
+
+_HUB_ID = re.compile(r"^(?:hf[-_]hub:|https?://huggingface\.co/)?([A-Za-z0-9][\w.-]*/[\w.-]*[\w-])/?$")
+
+
+def hub_id(text: str | Path) -> str | None:
+    """The Hugging Face repo id `text` names (`org/name`, `hf-hub:org/name` or a huggingface.co URL)
+    when it is not a path on this machine; None otherwise."""
+    text = str(text)
+    if Path(text).expanduser().exists():
+        return None
+    match = _HUB_ID.match(text)
+    return match.group(1) if match else None
+
+
+def download_hint(repo: str, then: str, file: str | None = None) -> str:
+    """How to get hub repo `repo` onto this machine (nothing is downloaded here), then `then`."""
+    what = f"{repo} {file}" if file else repo
+    return (f"nothing is downloaded: on a machine with internet run `huggingface-cli download {what} "
+            f"--local-dir DIR` (or `hf download {what} --local-dir DIR`), copy DIR to this machine, then {then}")
 
 
 def out_dim(module: nn.Module, dim: int) -> int:
