@@ -146,19 +146,23 @@ def _describe_vit(state: dict[str, Tensor]) -> str:
 
 
 def _release_hint(arch: str, tag: str) -> str | None:
-    """How to download open_clip's release `tag` of `arch` (None when open_clip does not know it)."""
+    """How to download open_clip's release `tag` of `arch` and name it (None when open_clip does not know it)."""
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    # A state dict does not say its activation: releases trained with QuickGELU need the -quickgelu arch.
+    quick = f"{arch.removesuffix('-quickgelu')}-quickgelu"
+    spec = (f"teacher.spec=openclip:{quick} (this release was trained with QuickGELU) "
+            if cfg.get("quick_gelu") and quick in open_clip.list_models() else f"teacher.spec=openclip:{arch} ")
     parts = cfg.get("hf_hub", "").strip("/").split("/")
     if len(parts) >= 2:
         repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
-        then = (f"teacher.weights=DIR/{file}" if file else
-                "teacher.weights=DIR/open_clip_model.safetensors (or DIR/open_clip_pytorch_model.bin)")
+        then = spec + (f"teacher.weights=DIR/{file}" if file else
+                       "teacher.weights=DIR/open_clip_model.safetensors (or DIR/open_clip_pytorch_model.bin)")
         return download_hint(repo, then, file)
     if cfg.get("url"):
-        return (f"nothing is downloaded: fetch {cfg['url']} on a machine with internet, copy it here and "
-                "set teacher.weights to its path")
+        return (f"nothing is downloaded: fetch {cfg['url']} on a machine with internet, copy it here, then "
+                f"{spec}teacher.weights=<its path>")
     return None
 
 

@@ -187,9 +187,13 @@ def _refuse_hub_names(name: str, weights: str | Path | None) -> None:
                            + download_hint(repo, f"use teacher.spec={spec} {then}"))
     if weights is None:
         try:
-            repo = timm.models.get_pretrained_cfg(name).hf_hub_id if timm.is_model(name) else None
+            cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
         except Exception:  # a name without a pretrained config
-            repo = None
+            cfg = None
+        repo = getattr(cfg, "hf_hub_id", None)
+        quick = name.partition(".")[0].replace("_clip_", "_clip_quickgelu_")
+        if "QuickGELU" in " ".join(getattr(cfg, "notes", None) or ()) and timm.is_model(quick):
+            then = f"use teacher.spec=timm:{quick} (these weights were trained with QuickGELU) {then}"
         raise TeacherError(f"teacher 'timm:{name}' needs weights=<path> (.safetensors or .pth); "
                            + (download_hint(repo, then) if repo else "nothing is downloaded"))
     repo = hub_id(weights)
