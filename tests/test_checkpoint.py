@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,46 @@ def test_check_resumable_refuses_another_kind_model_or_shape_in_one_line(tmp_pat
     check(old, identity={**identity, "num_classes": 5})
     with pytest.raises(CheckpointError, match="does not fit this model"):
         check(old, expected=torch.nn.Linear(2, 3).state_dict())
+
+
+class _Evil:
+    """Unpickling this object would create a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_resume_from_a_file_that_is_not_a_checkpoint_names_its_problem(
+    shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `milan pretrain run.resume=FILE`: one line naming what FILE is, not "every node must see the folder".
+    from _pretrain_cli import pretrain_args
+    from milan.tools.cli import run
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "junk.pt").write_bytes(b"\x13\x37 definitely not a checkpoint")
+    torch.save({"model": {}, "step": 1, "payload": _Evil(str(marker))}, tmp_path / "evil.pt")
+    torch.save({"w": torch.zeros(512)}, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    said = {
+        "junk.pt": r"is not a weights file \(it starts with b'\\x137 definitely no'\): expected a checkpoint "
+                   r"written by milan",
+        "evil.pt": r"holds pickled Python objects \((io|builtins)\.open\) .*arbitrary code.*refused",
+        "cut.pt": r"is a truncated or damaged zip archive .*stopped early",
+    }
+    for name, problem in said.items():
+        with pytest.raises(SystemExit) as exit_info:
+            run(pretrain_args(shapes_root, tmp_path / f"run_{name}", f"run.resume={tmp_path / name}"))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        error_line = err.splitlines()[0]
+        assert re.match(rf"milan pretrain: error: cannot resume: checkpoint {re.escape(str(tmp_path / name))} "
+                        rf"{problem}.*run\.resume=auto.*run\.resume=none\)?$", error_line), error_line
+        assert "Every node must see" not in err and "weights_only" not in err
+        assert len(err.strip().splitlines()) == 2  # the error and the MILAN_TRACEBACK hint
+    assert not marker.exists()
