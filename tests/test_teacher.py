@@ -473,6 +473,25 @@ def test_timm_vit_from_file(tmp_path: Path, head: int) -> None:
     _assert_matches(teacher(x), *_timm_reference(model, _to_teacher_stats(x, mean, std)))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_timm_archive_with_another_activation_is_refused(tmp_path: Path) -> None:
+    # A traced timm ViT's archive says its activation; a timm model built with another is refused
+    # (it would give wrong targets), one built with the same loads.
+    torch.manual_seed(0)
+    for act, name in (("quick_gelu", "quick.pt"), ("gelu", "gelu.pt")):
+        model = timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, num_classes=0, act_layer=act, img_size=32
+        )  # small to trace: timm resamples the position embedding to the named model's grid
+        traced = torch.jit.trace(model.eval(), torch.randn(1, 3, 32, 32), check_trace=False)
+        torch.jit.save(traced, tmp_path / name)
+        assert load_weights(tmp_path / name)[1] == act
+    with pytest.raises(TeacherError, match=r"quick\.pt were trained with QuickGELU .* but "
+                                           r"timm:vit_tiny_patch16_224 builds GELU, which would give wrong targets"):
+        build_teacher("timm:vit_tiny_patch16_224", weights=tmp_path / "quick.pt")
+    teacher = build_teacher("timm:vit_tiny_patch16_224", weights=tmp_path / "gelu.pt")
+    assert {type(block.mlp.act).__name__ for block in teacher.backbone.blocks} == {"GELU"}
+
+
 def test_timm_register_tokens_are_dropped() -> None:
     from timm.models.vision_transformer import VisionTransformer
 
