@@ -587,9 +587,14 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
     hf = tmp_path / "hf"
     CLIPVisionConfig(**HF_VISION).save_pretrained(hf)
     torch.save({"payload": _Evil(str(marker))}, hf / "pytorch_model.bin")
-    with pytest.raises((pickle.UnpicklingError, OSError, ValueError)):
+    with pytest.raises(TeacherError, match=r"pytorch_model\.bin holds pickled Python objects .*refused") as info:
         build_teacher(f"hf:{hf}")
-    assert not marker.exists()
+    assert not marker.exists() and "weights_only" not in str(info.value)
+    (hf / "pytorch_model.bin").write_bytes(bytes(range(7, 99)))  # junk: not called unsafe
+    with pytest.raises(TeacherError, match=r"pytorch_model\.bin is not a weights file .*expected a transformers "
+                                           r"weights file") as info:
+        build_teacher(f"hf:{hf}")
+    assert "weights_only" not in str(info.value)
 
     # And as a bare pickle file, not a torch.save zip.
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_Evil(str(marker))))

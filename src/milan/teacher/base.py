@@ -29,6 +29,7 @@ __all__ = [
     "TimmTowerTeacher",
     "check_fits",
     "download_hint",
+    "from_pretrained",
     "hub_id",
     "out_dim",
     "square_patch",
@@ -198,6 +199,23 @@ def download_hint(repo: str, then: str, file: str | None = None) -> str:
     what = f"{repo} {file}" if file else repo
     return (f"nothing is downloaded: on a machine with internet run `huggingface-cli download {what} "
             f"--local-dir DIR` (or `hf download {what} --local-dir DIR`), copy DIR to this machine, then {then}")
+
+
+def from_pretrained(cls: Any, path: Path, load: dict[str, Any]) -> Any:
+    """`cls.from_pretrained(path, **load)` (transformers); when it fails on a weights file in `path`
+    that cannot be read (junk, truncated, pickled objects), a TeacherError saying what that file is,
+    never torch's or transformers' advice."""
+    from milan.io.safe_load import read_safetensors, read_torch_file
+
+    try:
+        return cls.from_pretrained(path, **load)
+    except Exception:
+        expected = "a transformers weights file (model.safetensors or pytorch_model.bin, from save_pretrained)"
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))  # transformers' preference
+        for file in files:
+            read = read_safetensors if file.suffix == ".safetensors" else read_torch_file
+            read(file, subject="teacher weights", expected=expected, error=TeacherError)  # raises when unreadable
+        raise  # the files read: another problem, transformers' message stands
 
 
 def out_dim(module: nn.Module, dim: int) -> int:

@@ -27,6 +27,7 @@ from milan.teacher.base import (
     _heads,
     cls_attention,
     download_hint,
+    from_pretrained,
     hub_id,
 )
 from milan.teacher.hf_siglip import HF_SIGLIP_TYPES, build_hf_siglip_teacher
@@ -108,11 +109,11 @@ def build_hf_teacher(folder: str, weights: str | Path | None, **kwargs: Any) -> 
         _preprocessor_stats(path, kwargs, SIGLIP_MEAN, SIGLIP_STD)
         return build_hf_siglip_teacher(folder, path, model_type, load, **kwargs)
     if model_type == "clip":
-        model, info = CLIPModel.from_pretrained(path, **load)
+        model, info = from_pretrained(CLIPModel, path, load)
     elif model_type == "clip_vision_model" and config.get("architectures") == ["CLIPVisionModel"]:
-        model, info = CLIPVisionModel.from_pretrained(path, **load)
+        model, info = from_pretrained(CLIPVisionModel, path, load)
     elif model_type == "clip_vision_model":
-        model, info = CLIPVisionModelWithProjection.from_pretrained(path, **load)
+        model, info = from_pretrained(CLIPVisionModelWithProjection, path, load)
     else:
         raise TeacherError(
             f"teacher 'hf:{folder}': {config_file} has model_type {model_type!r}, which holds no "
