@@ -102,6 +102,7 @@ def test_each_unreadable_file_says_what_it_is(tmp_path: Path, kind: str) -> None
         assert not marker.exists()  # nothing in the file ran
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_junk_is_not_called_unsafe_and_pickles_are(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     _write("junk", tmp_path / "junk.pt", marker)
@@ -138,3 +139,44 @@ def test_read_torch_file_uses_the_callers_words(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"^my file .*x\.pt is not a weights file .*: expected something "
                                         r"good\. Do this$"):
         read_torch_file(tmp_path / "x.pt", subject="my file", expected="something good", fix="Do this")
+
+
+_TRACED_QUICK = '''class {name}(Module):
+  training : bool
+  def forward(self: __torch__.clip.model.___torch_mangle_9.{name},
+    argument_1: Tensor) -> Tensor:
+    _0 = torch.sigmoid(torch.mul(argument_1, CONSTANTS.c1))
+    return torch.mul(argument_1, _0)
+'''
+_SCRIPTED_QUICK = '''class QuickGELU(Module):
+  def forward(self: __torch__.open_clip.transformer.QuickGELU,
+    x: Tensor) -> Tensor:
+    _1 = torch.mul(x, torch.sigmoid(torch.mul(x, {alpha})))
+    return _1
+'''
+_GELU = '''class GELU(Module):
+  approximate : Final[str] = "{approximate}"
+  def forward(self: __torch__.torch.nn.modules.activation.GELU,
+    input: Tensor) -> Tensor:
+    return torch.gelu(input{arg})
+'''
+
+
+@pytest.mark.parametrize(("source", "constants", "name", "expected"), [
+    (_TRACED_QUICK.format(name="QuickGELU"), [torch.tensor(0), torch.tensor(1.702, dtype=torch.float64)],
+     "QuickGELU", "quick_gelu"),
+    (_TRACED_QUICK.format(name="Act"), [torch.tensor(0), torch.tensor(1.702, dtype=torch.float64)], "Act",
+     "quick_gelu"),  # the code decides, not the name
+    (_TRACED_QUICK.format(name="Act"), [torch.tensor(0), torch.tensor(1.0)], "Act", "unknown"),  # x * sigmoid(x)
+    (_TRACED_QUICK.format(name="QuickGELU"), None, "QuickGELU", "quick_gelu"),  # constant unreadable, name says
+    (_TRACED_QUICK.format(name="Act"), None, "Act", "unknown"),
+    (_SCRIPTED_QUICK.format(alpha="1.702"), None, "QuickGELU", "quick_gelu"),
+    (_SCRIPTED_QUICK.format(alpha="1."), None, "QuickGELU", "unknown"),
+    (_GELU.format(approximate="none", arg=""), None, "GELU", "gelu"),
+    (_GELU.format(approximate="tanh", arg=', approximate="tanh"'), None, "GELU", "gelu_tanh"),
+    (None, None, "QuickGELU", "unknown"),  # no code in the archive
+])
+def test_activation_is_read_from_torchscript_code(source, constants, name, expected) -> None:
+    from milan.io.safe_load import _activation_of
+
+    assert _activation_of(source, constants, name) == expected

@@ -351,8 +351,12 @@ def _class_source(archive: zipfile.ZipFile, root: str, qualname: str) -> str | N
     return match.group(0) if match else None
 
 
-def _activation_of(source: str | None, constants: list[Any] | None) -> str:
-    """'quick_gelu', 'gelu', 'gelu_tanh' or 'unknown', from an activation module's TorchScript source."""
+def _activation_of(source: str | None, constants: list[Any] | None, name: str = "") -> str:
+    """'quick_gelu', 'gelu', 'gelu_tanh' or 'unknown', from an activation module's TorchScript source.
+
+    QuickGELU is `x * sigmoid(a x)` with a = 1.702, a literal or a tensor constant; when the
+    constant cannot be read, a class named QuickGELU with that structure still counts.
+    """
     if source is None:
         return "unknown"
     forward = source[source.find("def forward"):] if "def forward" in source else ""
@@ -361,11 +365,16 @@ def _activation_of(source: str | None, constants: list[Any] | None) -> str:
     if "torch.sigmoid(" not in forward or "torch.mul(" not in forward:
         return "unknown"
     values = [float(v) for v in re.findall(r"(?<![\w.])\d+\.\d+(?:e-?\d+)?", forward)]
+    unread = False
     for index in re.findall(r"CONSTANTS\.c(\d+)", forward):
-        value = (constants or [])[int(index)] if constants and int(index) < len(constants) else None
+        value = constants[int(index)] if constants and int(index) < len(constants) else None
         if isinstance(value, Tensor) and value.numel() == 1:
             values.append(float(value))
-    return "quick_gelu" if any(abs(v - QUICK_GELU_ALPHA) < 1e-3 for v in values) else "unknown"
+        else:
+            unread = True
+    if any(abs(v - QUICK_GELU_ALPHA) < 1e-3 for v in values):
+        return "quick_gelu"
+    return "quick_gelu" if unread and name == "QuickGELU" else "unknown"
 
 
 def _read_torchscript(path: Path) -> tuple[dict[str, Tensor], str]:
@@ -413,7 +422,8 @@ def _read_torchscript(path: Path) -> tuple[dict[str, Tensor], str]:
                 constants = list(loaded) if isinstance(loaded, tuple | list) else None
             except Exception:  # constants are only needed to read QuickGELU's 1.702
                 constants = None
-        kinds = {_activation_of(_class_source(archive, root, q), constants) for q in set(visual.values())}
+        kinds = {_activation_of(_class_source(archive, root, q), constants, q.rpartition(".")[2])
+                 for q in set(visual.values())}
     activation = kinds.pop() if len(kinds) == 1 else "unknown"
     return out, activation
 
