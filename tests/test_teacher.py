@@ -630,6 +630,10 @@ def test_hub_ids_and_release_tags_say_what_to_download(
             lambda: build_teacher("openclip:ViT-B-16", weights="openai"), TeacherFileNotFound,
             ["release tag", f"huggingface-cli download {openai} --local-dir DIR",
              "teacher.spec=openclip:ViT-B-16-quickgelu (this release was trained with QuickGELU)"]),
+        "open_clip hub name of a QuickGELU release": (
+            lambda: build_teacher(f"openclip:hf-hub:{openai}"), TeacherError,
+            [f"huggingface-cli download {openai} --local-dir DIR",
+             "teacher.spec=openclip:ViT-B-16-quickgelu (this release was trained with QuickGELU)"]),
         "open_clip hub id as weights": (
             lambda: build_teacher("openclip:ViT-B-16", weights=f"hf-hub:{laion}"), TeacherFileNotFound,
             [f"huggingface-cli download {laion} --local-dir DIR", "teacher.weights=DIR/"]),

@@ -190,6 +190,9 @@ def hub_id(text: str | Path) -> str | None:
     text = str(text)
     if Path(text).expanduser().exists():
         return None
+    explicit = text.startswith(("hf-hub:", "hf_hub:", "http://", "https://"))
+    if not explicit and Path(text).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pkl"):
+        return None  # a missing weights file, not a repo
     match = _HUB_ID.match(text)
     return match.group(1) if match else None
 

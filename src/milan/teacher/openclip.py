@@ -166,13 +166,14 @@ def _release_hint(arch: str, tag: str) -> str | None:
     return None
 
 
-def _hub_arch(repo: str) -> str | None:
-    """The open_clip architecture of hub repo `repo`, when open_clip's release list has it."""
+def _hub_release(repo: str) -> tuple[str, str] | None:
+    """(architecture, release tag) of hub repo `repo`, when open_clip's release list has it."""
     import open_clip
 
     for arch, tag in open_clip.list_pretrained():
-        if (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub", "").strip("/").startswith(repo):
-            return arch
+        hub = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub", "").strip("/")
+        if hub == repo or hub.startswith(f"{repo}/"):
+            return arch, tag
     return None
 
 
@@ -182,12 +183,13 @@ def _refuse_hub_names(arch: str, weights: str | Path | None) -> None:
 
     if arch.startswith(("hf-hub:", "hf_hub:")):
         repo = arch.split(":", 1)[1].strip("/")
-        known = _hub_arch(repo)
-        spec = f"openclip:{known}" if known else "openclip:<the architecture in DIR/open_clip_config.json>"
+        release = _hub_release(repo)
+        hint = _release_hint(*release) if release else None
         raise TeacherError(
             f"teacher 'openclip:{arch}' is an open_clip hub name; "
-            + download_hint(repo, f"use teacher.spec={spec} teacher.weights=DIR/open_clip_model.safetensors "
-                                  "(or DIR/open_clip_pytorch_model.bin)")
+            + (hint or download_hint(repo, "use teacher.spec=openclip:<the architecture in "
+                                           "DIR/open_clip_config.json> teacher.weights=DIR/open_clip_model.safetensors "
+                                           "(or DIR/open_clip_pytorch_model.bin)"))
         )
     tags = open_clip.list_pretrained_tags_by_model(arch) if arch in open_clip.list_models() else []
     if weights is None:
@@ -206,11 +208,13 @@ def _refuse_hub_names(arch: str, weights: str | Path | None) -> None:
                 f"teacher.weights={weights} is an open_clip release tag, not a file; {hint}"
             )
     repo = hub_id(weights)
-    if repo and (str(weights).startswith(("hf-hub:", "hf_hub:", "http")) or "." not in Path(str(weights)).name):
+    if repo:
+        release = _hub_release(repo)
+        hint = _release_hint(*release) if release else None
         raise TeacherFileNotFound(
             f"teacher weights {weights} are not a file here; if it is a Hugging Face hub id, "
-            + download_hint(repo, "set teacher.weights=DIR/open_clip_model.safetensors "
-                                  "(or DIR/open_clip_pytorch_model.bin)")
+            + (hint or download_hint(repo, "set teacher.weights=DIR/open_clip_model.safetensors "
+                                           "(or DIR/open_clip_pytorch_model.bin)"))
         )
 
 

@@ -197,7 +197,7 @@ def _refuse_hub_names(name: str, weights: str | Path | None) -> None:
         raise TeacherError(f"teacher 'timm:{name}' needs weights=<path> (.safetensors or .pth); "
                            + (download_hint(repo, then) if repo else "nothing is downloaded"))
     repo = hub_id(weights)
-    if repo and (str(weights).startswith(("hf-hub:", "hf_hub:", "http")) or "." not in Path(str(weights)).name):
+    if repo:
         raise TeacherFileNotFound(f"teacher weights {weights} are not a file here; if it is a Hugging Face "
                                   "hub id, " + download_hint(repo, then))
 
