@@ -121,3 +121,29 @@ def test_resume_from_a_file_that_is_not_a_checkpoint_names_its_problem(
         assert "Every node must see" not in err and "weights_only" not in err
         assert len(err.strip().splitlines()) == 2  # the error and the MILAN_TRACEBACK hint
     assert not marker.exists()
+
+
+def test_shared_storage_hint_only_when_another_rank_cannot_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from milan.train import distributed as distr
+    from milan.train.run import agree_on_checkpoint
+
+    bad = tmp_path / "junk.pt"
+    bad.write_bytes(b"junk junk junk")
+    rank0 = distr.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(CheckpointError) as info:  # rank 0 cannot read the file: its problem, no storage hint
+        agree_on_checkpoint(lambda: (bad, load_checkpoint(bad)), rank0)
+    assert "is not a weights file" in str(info.value) and "Every node must see" not in str(info.value)
+
+    # Rank 1 of 2: rank 0 chose a file that rank 1 does not see.
+    good = save_checkpoint({"step": 1}, tmp_path / "checkpoint-1.pt")
+    gathered = iter([[(str(tmp_path / "elsewhere.pt"), None), None], [None, "filled below"]])
+
+    def all_gather(obj):
+        rows = next(gathered)
+        return [rows[0], obj] if rows[1] == "filled below" else rows
+
+    monkeypatch.setattr(distr, "all_gather_object", all_gather)
+    rank1 = distr.DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    with pytest.raises(CheckpointError, match=r"cannot resume: rank 1: checkpoint not found: .*elsewhere\.pt.*"
+                                              r"Every node must see the run folder"):
+        agree_on_checkpoint(lambda: (good, load_checkpoint(good)), rank1)
