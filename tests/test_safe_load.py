@@ -180,3 +180,15 @@ def test_activation_is_read_from_torchscript_code(source, constants, name, expec
     from milan.io.safe_load import _activation_of
 
     assert _activation_of(source, constants, name) == expected
+
+
+def test_encoder_weights_follow_the_bytes_too(tmp_path: Path) -> None:
+    # A torch.save file named .safetensors (and the reverse) reads as what it is.
+    from milan.encoder import ENCODER_PRESETS, MaskedViTEncoder
+
+    state = MaskedViTEncoder.from_config(ENCODER_PRESETS["vit_shapes_patch8"]).state_dict()
+    torch.save({"model": state}, tmp_path / "enc.safetensors")
+    save_file(state, str(tmp_path / "enc.pt"))
+    for name in ("enc.safetensors", "enc.pt"):
+        loaded, _ = encoder_state_dict(tmp_path / name)
+        assert torch.equal(loaded["cls_token"], state["cls_token"]), name

@@ -173,6 +173,8 @@ def _describe(path: Path, kind: str, expected: str, *, unsafe: list[str] | None 
     if kind == "torchscript":
         return (f"is a TorchScript archive (a scripted or traced model, e.g. OpenAI's CLIP release), not "
                 f"{expected}")
+    if kind in ("torch_zip", "pickle"):
+        return f"is a torch.save file, not a safetensors file: expected {expected}"
     if kind == "zip":
         return f"is a zip archive but not a torch.save file (no data.pkl): expected {expected}"
     if kind == "safetensors":

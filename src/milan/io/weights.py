@@ -64,7 +64,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     # What the file is, from its bytes: every failure names it (truncated, junk, pickled objects, ...).
     expected = ("a milan checkpoint (checkpoint-<step>.pt), a `milan export` .safetensors file or an "
                 "authors' MILAN/MAE checkpoint")
-    if path.suffix == ".safetensors" or file_kind(path) == "safetensors":
+    if file_kind(path) == "safetensors":
         return read_safetensors(path, subject="weights", expected=expected)
     obj = read_torch_file(path, subject="weights", expected=expected)
     if not isinstance(obj, dict):
