@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
@@ -59,19 +58,15 @@ def _resolve_file(path: Path) -> Path:
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The raw object in `path` (file or run folder) and, for safetensors, the header metadata."""
-    path = _resolve_file(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    from milan.io.safe_load import file_kind, read_safetensors, read_torch_file
 
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsError(
-            f"cannot read {path} safely (weights_only=True): {str(err).strip().splitlines()[0]}. "
-            "If it holds pickled Python objects, re-save only its state dict from a trusted environment."
-        ) from err
+    path = _resolve_file(path)
+    # What the file is, from its bytes: every failure names it (truncated, junk, pickled objects, ...).
+    expected = ("a milan checkpoint (checkpoint-<step>.pt), a `milan export` .safetensors file or an "
+                "authors' MILAN/MAE checkpoint")
+    if file_kind(path) == "safetensors":
+        return read_safetensors(path, subject="weights", expected=expected)
+    obj = read_torch_file(path, subject="weights", expected=expected)
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} does not hold a dict of weights (got {type(obj).__name__})")
     return obj, {}

@@ -175,9 +175,11 @@ def agree_on_checkpoint(choose: Callable[[], tuple[Path, dict[str, Any]] | None]
         except CheckpointError as err:
             error = f"rank {info.rank}: {err}"
     errors = [e for e in distr.all_gather_object(error) if e]
-    if errors:
-        raise CheckpointError(f"cannot resume: {errors[0]}. Every node must see the run folder (shared "
-                              "storage), or start over with run.resume=none")
+    if errors:  # rank 0 names the file's problem; only another rank failing means it cannot see the folder
+        elsewhere = errors[0].startswith("rank ")
+        raise CheckpointError(f"cannot resume: {errors[0].rstrip('.')}" + (
+            ". Every node must see the run folder (shared storage), or start over with run.resume=none"
+            if elsewhere else ""))
     return found
 
 
