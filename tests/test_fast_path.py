@@ -208,8 +208,13 @@ def test_bf16_on_cpu_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch, sh
     assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
     assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
-    with pytest.raises(ConfigError, match=r"run\.precision=bf16 on CPU.*use run\.precision=fp32"):
-        resolve_precision("bf16", cpu)
+    import milan.train.run as run_module
+
+    for native, why in ((False, "no native bf16"), (True, "no faster than fp32")):
+        monkeypatch.setattr(run_module, "cpu_has_native_bf16", lambda native=native: native)
+        with pytest.raises(ConfigError, match=rf"run\.precision=bf16 on CPU: fp32 is faster here.*{why}.*"
+                                              r"use run\.precision=fp32.*MILAN_CPU_BF16=1"):
+            resolve_precision("bf16", cpu)
     with pytest.raises(ConfigError, match=r"run\.precision=bf16 on CPU"):
         cli(pretrain_args(shapes_root, tmp_path / "a", "run.precision=bf16"))
     with pytest.raises(ConfigError, match=r"recover\.fallback_precision=bf16 on CPU"):
