@@ -74,7 +74,7 @@ def test_uint8_and_device_normalisation_are_bit_identical(large_jpegs: Path) -> 
         img = Image.open(path).convert("RGB")
         ref.append(_seeded(k, reference, img))
         out = _seeded(k, fast, img)
-        assert out.dtype == torch.uint8 and out.shape == (3, 64, 64)
+        assert out.dtype == torch.uint8 and out.shape == (64, 64, 3)  # channels last: PIL's layout
         new.append(out)
         hooked.append(_seeded(k, crop.decode, path, name=str(path)))
     batch = normalize_on_device(torch.stack(new))
@@ -109,7 +109,7 @@ def test_draft_decoding_keeps_the_crop(large_jpegs: Path) -> None:
         diff = (_to_pixels(normalize_on_device(out[None])[0]) - _to_pixels(ref)).abs()
         # the same box and flip; only the DCT downscale differs (a wrong box or flip would be tens off)
         assert diff.mean() < 4.0, (path.name, float(diff.mean()))
-        wrong = (_to_pixels(normalize_on_device(out.flip(-1)[None])[0]) - _to_pixels(ref)).abs()
+        wrong = (_to_pixels(normalize_on_device(out.flip(1)[None])[0]) - _to_pixels(ref)).abs()
         assert wrong.mean() > 3 * diff.mean()
     assert reduced >= 4  # the draft did decode most images at reduced size
 

@@ -7,9 +7,11 @@ Reference path (`pretrain_transform(..., output="float")`, what `milan pretrain`
 
 Fast paths, chosen with `data.decode` and `data.draft` (`milan bench data` measures them side by side):
 
-- **uint8 to the device** (always, `output="uint8"`): workers return `uint8 [3, H, W]` images, 4×
+- **uint8 to the device** (always, `output="uint8"`): workers return `uint8 [H, W, 3]` images, 4×
   fewer bytes to pass between processes and to copy to the device; `normalize_on_device` does
-  `float → /255 → (x - mean) / std` in float32 there, which is bit-identical to ToTensor + Normalize.
+  `float → /255 → (x - mean) / std` in float32 there, which is bit-identical to ToTensor + Normalize
+  (PIL paths stay channels last, PIL's layout, and are transposed on the device; tensor paths are
+  `[3, H, W]`, torchvision's).
 - **`PretrainCrop` (`data.decode=pil`)**: the reference crop (same `RandomResizedCrop.get_params`
   draws, so the same box for the same seed; PIL bicubic). With `draft=True` the box is drawn from
   the stored size *before* decoding and, when the crop is at least twice the output size, a JPEG
@@ -55,11 +57,14 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 def normalize_on_device(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
                         std: Sequence[float] = IMAGENET_STD) -> Tensor:
-    """`uint8 [B, 3, H, W]` → float32 `(x / 255 - mean) / std`, bit-identical to ToTensor +
-    Normalize on each image (the same float32 operations in the same order). A float batch (a
-    transform that normalised already) is returned as it is."""
+    """`uint8 [B, 3, H, W]` or channels-last `[B, H, W, 3]` → float32 `[B, 3, H, W]`
+    `(x / 255 - mean) / std`, bit-identical to ToTensor + Normalize on each image (the same float32
+    operations in the same order). A float batch (a transform that normalised already) is returned
+    as it is."""
     if images.dtype != torch.uint8:
         return images
+    if images.ndim == 4 and images.shape[-1] == 3 and images.shape[1] != 3:  # [B, H, W, 3]
+        images = images.permute(0, 3, 1, 2).contiguous()
     x = images.to(torch.float32).div_(255)
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
@@ -92,7 +97,7 @@ def _draft_size(stored: tuple[int, int], box: tuple[int, int, int, int], out: in
 
 
 class PretrainCrop:
-    """RandomResizedCrop (PIL bicubic) + optional horizontal flip → `uint8 [3, S, S]`.
+    """RandomResizedCrop (PIL bicubic) + optional horizontal flip → `uint8 [S, S, 3]` (channels last).
 
     For the same global RNG state it draws the same box and flip as
     `T.Compose([T.RandomResizedCrop(S, scale, BICUBIC), T.RandomHorizontalFlip()])`; without
@@ -146,9 +151,9 @@ class PretrainCrop:
             sx, sy = img.size[0] / stored[0], img.size[1] / stored[1]
             out = img.resize((size, size), Image.Resampling.BICUBIC,
                              box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
-        pixels = pil_to_uint8(out)
+        pixels = pil_to_uint8(out, channels_last=True)
         if self.hflip and torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw, after the crop's
-            pixels = pixels.flip(-1).contiguous()
+            pixels = pixels.flip(1)  # [H, W, 3]: the width axis
         return pixels
 
 
