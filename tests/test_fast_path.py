@@ -235,6 +235,23 @@ def test_cuda_decoding_falls_back_to_the_cpu_without_cuda(large_jpegs: Path, tmp
     assert "data.decode=cuda needs a CUDA device" in caplog.text
 
 
+def test_gpu_decoding_plans_give_the_tensor_path_crops_on_cpu(large_jpegs: Path, tmp_path: Path) -> None:
+    """decode_batch_cuda's logic (batched decode, per-image box and flip, fallbacks) run with the CPU
+    decoder: exactly the tensor path's images, whichever of the two draws the box."""
+    from milan.data.fast import CudaJpegPlan
+
+    png = tmp_path / "x.png"
+    Image.open(sorted(large_jpegs.iterdir())[0]).save(png)  # not a JPEG: cropped in the worker
+    files = [*sorted(large_jpegs.iterdir())[:3], png]
+    plan, cpu = CudaJpegPlan(64), TensorCrop(64)
+    records = [_seeded(k, plan.decode, p, name=str(p)) for k, p in enumerate(files)]
+    assert ["jpeg" in r for r in records] == [True, True, True, False]
+    batch, _, _ = collate_plans([(r, 0, 0) for r in records])
+    out = decode_batch_cuda(batch, torch.device("cpu"), 64)
+    ref = torch.stack([_seeded(k, cpu.decode, p, name=str(p)) for k, p in enumerate(files)])
+    assert torch.equal(out, ref)
+
+
 @needs_cuda
 def test_gpu_jpeg_decoding_draws_the_same_crops(large_jpegs: Path) -> None:
     from milan.data.fast import CudaJpegPlan

@@ -32,6 +32,7 @@ calling it, so crops are functions of (seed, epoch, sample) and exact resume hol
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import transforms as T
 
-from milan.data.folder import BadImage, load_rgb
+from milan.data.folder import BadImage, UnreadableImages, load_rgb
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PilToUint8, pil_to_uint8
 
 __all__ = ["DECODERS", "PretrainCrop", "TensorCrop", "CudaJpegPlan", "PilToUint8", "pil_to_uint8", "normalize_on_device",
@@ -50,6 +51,7 @@ __all__ = ["DECODERS", "PretrainCrop", "TensorCrop", "CudaJpegPlan", "PilToUint8
            "to_device", "collate_plans", "decode_batch_cuda", "reencode_jpeg"]
 
 DECODERS = ("pil", "tensor", "cuda")
+_log = logging.getLogger("milan")
 
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -239,11 +241,11 @@ class CudaJpegPlan:
         try:
             with Image.open(io.BytesIO(data)) as img:  # the header only: size, no pixels
                 width, height = img.size
-                transposed = _exif_swaps(img)
+                rotated = _exif_rotated(img)
         except (OSError, ValueError, SyntaxError) as err:
             raise BadImage(f"{name}: {err}") from err
-        if transposed:
-            width, height = height, width
+        if rotated:  # nvJPEG ignores EXIF orientation: the CPU decoder applies it
+            return {"pixels": self._cpu.decode(io.BytesIO(data), name=name, min_size=min_size), "name": name}
         if min(width, height) < min_size:
             raise BadImage(f"{name}: {width}x{height} is smaller than min_size={min_size}")
         dims = torch.empty(3, height, width, dtype=torch.uint8, device="meta")  # get_params reads the shape only
@@ -256,11 +258,11 @@ class CudaJpegPlan:
         return {"pixels": self._cpu(img), "name": "?"}
 
 
-def _exif_swaps(img: Image.Image) -> bool:
-    """Whether the EXIF orientation (applied by decode_jpeg's apply_exif_orientation) swaps width and height."""
+def _exif_rotated(img: Image.Image) -> bool:
+    """Whether the JPEG carries an EXIF orientation other than "as stored"."""
     try:
-        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except Exception:  # noqa: BLE001 - a broken EXIF block: the decoder ignores it too
+        return img.getexif().get(0x0112, 1) not in (1, None)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the decoders ignore it too
         return False
 
 
@@ -273,7 +275,9 @@ def collate_plans(batch: list[tuple[Any, int, int]]) -> tuple[list[dict[str, Any
 def decode_batch_cuda(records: list[dict[str, Any]], device: torch.device, img_size: int) -> Tensor:
     """`CudaJpegPlan` records → `uint8 [B, 3, S, S]` on `device`: one batched nvJPEG decode, then
     each image's box resized (bilinear, antialias) and flipped on the GPU. A JPEG nvJPEG refuses
-    is decoded on the CPU instead (torchvision, then PIL), cropped with the same box."""
+    is decoded on the CPU instead (torchvision, then PIL), cropped with the same box; one that no
+    decoder reads (corrupt past its header, so the worker could not tell) is logged and replaced by
+    another image of the batch (it is not counted in the run's bad images)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as F2
 
@@ -290,17 +294,31 @@ def decode_batch_cuda(records: list[dict[str, Any]], device: torch.device, img_s
                     decoded[k] = decode_jpeg(records[k]["jpeg"], mode=ImageReadMode.RGB, device=device,
                                              apply_exif_orientation=True)
                 except RuntimeError:
-                    data = records[k]["jpeg"].numpy().tobytes()
-                    decoded[k] = _decode_tensor(data, name=records[k]["name"], min_size=1).to(device)
+                    data = records[k]["jpeg"].cpu().numpy().tobytes()
+                    try:
+                        decoded[k] = _decode_tensor(data, name=records[k]["name"], min_size=1).to(device)
+                    except BadImage as err:
+                        _log.warning("skipping bad image %s (replaced by another image of its batch)", err)
     out = torch.empty(len(records), 3, img_size, img_size, dtype=torch.uint8, device=device)
+    unreadable = []
     for k, record in enumerate(records):
-        if k not in decoded:
+        if "pixels" in record:
             out[k] = record["pixels"].to(device, non_blocking=True)
+            continue
+        if k not in decoded:
+            unreadable.append(k)
             continue
         i, j, h, w = record["box"]
         crop = F2.resized_crop(decoded[k], i, j, h, w, [img_size, img_size],
                                interpolation=T.InterpolationMode.BILINEAR, antialias=True)
         out[k] = crop.flip(-1) if record["flip"] else crop
+    if unreadable:
+        good = [k for k in range(len(records)) if k not in unreadable]
+        if not good:
+            raise UnreadableImages(f"no image of a batch could be decoded (first: {records[0]['name']}); "
+                                   "check the data")
+        for n, k in enumerate(unreadable):
+            out[k] = out[good[n % len(good)]]
     return out
 
 
