@@ -361,6 +361,9 @@ def run(*, data: Path | None = None, images: int = 256, img_size: int = 224,
             bounded = [b for b in (reencode_jpeg(d, max_size=max_size, quality=quality) for d in originals) if b]
         sets = {False: originals, True: bounded}
         spent: dict[str, list[dict[str, float]]] = {p.name: [] for p in chosen}
+        for p in chosen:  # warm-up (first calls load codecs and caches), not counted
+            warm = sets[p.bounded][:min(batch_size, 8)]
+            _time_path(p, warm, batch_size=batch_size, device=dev, img_size=img_size, seed=seed, round_=-1)
         for r in range(rounds):
             log(f"round {r + 1}/{rounds}: {', '.join(p.name for p in chosen)}")
             for p in chosen:
