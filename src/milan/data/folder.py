@@ -51,14 +51,21 @@ def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
-def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | None = None) -> Image.Image:
+def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | None = None,
+             draft: Callable[[Image.Image], Any] | None = None) -> Image.Image:
     """Open an image file (path or binary stream) as RGB, fully decoded.
 
+    `draft`, if given, is called with the opened image before it is decoded (its `size` is the
+    stored one); it may call `img.draft(...)` to decode a JPEG at 1/2, 1/4 or 1/8 size
+    (`milan.data.fast`). `min_size` applies to the stored size.
     Raises `BadImage` with the reason, prefixed by `name` (default: the path), otherwise.
     """
     name = name or str(source)
     try:
         with Image.open(source) as img:
+            stored = img.size
+            if draft is not None:
+                draft(img)
             img.load()
             if img.mode in ("P", "LA", "RGBA", "PA") or "transparency" in img.info:
                 img = img.convert("RGBA")  # palette/alpha: resolve transparency first
@@ -70,8 +77,8 @@ def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | No
                        "the file)") from err
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise BadImage(f"{name}: {err}") from err
-    if min(rgb.size) < min_size:
-        raise BadImage(f"{name}: {rgb.size[0]}x{rgb.size[1]} is smaller than min_size={min_size}")
+    if min(stored) < min_size:
+        raise BadImage(f"{name}: {stored[0]}x{stored[1]} is smaller than min_size={min_size}")
     return rgb
 
 
@@ -109,6 +116,9 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
+        decode = getattr(self.transform, "decode", None)  # a transform that reads the file itself (milan.data.fast)
+        if decode is not None:
+            return decode(path, name=str(path), min_size=self.min_size), label
         img = load_rgb(path, min_size=self.min_size)
         return (self.transform(img) if self.transform else img), label
 

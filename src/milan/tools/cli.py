@@ -79,8 +79,10 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
 def _cmd_data_shards(args: argparse.Namespace) -> None:
     from milan.data.wds import folder_to_shards
 
-    shards = folder_to_shards(args.folder, args.out, per_shard=args.per_shard, seed=args.seed)
-    print(f"wrote {len(shards)} shards to {args.out}")
+    shards = folder_to_shards(args.folder, args.out, per_shard=args.per_shard, seed=args.seed,
+                              max_size=args.max_size, quality=args.quality)
+    bounded = f" (short side ≤ {args.max_size}, JPEG quality {args.quality})" if args.max_size else ""
+    print(f"wrote {len(shards)} shards to {args.out}{bounded}")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -156,6 +158,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     shards.add_argument("out", type=Path, help="output folder for shard-000000.tar, ... and sizes.json")
     shards.add_argument("--per-shard", type=int, default=1000, help="images per shard")
     shards.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    shards.add_argument("--max-size", type=int, help="re-encode images whose short side is larger to this short "
+                        "side (JPEG; faster decoding, FFCV-style; recorded in sizes.json). Default: copy bytes")
+    shards.add_argument("--quality", type=int, default=90, help="JPEG quality of the --max-size re-encode")
     shards.set_defaults(func=_cmd_data_shards)
 
     teacher = sub.add_parser("teacher", help="teacher utilities")
@@ -173,8 +178,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                  "images/s, phase split, peak memory and MFU of one pretraining step (CPU or CUDA)",
                  load=wanted("speed"), formatter=argparse.HelpFormatter)
 
+    _tool_parser(bench_sub, "data", "milan.tools.bench.data",
+                 "images/s per CPU core of the pretraining input path, and cores per GPU (CPU or CUDA)",
+                 "Time the input path of milan pretrain (decode, crop, collate, host→device) for the reference "
+                 "path and the fast paths side by side, per core and optionally with N DataLoader workers; with "
+                 "--step-rate, how many cores one GPU needs.", load=wanted("data"))
+
     _tool_parser(sub, "viz", "milan.tools.viz_cli", "paper figures as PNG files: masks, attention, tsne, curves",
-                 "Write the paper's figures as PNG files (headless matplotlib).", load=wanted("viz"), formatter=argparse.HelpFormatter)
+                 "Write the paper's figures as PNG files (headless matplotlib).", load=wanted("viz"),
+                 formatter=argparse.HelpFormatter)
 
     info = sub.add_parser("info", help="list models, teacher specs and shipped configs")
     info.set_defaults(func=_cmd_info)

@@ -4,6 +4,7 @@ that call these; nothing here knows which recipe it serves."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from milan.train.config import save_config
 
 __all__ = ["RunStart", "start_run", "discard_failed_starts", "resolve_precision", "AMP_DTYPES", "check_values", "seed_all",
            "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng", "set_lr", "NonFiniteGuard",
-           "grad_norm"]
+           "grad_norm", "CPU_BF16_ENV", "cpu_has_native_bf16"]
 
 #: run.precision → autocast dtype (None: plain fp32).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -32,10 +33,39 @@ class RunStart(NamedTuple):
     precision: str  # run.precision resolved: bf16 | fp16 | fp32
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` → bf16 on CUDA, fp32 elsewhere (bf16 autocast on CPU is many times slower than fp32)."""
+#: Set to 1 to allow bf16 on CPU anyway (after measuring it faster with `milan bench speed`).
+CPU_BF16_ENV = "MILAN_CPU_BF16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device, *, key: str = "run.precision") -> str:
+    """`auto` → bf16 on CUDA, fp32 elsewhere; an explicit bf16 on CPU is refused.
+
+    bf16 autocast on CPU is a trap: on a 2-core AMD EPYC (no native bf16) the shapes preset's
+    student step ran ≈ 19× slower than in fp32, and a ViT-B step with its teacher did not finish 4
+    steps in 11 minutes; on a 2-core Xeon with AMX it was no faster than fp32 (0.92×). `auto` never
+    picks it; asking for it raises a `ConfigError` naming `key` unless the environment sets
+    MILAN_CPU_BF16=1 (for a CPU where `milan bench speed --precision bf16` measured it faster).
+    """
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cpu" and os.environ.get(CPU_BF16_ENV, "") not in ("1", "true", "yes"):
+        native = ("this CPU has native bf16 (AVX512-BF16/AMX), yet bf16 was no faster than fp32 on such a CPU "
+                  "(0.92× for the shapes preset's step)" if cpu_has_native_bf16() else
+                  "this CPU has no native bf16, and bf16 autocast was ≈ 19× slower than fp32 on such a CPU "
+                  "(the shapes preset's step)")
+        raise ConfigError(
+            f"{key}=bf16 on CPU: fp32 is faster here ({native}); use {key}=fp32 (or auto, which picks fp32 on "
+            f"CPU). To run bf16 on CPU anyway, measure it with `MILAN_CPU_BF16=1 milan bench speed --device cpu "
+            f"--precision bf16` and set {CPU_BF16_ENV}=1"
+        )
     return precision
 
 
