@@ -112,3 +112,42 @@ def test_user_errors_print_one_line_for_every_kind(capsys: pytest.CaptureFixture
             run(["info"])
         assert info.value.code == 2
         assert capsys.readouterr().err.splitlines()[0] == f"milan info: error: {kind.__name__} happened; do X"
+
+
+def test_top_level_help_imports_no_torch() -> None:
+    """`milan --help` (and `milan info`-like listing) must not import torch or timm: it stays instant.
+    Each command's own `--help` still shows its arguments (it imports that command only)."""
+    code = ("import sys\nfrom milan.tools import cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "viz" in out and "pretrain" in out  # every command is listed
+    assert "HEAVY []" in out
+    viz = subprocess.run([sys.executable, "-m", "milan", "viz", "masks", "--help"], capture_output=True, text=True)
+    assert viz.returncode == 0 and "--data-path" in viz.stdout
+
+
+def test_package_exports_resolve_lazily() -> None:
+    import milan
+
+    for name in milan.__all__:
+        assert getattr(milan, name) is not None, name
+    with pytest.raises(AttributeError):
+        milan.no_such_name  # noqa: B018
+
+
+def test_failed_start_leaves_no_run_folder(tmp_path: Path) -> None:
+    """A command refused after its run folder was started removes that folder again; a folder that
+    existed before (a resumed run) is never removed."""
+    from milan.errors import UserError
+
+    out = tmp_path / "knn"
+    with pytest.raises(UserError, match="not an encoder preset"):
+        main(["knn", "data.kind=shapes", "model.preset=vit_nope", f"run.out_dir={out}"])
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(UserError):
+        main(["knn", "data.kind=shapes", "model.preset=vit_nope", f"run.out_dir={existing}"])
+    assert (existing / "notes.txt").read_text() == "mine"

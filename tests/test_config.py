@@ -76,3 +76,34 @@ def test_ablation_configs_select_table5_rows(row: int) -> None:
     assert (model.target, model.decoder, model.masking) == (
         TABLE5[row].target, TABLE5[row].decoder, TABLE5[row].masking)
     assert cfg.optim.epochs == 400 and cfg.model.name == "milan_vit_base_patch16"
+
+
+def test_yaml_errors_are_one_line_config_errors(tmp_path: Path) -> None:
+    """A YAML constructor or syntax error (file or override) is a ConfigError naming the file/override
+    and what to do, not a yaml traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: !!python/object:os.system\n    a: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml line 2: not a plain YAML config .*no !!python tags"):
+        load_config(PretrainConfig, bad)
+    with pytest.raises(ConfigError, match=r"override 'optim.lr=\[1'.*not valid YAML.*close its brackets"):
+        load_config(PretrainConfig, None, ["optim.lr=[1"])
+
+
+def test_a_list_of_paths_takes_one_path_and_shows_a_path_example() -> None:
+    from milan.recipes.evaluate import EvalConfig
+
+    assert load_config(EvalConfig, None, ["data.paths=/x"]).data.paths == ["/x"]
+    with pytest.raises(ConfigError, match=r"data\.paths=3 should be a list, e.g\. data\.paths=\[/data/a,/data/b\]"):
+        load_config(EvalConfig, None, ["data.paths=3"])
+    with pytest.raises(ConfigError, match=r"data\.crop_scale=.* should be a list, e.g\. data\.crop_scale=\[0\.2,1\.0\]"):
+        load_config(PretrainConfig, None, ["data.crop_scale=0.5"])
+
+
+def test_own_images_under_shapes_kind_name_the_fix(tmp_path: Path) -> None:
+    from milan.data import build_dataset
+    from milan.errors import DataNotFound
+
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(DataNotFound, match="not a shapes dataset.*data.kind=imagefolder"):
+        build_dataset("shapes", tmp_path)

@@ -267,3 +267,31 @@ def test_subset_labels_are_read_once_not_per_index() -> None:
     subset = torch.utils.data.Subset(Labelled(), range(10, 1010))
     assert _targets(subset) == [i % 7 for i in range(10, 1010)]
     assert Labelled.reads <= 2
+
+
+def test_eval_reads_class_names_from_a_finetune_checkpoint_and_its_export(tmp_path: Path) -> None:
+    """Class names recorded by finetune survive export; eval matches folders to them by name."""
+    from PIL import Image
+    from timm.models import VisionTransformer
+
+    from milan.encoder import ENCODER_PRESETS
+    from milan.io.weights import timm_kwargs
+
+    for name in ("eel", "cat"):  # a subset of the model's classes, in another order
+        (tmp_path / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "val" / name / "0.png")
+    vit = VisionTransformer(**timm_kwargs(ENCODER_PRESETS["vit_shapes_patch8"]), num_classes=3, global_pool="avg")
+    with torch.no_grad():
+        vit.head.weight.zero_()
+        vit.head.bias.copy_(torch.tensor([1.0, 5.0, 3.0]))  # dog > eel > cat
+    ckpt = tmp_path / "ft.pt"
+    torch.save({"model": vit.state_dict(), "kind": "finetune", "preset": "vit_shapes_patch8",
+                "classes": ["cat", "dog", "eel"]}, ckpt)
+    exported = tmp_path / "ft.safetensors"
+    cli(["export", str(ckpt), "--out", str(exported)])
+    for i, weights in enumerate((ckpt, exported)):
+        cli(["eval", f"model.weights={weights}", f"data.paths=[{tmp_path / 'val'}]", "data.crop_pct=1.0",
+             "data.num_workers=0", "run.device=cpu", f"run.out_dir={tmp_path / f'run{i}'}"])
+        (result,) = json.loads((tmp_path / f"run{i}" / "results.json").read_text()).values()
+        assert result["restricted"] and result["num_classes"] == 2
+        assert result["top1"] == pytest.approx(0.5)  # restricted to {cat, eel}: always eel

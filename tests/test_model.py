@@ -206,3 +206,18 @@ def test_token_loss_of_pixels_scores_masked_patches_only():
     assert not torch.isnan(out.token_loss[:, 1:][hidden]).any()
     torch.testing.assert_close(out.token_loss.nanmean(), out.loss)
     torch.testing.assert_close(out.loss, pixel_loss(out.pred[:, 1:], images, mask.masked, patch_size=8))
+
+
+def test_encoder_preset_accepts_a_model_name_or_a_preset() -> None:
+    """`milan info` and pretrain configs show model names; every model.preset key takes them too."""
+    from milan.errors import ConfigError
+    from milan.io.weights import build_encoder
+    from milan.model import encoder_preset
+
+    for prefix in ("milan", "mae", "kd"):
+        assert encoder_preset(f"{prefix}_vit_shapes_patch8") == "vit_shapes_patch8"
+    assert encoder_preset("vit_shapes_patch8") == "vit_shapes_patch8"
+    with pytest.raises(ConfigError, match=r"model\.preset='vit_nope'.*vit_shapes_patch8.*milan_vit_base_patch16"):
+        encoder_preset("vit_nope")
+    encoder, meta = build_encoder(None, preset="milan_vit_shapes_patch8")
+    assert meta["preset"] == "vit_shapes_patch8" and encoder.pos_embed.shape[1] == 1 + 8 * 8

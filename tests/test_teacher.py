@@ -27,7 +27,8 @@ from timm.data.constants import (
 )
 from timm.layers import resample_abs_pos_embed
 
-from milan.errors import TeacherError, UserError
+from milan.errors import TeacherError, TeacherFileNotFound, UserError
+from milan.io.safe_load import load_weights
 from milan.teacher import (
     Teacher,
     TeacherOutput,
@@ -39,6 +40,7 @@ TOKENS_ATOL = 1e-4
 ATTN_ATOL = 1e-5
 TINY = "milan-test-tiny"  # width 64, 2 layers, patch 8, image 32, embed 48
 TINY_WIDE = "milan-test-tiny-wide"  # width 96: the wrong architecture for TINY's weights
+TINY_QUICK = f"{TINY}-quickgelu"  # TINY with QuickGELU, as open_clip names OpenAI's architectures
 
 
 def _tiny_cfg(width: int) -> dict:
@@ -60,6 +62,7 @@ def tiny_configs(tmp_path_factory: pytest.TempPathFactory) -> None:
     folder = tmp_path_factory.mktemp("open_clip_configs")
     for name, width in ((TINY, 64), (TINY_WIDE, 96)):
         (folder / f"{name}.json").write_text(json.dumps(_tiny_cfg(width)))
+    (folder / f"{TINY_QUICK}.json").write_text(json.dumps({**_tiny_cfg(64), "quick_gelu": True}))
     open_clip.add_model_config(folder)
 
 
@@ -128,19 +131,87 @@ class _Holder(torch.nn.Module):
         return self.visual(x)
 
 
+def _activations(teacher: Teacher) -> set[str]:
+    return {type(block.mlp.gelu).__name__ for block in teacher.backbone.transformer.resblocks}
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
-def test_openclip_openai_torchscript_archive(tmp_path: Path) -> None:
-    # OpenAI ships TorchScript archives of QuickGELU models; the loader must infer QuickGELU.
-    model = _openclip_model(quick_gelu=True)
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_openclip_openai_torchscript_archive(tmp_path: Path, quick_gelu: bool) -> None:
+    # OpenAI ships traced archives of QuickGELU models; the activation is read from the archive's code.
+    model = _openclip_model(quick_gelu=quick_gelu)
     path = tmp_path / "ViT-tiny.pt"
     traced = torch.jit.trace(_Holder(model).eval(), torch.randn(1, 3, 32, 32), check_trace=False)
     torch.jit.save(traced, path)
 
+    assert load_weights(path)[1] == ("quick_gelu" if quick_gelu else "gelu")
     teacher = build_teacher(f"openclip:{TINY}", weights=path)
+    assert _activations(teacher) == {"QuickGELU" if quick_gelu else "GELU"}
     x = _student_batch(2, 32)
     ref = _openclip_reference(model.visual, _to_teacher_stats(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
     _assert_matches(teacher(x), *ref)
     assert teacher.dim == 48 and teacher.patch_size == 8
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("arch", [TINY, TINY_QUICK])
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_openclip_scripted_archive_computes_what_the_archive_computes(
+    tmp_path: Path, quick_gelu: bool, arch: str
+) -> None:
+    # torch.jit.save(torch.jit.script(model)) of a GELU or a QuickGELU model: whichever
+    # architecture name is given, the teacher computes what the archive's own code computes.
+    model = _openclip_model(quick_gelu=quick_gelu, seed=3)
+    with torch.no_grad():  # MLP inputs where GELU and QuickGELU differ (random init keeps them near 0)
+        for block in model.visual.transformer.resblocks:
+            block.mlp.c_fc.weight.mul_(4)
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(model), path)
+
+    assert load_weights(path)[1] == ("quick_gelu" if quick_gelu else "gelu")
+    teacher = build_teacher(f"openclip:{arch}", weights=path)
+    assert _activations(teacher) == {"QuickGELU" if quick_gelu else "GELU"}
+    x = _student_batch(2, 32)
+    seen = _to_teacher_stats(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    with torch.no_grad():
+        own = torch.jit.load(path).visual(seen)  # the archive's own pooled (CLS) embedding
+    out = teacher(x)
+    torch.testing.assert_close(out.tokens[:, 0], own, atol=TOKENS_ATOL, rtol=0)
+    _assert_matches(out, *_openclip_reference(model.visual, seen))
+
+    # The other activation gives other targets: a wrong decision could not pass the check above.
+    other = open_clip.transformer.QuickGELU if not quick_gelu else torch.nn.GELU
+    for block in model.visual.transformer.resblocks:
+        block.mlp.gelu = other()
+    with torch.no_grad():
+        wrong = model.visual(seen)
+    assert (wrong - own).abs().max() > 50 * TOKENS_ATOL
+
+
+class _Swish(torch.nn.Module):
+    """x * sigmoid(x): neither GELU nor QuickGELU, so the archive does not say which it is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_openclip_archive_with_an_unknown_activation_is_refused(tmp_path: Path) -> None:
+    model = _openclip_model(quick_gelu=True, seed=4)
+    for block in model.visual.transformer.resblocks:
+        block.mlp.gelu = _Swish()
+    path = tmp_path / "visual_only.pt"
+    torch.jit.save(torch.jit.script(model.visual), path)  # a visual tower alone: no `visual.` prefix
+
+    assert load_weights(path)[1] == "unknown"
+    with pytest.raises(TeacherError) as info:
+        build_teacher(f"openclip:{TINY}", weights=path)
+    message = str(info.value)
+    assert "does not show whether its MLP activation is QuickGELU" in message
+    assert f"teacher.spec=openclip:{TINY_QUICK}" in message and f"openclip:{TINY} for GELU" in message
+    assert "state_dict()" in message and "\n" not in message
+    # Naming the QuickGELU architecture is a choice the archive does not contradict.
+    assert _activations(build_teacher(f"openclip:{TINY_QUICK}", weights=path)) == {"QuickGELU"}
 
 
 def test_openclip_openai_plain_state_dict(tmp_path: Path) -> None:
@@ -402,6 +473,25 @@ def test_timm_vit_from_file(tmp_path: Path, head: int) -> None:
     _assert_matches(teacher(x), *_timm_reference(model, _to_teacher_stats(x, mean, std)))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_timm_archive_with_another_activation_is_refused(tmp_path: Path) -> None:
+    # A traced timm ViT's archive says its activation; a timm model built with another is refused
+    # (it would give wrong targets), one built with the same loads.
+    torch.manual_seed(0)
+    for act, name in (("quick_gelu", "quick.pt"), ("gelu", "gelu.pt")):
+        model = timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, num_classes=0, act_layer=act, img_size=32
+        )  # small to trace: timm resamples the position embedding to the named model's grid
+        traced = torch.jit.trace(model.eval(), torch.randn(1, 3, 32, 32), check_trace=False)
+        torch.jit.save(traced, tmp_path / name)
+        assert load_weights(tmp_path / name)[1] == act
+    with pytest.raises(TeacherError, match=r"quick\.pt were trained with QuickGELU .* but "
+                                           r"timm:vit_tiny_patch16_224 builds GELU, which would give wrong targets"):
+        build_teacher("timm:vit_tiny_patch16_224", weights=tmp_path / "quick.pt")
+    teacher = build_teacher("timm:vit_tiny_patch16_224", weights=tmp_path / "gelu.pt")
+    assert {type(block.mlp.act).__name__ for block in teacher.backbone.blocks} == {"GELU"}
+
+
 def test_timm_register_tokens_are_dropped() -> None:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -448,10 +538,14 @@ def test_unreadable_weights_name_the_file_and_the_formats(tmp_path: Path, name: 
         torch.save({"w": torch.zeros(64)}, tmp_path / "whole.pt")
         data = (tmp_path / "whole.pt").read_bytes()
         path.write_bytes(data[: len(data) // 2])
+        said = r"is a truncated or damaged zip archive .*copy or download it again"
     else:
         path.write_text("this is not a checkpoint\n")
-    with pytest.raises(ValueError, match=rf"cannot read teacher weights .*{name}: expected a \.safetensors file"):
+        said = (r"is not a weights file \(it starts with b'this is not a ch'\): expected a torch state dict or "
+                r"checkpoint \(torch\.save\), a \.safetensors file or a TorchScript archive")
+    with pytest.raises(ValueError, match=rf"teacher weights .*{name} {said}") as info:
         build_teacher(f"openclip:{TINY}", weights=path)
+    assert "pickle" not in str(info.value) and "weights_only" not in str(info.value)
 
 
 def test_builtin_teacher_with_unreadable_weights_says_so(tmp_path: Path) -> None:
@@ -474,16 +568,16 @@ class _Evil:
 def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     torch.save({"visual.proj": torch.zeros(2), "payload": _Evil(str(marker))}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="refused to load"):
+    with pytest.raises(ValueError, match=r"holds pickled Python objects \((io|builtins)\.open\).*refused") as info:
         build_teacher(f"openclip:{TINY}", weights=tmp_path / "evil.pt")
-    assert not marker.exists()
+    assert not marker.exists() and "weights_only" not in str(info.value)
 
     # The same payload inside a TorchScript-looking archive: the restricted unpickler refuses it.
     with zipfile.ZipFile(tmp_path / "evil_ts.pt", "w") as archive:
         archive.writestr("evil_ts/data.pkl", pickle.dumps({"x": _Evil(str(marker))}, protocol=2))
         archive.writestr("evil_ts/constants.pkl", pickle.dumps((), protocol=2))
         archive.writestr("evil_ts/code/__torch__.py", "")
-    with pytest.raises(ValueError, match="refused to load"):
+    with pytest.raises(ValueError, match=r"holds pickled Python objects \((io|builtins)\.open\).*refused"):
         build_teacher(f"openclip:{TINY}", weights=tmp_path / "evil_ts.pt")
     assert not marker.exists()
 
@@ -493,13 +587,18 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
     hf = tmp_path / "hf"
     CLIPVisionConfig(**HF_VISION).save_pretrained(hf)
     torch.save({"payload": _Evil(str(marker))}, hf / "pytorch_model.bin")
-    with pytest.raises((pickle.UnpicklingError, OSError, ValueError)):
+    with pytest.raises(TeacherError, match=r"pytorch_model\.bin holds pickled Python objects .*refused") as info:
         build_teacher(f"hf:{hf}")
-    assert not marker.exists()
+    assert not marker.exists() and "weights_only" not in str(info.value)
+    (hf / "pytorch_model.bin").write_bytes(bytes(range(7, 99)))  # junk: not called unsafe
+    with pytest.raises(TeacherError, match=r"pytorch_model\.bin is not a weights file .*expected a transformers "
+                                           r"weights file") as info:
+        build_teacher(f"hf:{hf}")
+    assert "weights_only" not in str(info.value)
 
     # And as a bare pickle file, not a torch.save zip.
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_Evil(str(marker))))
-    with pytest.raises(ValueError, match="refused to load"):
+    with pytest.raises(ValueError, match=r"holds pickled Python objects \((io|builtins)\.open\).*refused"):
         build_teacher(f"openclip:{TINY}", weights=tmp_path / "evil.pkl")
     assert not marker.exists()
 
@@ -510,6 +609,60 @@ def test_error_missing_file_names_the_path(tmp_path: Path) -> None:
         build_teacher(f"openclip:{TINY}", weights=missing)
     with pytest.raises(ValueError, match="needs weights="):
         build_teacher(f"openclip:{TINY}")
+
+
+def test_hub_ids_and_release_tags_say_what_to_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no folder openai/clip-vit-base-patch16 here
+    laion = "laion/CLIP-ViT-B-16-laion2B-s34B-b88K"
+    openai = "timm/vit_base_patch16_clip_224.openai"
+    cases = {
+        "hf:openai/clip-vit-base-patch16": (
+            lambda: build_teacher("hf:openai/clip-vit-base-patch16"), TeacherFileNotFound,
+            ["huggingface-cli download openai/clip-vit-base-patch16 --local-dir DIR", "teacher.spec=hf:DIR",
+             "nothing is downloaded"]),
+        "open_clip hub name": (
+            lambda: build_teacher(f"openclip:hf-hub:{laion}"), TeacherError,
+            [f"huggingface-cli download {laion} --local-dir DIR", "teacher.spec=openclip:ViT-B-16 ",
+             "teacher.weights=DIR/open_clip_model.safetensors"]),
+        "open_clip release tag": (
+            lambda: build_teacher("openclip:ViT-B-16", weights="openai"), TeacherFileNotFound,
+            ["release tag", f"huggingface-cli download {openai} --local-dir DIR",
+             "teacher.spec=openclip:ViT-B-16-quickgelu (this release was trained with QuickGELU)"]),
+        "open_clip hub name of a QuickGELU release": (
+            lambda: build_teacher(f"openclip:hf-hub:{openai}"), TeacherError,
+            [f"huggingface-cli download {openai} --local-dir DIR",
+             "teacher.spec=openclip:ViT-B-16-quickgelu (this release was trained with QuickGELU)"]),
+        "open_clip hub id as weights": (
+            lambda: build_teacher("openclip:ViT-B-16", weights=f"hf-hub:{laion}"), TeacherFileNotFound,
+            [f"huggingface-cli download {laion} --local-dir DIR", "teacher.weights=DIR/"]),
+        "open_clip without weights": (
+            lambda: build_teacher("openclip:ViT-B-16"), TeacherError,
+            ["needs weights=", f"huggingface-cli download {openai} --local-dir DIR"]),
+        "timm hub name": (
+            lambda: build_teacher(f"timm:hf-hub:{openai}"), TeacherError,
+            [f"huggingface-cli download {openai} --local-dir DIR",
+             "teacher.spec=timm:vit_base_patch16_clip_224.openai", "teacher.weights=DIR/model.safetensors"]),
+        "timm without weights": (
+            lambda: build_teacher("timm:vit_base_patch16_clip_224.openai"), TeacherError,
+            [f"huggingface-cli download {openai} --local-dir DIR", "timm:vit_base_patch16_clip_quickgelu_224",
+             "teacher.weights=DIR/model.safetensors"]),
+    }
+    for what, (build, error, needed) in cases.items():
+        with pytest.raises(error) as info:
+            build()
+        message = str(info.value)
+        assert all(text in message for text in needed), (what, message)
+        assert "\n" not in message, what
+
+
+def test_hf_cache_folder_names_its_snapshot(tmp_path: Path) -> None:
+    cache = tmp_path / "models--openai--clip-vit-base-patch16"
+    (cache / "snapshots" / "abc123").mkdir(parents=True)
+    (cache / "snapshots" / "abc123" / "config.json").write_text("{}")
+    with pytest.raises(TeacherFileNotFound, match=rf"cache folder.*teacher\.spec=hf:{cache}/snapshots/abc123"):
+        build_teacher(f"hf:{cache}")
 
 
 def test_error_wrong_architecture_suggests_the_right_one(tmp_path: Path) -> None:

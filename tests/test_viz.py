@@ -203,3 +203,62 @@ def test_missing_checkpoint_and_missing_config(tiny: dict[str, Path], tmp_path: 
     export_timm(tiny["run"], export)
     with pytest.raises(WeightsError, match="no pretraining config"):  # an encoder alone has no decoder to draw
         _run(["masks", str(export)])
+
+
+def _capture(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Keep the matplotlib figures viz would save (to inspect their axes)."""
+    figures: list = []
+    real = viz._save_fixed
+
+    def keep(fig, path, title):
+        figures.append((fig, title))
+        return real(fig, path, title)
+    monkeypatch.setattr(viz, "_save_fixed", keep)
+    return figures
+
+
+def test_mask_loss_rows_share_one_colour_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from milan.masking import RandomMasking
+
+    figures = _capture(monkeypatch)
+    loss = torch.stack([torch.full((16,), 0.1), torch.linspace(0.5, 4.0, 16)])
+    loss[0, 3] = float("nan")  # an unscored cell does not set the scale
+    mask = RandomMasking(0.75)(2, 16, generator=torch.Generator().manual_seed(0))
+    viz.plot_mask_loss(torch.rand(2, 3, 32, 32), mask, mask, loss, 8, tmp_path / "m.png")
+    fig, _ = figures[0]
+    heat = [ax.images[-1] for ax in fig.axes if ax.images and ax.images[-1].get_cmap().name == "magma"]
+    assert len(heat) == 2
+    for im in heat:
+        assert im.get_clim() == pytest.approx((0.1, 4.0))
+
+
+def test_knn_accuracy_axis_stops_at_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = _capture(monkeypatch)
+    runs = {"a": [{"step": s, "loss": 1.0 / s, "knn_acc": 0.2 * s} for s in range(1, 6)]}
+    viz.plot_curves(runs, tmp_path / "c.png")
+    fig, _ = figures[0]
+    knn = next(ax for ax in fig.axes if ax.get_title() == "kNN accuracy")
+    assert knn.get_ylim() == (0.0, 1.0)
+
+
+def test_masks_draw_the_checkpoints_own_data_and_say_so(tiny: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --data, viz masks draws from the data the run trained on (here an ImageFolder of the
+    user's images, not the shapes cache) and names it, and the teacher, in the figure."""
+    photos = tmp_path / "photos" / "things"
+    photos.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (80, 64), (60 * i, 120, 200)).save(photos / f"p{i}.png")
+    ckpt = torch.load(viz_cli.load_student(tiny["run"]).path, weights_only=False)
+    ckpt["config"]["data"] = {"kind": "imagefolder", "path": str(tmp_path / "photos")}
+    torch.save(ckpt, tmp_path / "checkpoint-2.pt")
+
+    figures = _capture(monkeypatch)
+    args = _parser().parse_args(["masks", str(tmp_path / "checkpoint-2.pt"), "--num", "2", "--out", str(tmp_path)])
+    args.func(args)
+    assert args.data_used.startswith(f"imagefolder {tmp_path / 'photos'}")
+    _, title = figures[0]
+    assert "teacher builtin:shapes" in title and str(tmp_path / "photos") in title
+    args = _parser().parse_args(["masks", str(tiny["run"]), "--num", "2", "--out", str(tmp_path)])
+    args.func(args)  # a shapes run: its own data.path, not the cache
+    assert args.data_used.startswith(f"shapes {tiny['root']}")

@@ -13,12 +13,31 @@
 
 __version__ = "0.1.0"
 
-from milan import loss, masking  # noqa: E402
-from milan.errors import UserError  # noqa: E402
-from milan.io.weights import Pretrained, load_pretrained  # noqa: E402
-from milan.model import MaskedAutoencoder, ModelSpec, build_model  # noqa: E402
-from milan.pretraining import MILAN, StepOutput  # noqa: E402
-from milan.teacher import TeacherOutput, build_teacher  # noqa: E402
+# The public names are imported on first use (PEP 562), so `import milan` and `milan --help` do not
+# pay for torch and timm; `from milan import build_model` works as usual.
+_EXPORTS = {
+    "build_model": "milan.model", "MaskedAutoencoder": "milan.model", "ModelSpec": "milan.model",
+    "build_teacher": "milan.teacher", "TeacherOutput": "milan.teacher",
+    "load_pretrained": "milan.io.weights", "Pretrained": "milan.io.weights",
+    "MILAN": "milan.pretraining", "StepOutput": "milan.pretraining",
+    "UserError": "milan.errors",
+    "loss": None, "masking": None,  # submodules
+}
 
-__all__ = ["__version__", "build_model", "build_teacher", "load_pretrained", "MaskedAutoencoder", "MILAN",
-           "ModelSpec", "Pretrained", "StepOutput", "TeacherOutput", "UserError", "loss", "masking"]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'milan' has no attribute {name!r}")
+    import importlib
+
+    module = _EXPORTS[name]
+    value = importlib.import_module(f"milan.{name}") if module is None else getattr(
+        importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

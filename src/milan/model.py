@@ -181,6 +181,21 @@ def model_names() -> list[str]:
     return [f"{prefix}_{enc}" for prefix in PREFIXES for enc in ENCODER_PRESETS]
 
 
+def encoder_preset(name: str, key: str = "model.preset") -> str:
+    """The encoder preset a name means: `vit_base_patch16`, or a model name such as
+    `milan_vit_base_patch16` (what `milan info` and pretrain configs show) → `vit_base_patch16`.
+
+    Raises:
+        ConfigError: naming `key` and the accepted names.
+    """
+    prefix, _, rest = name.partition("_")
+    preset = rest if prefix in PREFIXES and rest in ENCODER_PRESETS else name
+    if preset not in ENCODER_PRESETS:
+        raise ConfigError(f"{key}={name!r} is not an encoder preset; choose one of: {', '.join(ENCODER_PRESETS)} "
+                          "(a model name such as milan_vit_base_patch16 works too)")
+    return preset
+
+
 class ModelOutput(NamedTuple):
     loss: Tensor  # scalar: the objective, averaged over the tokens it scores
     pred: Tensor  # [B, 1+N, D] (or [B, 1+K, D] without a decoder)

@@ -66,9 +66,13 @@ def _bad(name: str, reason: str) -> BadImage:
 
 
 def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | None = None,
-             exif_transpose: bool = True, notes: list[tuple[str, str]] | None = None) -> Image.Image:
+             draft: Callable[[Image.Image], Any] | None = None, exif_transpose: bool = True,
+             notes: list[tuple[str, str]] | None = None) -> Image.Image:
     """Open an image file (path or binary stream) as RGB, fully decoded.
 
+    `draft`, if given, is called with the opened image before it is decoded (its `size` is the
+    stored one); it may call `img.draft(...)` to decode a JPEG at 1/2, 1/4 or 1/8 size
+    (`milan.data.fast`). `min_size` applies to the stored size.
     Multi-frame files (GIF, multipage TIFF) give their first frame. With `exif_transpose` the EXIF
     Orientation tag is applied (a phone photo taken in portrait comes out upright).
     PIL's `DecompressionBombWarning` (an image over `PIL.Image.MAX_IMAGE_PIXELS` but under twice
@@ -81,6 +85,9 @@ def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | No
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             with Image.open(source) as img:
+                stored = img.size
+                if draft is not None:
+                    draft(img)
                 img.load()
                 if exif_transpose:
                     img = _upright(img)
@@ -95,15 +102,15 @@ def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | No
         raise _bad(name, str(err) or type(err).__name__) from err
     for warning in caught:
         if issubclass(warning.category, Image.DecompressionBombWarning):
-            note = (name, f"{rgb.size[0]}x{rgb.size[1]} = {rgb.size[0] * rgb.size[1]} pixels is over PIL's "
+            note = (name, f"{stored[0]}x{stored[1]} = {stored[0] * stored[1]} pixels is over PIL's "
                           f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}; read anyway (it is not over "
                           "twice the limit), but consider resizing it")
             if notes is None:
                 _log.warning("%s: %s", *note)
             else:
                 notes.append(note)
-    if min(rgb.size) < min_size:
-        raise _bad(name, f"{rgb.size[0]}x{rgb.size[1]} is smaller than min_size={min_size}")
+    if min(stored) < min_size:
+        raise _bad(name, f"{stored[0]}x{stored[1]} is smaller than min_size={min_size}")
     return rgb
 
 
@@ -201,6 +208,9 @@ class ImageFolderDataset(Dataset):
         (a decompression-bomb size). Raises `BadImage` for a file that cannot be used."""
         path, label = self.samples[index]
         notes: list[tuple[str, str]] = []
+        decode = getattr(self.transform, "decode", None)  # a transform that reads the file itself (milan.data.fast)
+        if decode is not None:
+            return decode(path, name=str(path), min_size=self.min_size), label, notes
         img = load_rgb(path, min_size=self.min_size, exif_transpose=self.exif_transpose, notes=notes)
         return (self.transform(img) if self.transform else img), label, notes
 

@@ -509,6 +509,9 @@ def _open_split(root: str | Path, split: str) -> tuple[Path, dict[str, Any], tup
     root = Path(root).expanduser()
     meta = _read_meta(root)
     if meta is None:
+        if root.is_dir() and any(root.iterdir()):  # the user's own images, most likely
+            raise DataNotFound(f"{root} is not a shapes dataset (no meta.json); to train or evaluate on your own "
+                               "images there, set data.kind=imagefolder (monitor.kind for the kNN monitor)")
         raise DataNotFound(
             f"no shapes dataset at {root} (missing or invalid meta.json); "
             f"run `milan data shapes --out {root}` to generate it"

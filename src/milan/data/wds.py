@@ -80,6 +80,7 @@ _log = logging.getLogger("milan")
 __all__ = ["ShardStream", "count_samples", "decode_rgb", "expand_shards", "folder_to_shards", "write_shards"]
 
 SIZES_FILE = "sizes.json"
+META_KEY = "__meta__"  # sizes.json: how the shards were written (max_size, quality), beside {shard: samples}
 _RAW_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
@@ -248,6 +249,12 @@ class ShardStream(IterableDataset):
             epoch_pass, shard, sample = item
             name = f"{Path(shard).name}:{sample['__key__']}"
             notes: list[tuple[str, str]] = []
+            # Global RNGs are per worker process; seeding them here makes the crop of a sample
+            # independent of which rank and worker read it (before decoding: a transform that
+            # decodes itself draws its crop first).
+            seed = _seed(self.seed, self.epoch, epoch_pass, Path(shard).name, sample["__key__"])
+            torch.manual_seed(seed)
+            random.seed(seed)
             try:
                 image, label = self._decode(sample, name, notes)
             except BadImage as err:
@@ -259,12 +266,9 @@ class ShardStream(IterableDataset):
                     ) from err
                 continue
             reports += [(n, note, False) for n, note in notes]
-            # Global RNGs are per worker process; seeding them here makes the crop of a sample
-            # independent of which rank and worker read it.
-            seed = _seed(self.seed, self.epoch, epoch_pass, Path(shard).name, sample["__key__"])
-            torch.manual_seed(seed)
-            random.seed(seed)
-            yield (self.transform(image) if self.transform else image), label, tuple(reports)
+            if self.transform is not None and not hasattr(self.transform, "decode"):
+                image = self.transform(image)
+            yield image, label, tuple(reports)
             done, bad, reports = done + 1, 0, []
 
     def _raw(self, shards: list[str], rng: random.Random, *, repeat: bool,
@@ -298,6 +302,9 @@ class ShardStream(IterableDataset):
                 reason = f"label is not an integer: {err}"
                 raise BadImage(f"{name}.{self.label_key}: {reason}", name=f"{name}.{self.label_key}",
                                reason=reason) from err
+        decode = getattr(self.transform, "decode", None)  # a transform that decodes itself (milan.data.fast)
+        if decode is not None:
+            return decode(io.BytesIO(sample[ext]), name=f"{name}.{ext}", min_size=self.min_size), label
         return decode_rgb(sample[ext], name=f"{name}.{ext}", min_size=self.min_size,
                           exif_transpose=self.exif_transpose, notes=notes), label
 
@@ -376,8 +383,12 @@ def _image_ext(data: bytes) -> str:
     raise ValueError("unknown image format (not JPEG, PNG or WEBP); re-encode it, e.g. as PNG")
 
 
-def write_shards(samples: Iterable[tuple[str, bytes, int]], out_dir: str | Path, *, per_shard: int) -> list[Path]:
+def write_shards(samples: Iterable[tuple[str, bytes, int]], out_dir: str | Path, *, per_shard: int,
+                 meta: dict[str, Any] | None = None) -> list[Path]:
     """Write `(key, image bytes, label)` samples to `out_dir/shard-000000.tar`, ... and `sizes.json`.
+
+    `meta` goes into `sizes.json` under the key `__meta__` (not a shard name: readers look shards up by
+    name), e.g. the bounded size and quality of `folder_to_shards(max_size=...)`.
 
     The image member's extension follows the bytes (JPEG, PNG or WEBP); label -1 writes no `.cls`.
     Keys must be unique and must not contain '.' (webdataset splits the extension at the first dot).
@@ -413,12 +424,13 @@ def write_shards(samples: Iterable[tuple[str, bytes, int]], out_dir: str | Path,
     finally:
         if writer is not None:
             writer.close()
-    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+    (out / SIZES_FILE).write_text(json.dumps({**sizes, **({META_KEY: meta} if meta else {})}, indent=1) + "\n")
     return paths
 
 
 def folder_to_shards(image_folder: str | Path, out_dir: str | Path, per_shard: int = 1000,
-                     *, seed: int = 0, min_size: int = 16, bad_files: Any = None) -> list[Path]:
+                     *, seed: int = 0, max_size: int | None = None, quality: int = 90, min_size: int = 16,
+                     bad_files: Any = None) -> list[Path]:
     """Convert an ImageFolder tree (or flat folder) to shuffled tar shards.
 
     Samples are shuffled before writing so every shard mixes classes (the stream only shuffles
@@ -428,9 +440,17 @@ def folder_to_shards(image_folder: str | Path, out_dir: str | Path, per_shard: i
     new one writing there). JPEG, PNG and WEBP files are then copied byte for byte (EXIF
     orientation included, applied when decoded); other formats (GIF's first frame, TIFF, BMP, ...)
     are re-encoded upright as PNG. Class names go to `classes.json` (index = label).
+
+    `max_size` bounds the short side (`milan.data.fast.reencode_jpeg`): larger images are resized to it
+    and every image is stored as JPEG of `quality` (JPEGs already small enough are copied); `sizes.json`
+    records `{"__meta__": {"max_size": ..., "quality": ...}}`.
     """
     from milan.data.reading import BadFiles
 
+    if max_size is not None and max_size < 1:
+        raise ConfigError(f"max_size={max_size} must be at least 1")
+    if not 1 <= quality <= 100:
+        raise ConfigError(f"quality={quality} must be in 1..100")
     folder = ImageFolderDataset(image_folder)
     _log.info("%s: %s", folder.root, folder.describe())
     if bad_files is None:
@@ -450,6 +470,15 @@ def folder_to_shards(image_folder: str | Path, out_dir: str | Path, per_shard: i
                 continue
             bad_files.add([(name, note, False) for name, note in notes])
             data = path.read_bytes()
+            if max_size is not None:
+                from milan.data.fast import reencode_jpeg
+
+                bounded = reencode_jpeg(data, max_size=max_size, quality=quality, name=str(path))
+                if bounded is None:  # (load_rgb read it above: not expected)
+                    bad_files.add([(str(path), "could not be re-encoded", True)])
+                    continue
+                yield f"{i:09d}", bounded, label
+                continue
             try:
                 _image_ext(data)
             except ValueError:
@@ -458,7 +487,8 @@ def folder_to_shards(image_folder: str | Path, out_dir: str | Path, per_shard: i
                 data = buffer.getvalue()
             yield f"{i:09d}", data, label
 
-    paths = write_shards(records(), out_dir, per_shard=per_shard)
+    meta = {"max_size": max_size, "quality": quality, "format": "jpeg"} if max_size is not None else None
+    paths = write_shards(records(), out_dir, per_shard=per_shard, meta=meta)
     if folder.classes:
         (Path(out_dir) / "classes.json").write_text(json.dumps(folder.classes, indent=1) + "\n")
     bad_files.write(out_dir)

@@ -66,6 +66,7 @@ def export_timm(checkpoint: str | Path, out: str | Path, *, head: bool = True) -
         "dropped": meta["dropped"],
     }
     header = {"encoder": meta["encoder"], "preset": meta["preset"], "source_format": meta["format"],
+              "classes": meta.get("classes", []) if "head.weight" in state else [],
               "spec": asdict(pretrained.spec) if pretrained.spec is not None else None}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
@@ -59,19 +58,15 @@ def _resolve_file(path: Path) -> Path:
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The raw object in `path` (file or run folder) and, for safetensors, the header metadata."""
-    path = _resolve_file(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    from milan.io.safe_load import file_kind, read_safetensors, read_torch_file
 
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsError(
-            f"cannot read {path} safely (weights_only=True): {str(err).strip().splitlines()[0]}. "
-            "If it holds pickled Python objects, re-save only its state dict from a trusted environment."
-        ) from err
+    path = _resolve_file(path)
+    # What the file is, from its bytes: every failure names it (truncated, junk, pickled objects, ...).
+    expected = ("a milan checkpoint (checkpoint-<step>.pt), a `milan export` .safetensors file or an "
+                "authors' MILAN/MAE checkpoint")
+    if file_kind(path) == "safetensors":
+        return read_safetensors(path, subject="weights", expected=expected)
+    obj = read_torch_file(path, subject="weights", expected=expected)
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} does not hold a dict of weights (got {type(obj).__name__})")
     return obj, {}
@@ -154,6 +149,7 @@ def _encoder_from(obj: dict[str, Any], header: dict[str, str], path: Path) -> tu
         else:
             fmt = obj.get("kind", "reference")
         meta["preset"] = obj.get("preset") or _preset_from_config(obj.get("config"))
+        meta["classes"] = [str(c) for c in obj.get("classes") or []]  # a finetuned classifier's class names
         if isinstance(obj.get("encoder"), dict):  # our finetune checkpoints record their shape
             meta["encoder"] = obj["encoder"]
     raw = {k.removeprefix("module."): v for k, v in raw.items()}
@@ -172,6 +168,7 @@ def _encoder_from(obj: dict[str, Any], header: dict[str, str], path: Path) -> tu
         meta["encoder"] = asdict(infer_encoder_config(state, preset=meta["preset"]))
     meta["num_classes"] = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
     meta["global_pool"] = "avg" if "fc_norm.weight" in state else "token"
+    meta.setdefault("classes", [])
     return state, meta
 
 
@@ -343,9 +340,12 @@ def build_encoder(
         the encoder (eval mode, gradients on; freeze it yourself if needed) and the file's meta.
     """
     from milan.encoder import MaskedViTEncoder
+    from milan.model import encoder_preset
 
+    if preset is not None:
+        preset = encoder_preset(preset)
     if weights is None:
-        if preset not in ENCODER_PRESETS:
+        if preset is None:
             raise WeightsError(f"give model.weights=<checkpoint>, or model.preset=<one of: "
                                f"{', '.join(ENCODER_PRESETS)}> for a random-init baseline")
         config = ENCODER_PRESETS[preset]

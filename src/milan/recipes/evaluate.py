@@ -111,9 +111,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     model = build_classifier(config, num_classes, global_pool="avg" if meta["global_pool"] == "avg" else "token")
     load_encoder(model, state, allow_missing=())
     model.eval().to(device)
-    raw = torch.load(cfg.model.weights, map_location="cpu", weights_only=True) \
-        if not str(cfg.model.weights).endswith(".safetensors") else {}
-    model_classes = list(raw.get("classes") or [])
+    model_classes = list(meta.get("classes") or [])  # recorded by milan finetune (and kept by export)
     if not model_classes and num_classes == 1000:
         model_classes = imagenet_classes()
 

@@ -35,6 +35,7 @@ from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
 from milan.errors import ConfigError, DataError
 from milan.io.weights import encoder_state_dict, load_encoder
+from milan.model import encoder_preset
 from milan.train import distributed as distr
 from milan.train.checkpoint import (
     CheckpointRecord,
@@ -159,8 +160,9 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         state, meta = encoder_state_dict(cfg.model.weights)
         config = EncoderConfig(**meta["encoder"])
         preset = meta["preset"]
-    elif cfg.model.preset in ENCODER_PRESETS:
-        state, config, preset = None, ENCODER_PRESETS[cfg.model.preset], cfg.model.preset
+    elif cfg.model.preset is not None:
+        preset = encoder_preset(cfg.model.preset)
+        state, config = None, ENCODER_PRESETS[preset]
     else:
         raise ConfigError("give model.weights=<pretrain checkpoint or export>, or "
                           f"model.preset=<one of: {', '.join(ENCODER_PRESETS)}> to train from scratch")

@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader
 
 import milan
 from milan.data import build_dataset
+from milan.data.fast import CudaJpegPlan, collate_plans, pretrain_input, to_device
 from milan.data.folder import Samples
 from milan.data.reading import BadFiles, collate
 from milan.data.sampler import EpochSampler
-from milan.data.transforms import pretrain_transform
 from milan.errors import CheckpointError, ConfigError, DataError, TrainingError
 from milan.model import ModelSpec, build_model
 from milan.pretraining import MILAN
@@ -60,6 +60,7 @@ from milan.train.run import (
     agree_on_checkpoint,
     check_values,
     grad_norm,
+    resolve_precision,
     rng_state,
     set_lr,
     start_run,
@@ -115,6 +116,13 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     num_workers: int = 8
+    prefetch_factor: int = 2  # batches each worker prepares ahead (order and crops do not depend on it)
+    # Input path (README "Feeding a fast GPU"; `milan bench data` measures them). Workers always return uint8
+    # images and the device normalises them (bit-identical to ToTensor + Normalize in the worker).
+    decode: Literal["pil", "tensor", "cuda"] = "pil"  # pil: PIL decode + bicubic RandomResizedCrop (the reference);
+    # tensor: torchvision decode_jpeg + transforms.v2 bilinear/antialias crop (same boxes, ≈ 2× faster per core);
+    # cuda: nvJPEG batch decode + crop on the GPU, workers only read bytes (CPU tensor path without CUDA)
+    draft: bool = False  # decode=pil: decode JPEGs at 1/2, 1/4 or 1/8 size when the crop stays ≥ img_size
     min_size: int = 16  # images with a shorter side are skipped as bad
     max_bad_fraction: float = 0.01  # stop when clearly more of the distinct files read are bad (README: Data)
     exif_transpose: bool = True  # apply each photo's EXIF orientation (training and the kNN monitor)
@@ -233,6 +241,7 @@ def _validate(cfg: PretrainConfig) -> None:
         "run.max_steps": r.max_steps, "data.img_size": cfg.data.img_size,
     }, non_negative={"optim.warmup_epochs": o.warmup_epochs, "optim.warmup_steps": o.warmup_steps,
                      "run.keep_last": r.keep_last, "data.num_workers": cfg.data.num_workers})
+    check_values(at_least_one={"data.prefetch_factor": cfg.data.prefetch_factor})
     if o.steps is None and o.warmup_steps is None and o.warmup_epochs > o.epochs:
         raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}")
     if o.steps is not None and o.warmup_steps is not None and o.warmup_steps > o.steps:
@@ -267,6 +276,8 @@ def build_step(cfg: PretrainConfig, device: torch.device, *, amp_dtype: torch.dt
     teacher = None
     if spec.needs_teacher:
         dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        if dtype == "bf16":  # bf16 weights on CPU: the same trap as bf16 autocast (refused unless overridden)
+            resolve_precision(dtype, device, key="teacher.dtype")
         teacher = milan.build_teacher(
             cfg.teacher.spec, weights=cfg.teacher.weights,
             dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype],
@@ -298,6 +309,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     info, run_dir, amp_dtype, precision = start_run(cfg, write_config=False, seed_per_rank=False)
     device = info.device
     spec = cfg.model.spec()
+    if cfg.recover.fallback_precision is not None:  # a rollback must not switch a CPU run to bf16 either
+        resolve_precision(cfg.recover.fallback_precision, device, key="recover.fallback_precision")
 
     # --- the step: frozen teacher (never in the optimizer, DDP or the checkpoint) + student ------
     step_fn = build_step(cfg, device, amp_dtype=amp_dtype)
@@ -306,7 +319,13 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
 
     # --- data ----------------------------------------------------------------------------------
     batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
-    transform = pretrain_transform(img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip)
+    decode = cfg.data.decode
+    if decode == "cuda" and device.type != "cuda":
+        if info.is_main:
+            log.warning("data.decode=cuda needs a CUDA device; decoding on the CPU instead (data.decode=tensor)")
+        decode = "tensor"
+    transform = pretrain_input(img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip, decode=decode,
+                               draft=cfg.data.draft)
     loader, set_epoch, per_rank, num_images = _train_loader(cfg, info, transform)
     micro_per_epoch = per_rank // batch
     steps_per_epoch = micro_per_epoch // accum
@@ -491,7 +510,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             set_epoch(epoch, batch_in_epoch * accum)  # skips the batches done before a resume or rollback
             micro, step_loss = 0, None
             for images, _, reports in loader:
-                images = images.to(device, non_blocking=True)
+                images = to_device(images, device, img_size=img_size)  # uint8 → normalised float32 there
                 seen += images.shape[0]
                 bad_files.add(reports)  # bad files passed over for this batch (each warned once per run)
 
@@ -655,6 +674,15 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
     """
     batch, accum = cfg.optim.batch_size, cfg.optim.accum_steps
     pin = info.device.type == "cuda"
+    # Workers, prefetching and pinning change when a batch is ready, never which batch or crop it is: the
+    # sampler / stream fixes the order and each sample's seed (exact resume). persistent_workers stays off:
+    # set_epoch must reach the workers' copies of the dataset at every iter(loader).
+    workers = cfg.data.num_workers
+    extra: dict[str, Any] = {"prefetch_factor": cfg.data.prefetch_factor} if workers > 0 else {}
+    # the bad files each sample passed over travel with the batch (milan.data.reading.collate)
+    extra["collate_fn"] = collate
+    if isinstance(transform, CudaJpegPlan):  # records, not tensors: stacked on the GPU (to_device)
+        extra["collate_fn"] = collate_plans
     if cfg.data.kind == "webdataset":
         from milan.data.wds import ShardStream, count_samples
 
@@ -670,8 +698,8 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
                              min_size=cfg.data.min_size, samples_per_rank=per_rank, batch_size=batch,
                              exif_transpose=cfg.data.exif_transpose)
         stream.check_workers(cfg.data.num_workers)
-        loader = DataLoader(stream, batch_size=batch, num_workers=cfg.data.num_workers, pin_memory=pin,
-                            drop_last=True, persistent_workers=False, collate_fn=collate)
+        loader = DataLoader(stream, batch_size=batch, num_workers=workers, pin_memory=pin,
+                            drop_last=True, persistent_workers=False, **extra)
         return loader, lambda epoch, start: stream.set_epoch(epoch, skip=start * batch), per_rank, num_images
 
     dataset = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=transform,
@@ -679,8 +707,8 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
     sampler = EpochSampler(len(dataset), rank=info.rank, world_size=info.world_size,
                            seed=cfg.run.seed, batch_size=batch * accum)
     loader = DataLoader(Samples(dataset, seed=cfg.run.seed), batch_size=batch, sampler=sampler,
-                        num_workers=cfg.data.num_workers, pin_memory=pin, drop_last=True,
-                        persistent_workers=False, collate_fn=collate)
+                        num_workers=workers, pin_memory=pin, drop_last=True,
+                        persistent_workers=False, **extra)
     return (loader, lambda epoch, start: sampler.set_epoch(epoch, start_batch=start, batch_size=batch),
             sampler.per_rank, len(dataset))
 

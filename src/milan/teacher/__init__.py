@@ -34,7 +34,10 @@ sizes differ, resized so both token grids match (a CLIP L/14 teacher under a ViT
 handled by interpolating the positional embedding (bicubic), as each library does.
 
 Loading is safe (`milan.io.safe_load`): safetensors, `torch.load(weights_only=True)`, and TorchScript
-archives read by a restricted unpickler that never runs their code.
+archives read by a restricted unpickler that never runs their code; an archive's code is read as
+text to tell its MLP activation (QuickGELU or GELU), which then overrides the architecture's. A
+file that cannot be read says what it is (junk, truncated, pickled objects, ...). Hub ids and
+release tags are refused with what to download and which spec to give then.
 
 Errors: a bad spec, an unusable weights file or folder, an unsupported tower raise
 `milan.errors.TeacherError` (a `UserError`, also a `ValueError`) whose message names the fix; a

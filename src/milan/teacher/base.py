@@ -10,6 +10,7 @@ shapes and the fix.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +28,9 @@ __all__ = [
     "TeacherOutput",
     "TimmTowerTeacher",
     "check_fits",
+    "download_hint",
+    "from_pretrained",
+    "hub_id",
     "out_dim",
     "square_patch",
     "cls_attention",
@@ -175,6 +179,46 @@ def check_fits(
     raise TeacherError(
         f"weights {path} do not fit {what}.\n  " + "\n  ".join(problems) + f"\n  {hint}"
     )
+
+
+_HUB_ID = re.compile(r"^(?:hf[-_]hub:|https?://huggingface\.co/)?([A-Za-z0-9][\w.-]*/[\w.-]*[\w-])/?$")
+
+
+def hub_id(text: str | Path) -> str | None:
+    """The Hugging Face repo id `text` names (`org/name`, `hf-hub:org/name` or a huggingface.co URL)
+    when it is not a path on this machine; None otherwise."""
+    text = str(text)
+    if Path(text).expanduser().exists():
+        return None
+    explicit = text.startswith(("hf-hub:", "hf_hub:", "http://", "https://"))
+    if not explicit and Path(text).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pkl"):
+        return None  # a missing weights file, not a repo
+    match = _HUB_ID.match(text)
+    return match.group(1) if match else None
+
+
+def download_hint(repo: str, then: str, file: str | None = None) -> str:
+    """How to get hub repo `repo` onto this machine (nothing is downloaded here), then `then`."""
+    what = f"{repo} {file}" if file else repo
+    return (f"nothing is downloaded: on a machine with internet run `huggingface-cli download {what} "
+            f"--local-dir DIR` (or `hf download {what} --local-dir DIR`), copy DIR to this machine, then {then}")
+
+
+def from_pretrained(cls: Any, path: Path, load: dict[str, Any]) -> Any:
+    """`cls.from_pretrained(path, **load)` (transformers); when it fails on a weights file in `path`
+    that cannot be read (junk, truncated, pickled objects), a TeacherError saying what that file is,
+    never torch's or transformers' advice."""
+    from milan.io.safe_load import read_safetensors, read_torch_file
+
+    try:
+        return cls.from_pretrained(path, **load)
+    except Exception:
+        expected = "a transformers weights file (model.safetensors or pytorch_model.bin, from save_pretrained)"
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))  # transformers' preference
+        for file in files:
+            read = read_safetensors if file.suffix == ".safetensors" else read_torch_file
+            read(file, subject="teacher weights", expected=expected, error=TeacherError)  # raises when unreadable
+        raise  # the files read: another problem, transformers' message stands
 
 
 def out_dim(module: nn.Module, dim: int) -> int:

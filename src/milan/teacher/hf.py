@@ -3,7 +3,8 @@
 The folder holds a `CLIPModel`, a `CLIPVisionModelWithProjection` or a plain `CLIPVisionModel`
 (no projection: its targets are the post-LayerNorm tokens). transformers reads model.safetensors,
 or pytorch_model.bin with `torch.load(weights_only=True)`; `preprocessor_config.json`, when
-present, gives the teacher's mean and std.
+present, gives the teacher's mean and std. A hub id (`hf:openai/clip-vit-base-patch16`) is not
+downloaded: the error says how to download it and which folder to name instead.
 
 Folders of SigLIP / SigLIP 2 (model_type siglip, siglip_vision_model, siglip2,
 siglip2_vision_model) go to `hf_siglip` (targets and importance through the attention-pool head).
@@ -20,7 +21,15 @@ from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import Tensor, nn
 
 from milan.errors import TeacherError
-from milan.teacher.base import Teacher, TeacherFileNotFound, _heads, cls_attention
+from milan.teacher.base import (
+    Teacher,
+    TeacherFileNotFound,
+    _heads,
+    cls_attention,
+    download_hint,
+    from_pretrained,
+    hub_id,
+)
 from milan.teacher.hf_siglip import HF_SIGLIP_TYPES, build_hf_siglip_teacher
 from milan.teacher.siglip import SIGLIP_MEAN, SIGLIP_STD
 
@@ -74,6 +83,18 @@ def build_hf_teacher(folder: str, weights: str | Path | None, **kwargs: Any) -> 
     if weights is not None:
         raise TeacherError(f"teacher 'hf:{folder}' reads its weights from the folder; drop weights=")
     config_file = path / "config.json"
+    repo = hub_id(folder)
+    if repo and not path.exists():
+        raise TeacherFileNotFound(
+            f"teacher 'hf:{folder}': there is no folder {path} here; if {repo} is a Hugging Face hub id, "
+            + download_hint(repo, "use teacher.spec=hf:DIR")
+        )
+    snapshots = sorted(p.parent for p in path.glob("snapshots/*/config.json"))
+    if not config_file.is_file() and snapshots:  # a hub cache folder (models--org--name)
+        raise TeacherFileNotFound(
+            f"teacher 'hf:{folder}' is a Hugging Face cache folder; its files are in a snapshot: use "
+            f"teacher.spec=hf:{snapshots[-1]}"
+        )
     if not config_file.is_file():
         raise TeacherFileNotFound(
             f"teacher 'hf:{folder}': no config.json in {path} (expected a folder written by "
@@ -88,11 +109,11 @@ def build_hf_teacher(folder: str, weights: str | Path | None, **kwargs: Any) -> 
         _preprocessor_stats(path, kwargs, SIGLIP_MEAN, SIGLIP_STD)
         return build_hf_siglip_teacher(folder, path, model_type, load, **kwargs)
     if model_type == "clip":
-        model, info = CLIPModel.from_pretrained(path, **load)
+        model, info = from_pretrained(CLIPModel, path, load)
     elif model_type == "clip_vision_model" and config.get("architectures") == ["CLIPVisionModel"]:
-        model, info = CLIPVisionModel.from_pretrained(path, **load)
+        model, info = from_pretrained(CLIPVisionModel, path, load)
     elif model_type == "clip_vision_model":
-        model, info = CLIPVisionModelWithProjection.from_pretrained(path, **load)
+        model, info = from_pretrained(CLIPVisionModelWithProjection, path, load)
     else:
         raise TeacherError(
             f"teacher 'hf:{folder}': {config_file} has model_type {model_type!r}, which holds no "

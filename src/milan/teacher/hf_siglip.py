@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from milan.errors import TeacherError
-from milan.teacher.base import Teacher, _heads
+from milan.teacher.base import Teacher, _heads, from_pretrained
 from milan.teacher.siglip import SIGLIP_MEAN, SIGLIP_STD, map_targets
 
 __all__ = ["HF_SIGLIP_TYPES", "HFSiglipTeacher", "build_hf_siglip_teacher"]
@@ -102,7 +102,7 @@ def build_hf_siglip_teacher(
     import transformers
 
     cls = getattr(transformers, HF_SIGLIP_TYPES[model_type])
-    model, info = cls.from_pretrained(path, **load)
+    model, info = from_pretrained(cls, path, load)
     missing = {k for k in info["missing_keys"] if not k.startswith("text")}
     if missing:
         raise TeacherError(f"teacher 'hf:{folder}': weights in {path} lack {sorted(missing)[:5]}")

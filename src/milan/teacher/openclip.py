@@ -1,8 +1,11 @@
 """`openclip:<arch>`: an open_clip ViT vision tower from an OpenAI or open_clip checkpoint.
 
 `build_openclip_teacher` reads OpenAI's TorchScript release (e.g. ViT-B-16.pt, read as plain
-tensors), an OpenAI or open_clip state dict, or a .safetensors file; OpenAI's formats imply
-QuickGELU. A checkpoint that does not fit the named architecture fails with the open_clip
+tensors), any TorchScript archive of an open_clip / OpenAI CLIP, an OpenAI or open_clip state
+dict, or a .safetensors file. The MLP activation follows the file when it says (`_quick_gelu`): an
+OpenAI state dict is QuickGELU, a TorchScript archive's own code shows QuickGELU or GELU; a plain
+state dict follows the architecture (`<arch>-quickgelu`). Hub names and release tags are refused
+with what to download (nothing is). A checkpoint that does not fit the named architecture fails with the open_clip
 architectures it does fit (`_describe_vit`).
 
 Towers built on a timm trunk (open_clip's `TimmModel`: the SigLIP / SigLIP 2 and EVA02 / EVA01
@@ -25,12 +28,14 @@ from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from milan.errors import TeacherError
+from milan.errors import TeacherError, TeacherFileNotFound
 from milan.io.safe_load import load_weights
-from milan.teacher.base import Teacher, _heads, check_fits, cls_attention
+from milan.teacher.base import Teacher, _heads, check_fits, cls_attention, download_hint, hub_id
 from milan.teacher.timm_vit import timm_teacher, timm_teacher_class
 
 __all__ = ["OpenCLIPTeacher", "build_openclip_teacher", "openclip_tower_teacher"]
+
+_log = logging.getLogger(__name__)
 
 
 class OpenCLIPTeacher(Teacher):
@@ -140,30 +145,143 @@ def _describe_vit(state: dict[str, Tensor]) -> str:
     )
 
 
+def _release_hint(arch: str, tag: str) -> str | None:
+    """How to download open_clip's release `tag` of `arch` and name it (None when open_clip does not know it)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    # A state dict does not say its activation: releases trained with QuickGELU need the -quickgelu arch.
+    quick = f"{arch.removesuffix('-quickgelu')}-quickgelu"
+    spec = (f"teacher.spec=openclip:{quick} (this release was trained with QuickGELU) "
+            if cfg.get("quick_gelu") and quick in open_clip.list_models() else f"teacher.spec=openclip:{arch} ")
+    parts = cfg.get("hf_hub", "").strip("/").split("/")
+    if len(parts) >= 2:
+        repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
+        then = spec + (f"teacher.weights=DIR/{file}" if file else
+                       "teacher.weights=DIR/open_clip_model.safetensors (or DIR/open_clip_pytorch_model.bin)")
+        return download_hint(repo, then, file)
+    if cfg.get("url"):
+        return (f"nothing is downloaded: fetch {cfg['url']} on a machine with internet, copy it here, then "
+                f"{spec}teacher.weights=<its path>")
+    return None
+
+
+def _hub_release(repo: str) -> tuple[str, str] | None:
+    """(architecture, release tag) of hub repo `repo`, when open_clip's release list has it."""
+    import open_clip
+
+    for arch, tag in open_clip.list_pretrained():
+        hub = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub", "").strip("/")
+        if hub == repo or hub.startswith(f"{repo}/"):
+            return arch, tag
+    return None
+
+
+def _refuse_hub_names(arch: str, weights: str | Path | None) -> None:
+    """An open_clip hub name or release tag where a local file is needed: say what to download."""
+    import open_clip
+
+    if arch.startswith(("hf-hub:", "hf_hub:")):
+        repo = arch.split(":", 1)[1].strip("/")
+        release = _hub_release(repo)
+        hint = _release_hint(*release) if release else None
+        raise TeacherError(
+            f"teacher 'openclip:{arch}' is an open_clip hub name; "
+            + (hint or download_hint(repo, "use teacher.spec=openclip:<the architecture in "
+                                           "DIR/open_clip_config.json> teacher.weights=DIR/open_clip_model.safetensors "
+                                           "(or DIR/open_clip_pytorch_model.bin)"))
+        )
+    tags = open_clip.list_pretrained_tags_by_model(arch) if arch in open_clip.list_models() else []
+    if weights is None:
+        example = _release_hint(arch, tags[0]) if tags else None
+        raise TeacherError(
+            f"teacher 'openclip:{arch}' needs weights=<path> (OpenAI .pt, open_clip checkpoint or "
+            ".safetensors); " + (f"open_clip's {tags[0]!r} release of it, for example: {example}"
+                                 if example else "nothing is downloaded")
+        )
+    if Path(weights).expanduser().exists():
+        return
+    if str(weights) in tags:
+        hint = _release_hint(arch, str(weights))
+        if hint:
+            raise TeacherFileNotFound(
+                f"teacher.weights={weights} is an open_clip release tag, not a file; {hint}"
+            )
+    repo = hub_id(weights)
+    if repo:
+        release = _hub_release(repo)
+        hint = _release_hint(*release) if release else None
+        raise TeacherFileNotFound(
+            f"teacher weights {weights} are not a file here; if it is a Hugging Face hub id, "
+            + (hint or download_hint(repo, "set teacher.weights=DIR/open_clip_model.safetensors "
+                                           "(or DIR/open_clip_pytorch_model.bin)"))
+        )
+
+
+def _quick_gelu(arch: str, activation: str | None, path: Path) -> bool:
+    """Whether to build `arch` with QuickGELU, from what the weights file says (`load_weights`).
+
+    The file decides when it says: an OpenAI state dict or a TorchScript archive computing
+    `x * sigmoid(1.702 x)` -> QuickGELU, an archive computing `torch.gelu` -> GELU. A state dict
+    says nothing: the architecture decides (`<arch>-quickgelu` for QuickGELU). An archive whose
+    activation cannot be read is refused unless the architecture names QuickGELU.
+    """
+    import open_clip
+
+    configured = bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
+    if activation is None:
+        return configured
+    if activation in ("quick_gelu", "gelu"):
+        if (activation == "quick_gelu") != configured:
+            _log.info("%s computes %s in its MLP (read from the archive); building openclip:%s with it",
+                      path, "QuickGELU" if activation == "quick_gelu" else "GELU", arch)
+        return activation == "quick_gelu"
+    if activation == "unknown" and configured:
+        return True  # the user named a QuickGELU architecture for an archive that does not say
+    base = arch.removesuffix("-quickgelu")
+    quick = f"{base}-quickgelu" if f"{base}-quickgelu" in open_clip.list_models() else None
+    choose = (f"use teacher.spec=openclip:{quick} if it is QuickGELU (OpenAI's releases are)"
+              if quick else "name an architecture with \"quick_gelu\": true if it is QuickGELU")
+    what = ("computes the tanh approximation of GELU, which open_clip's CLIP ViTs do not build"
+            if activation == "gelu_tanh" else
+            "does not show whether its MLP activation is QuickGELU (x * sigmoid(1.702 x)) or GELU")
+    raise TeacherError(
+        f"TorchScript archive {path} {what}; {choose}, or re-save its weights as a state dict from a trusted "
+        f"environment (torch.save(torch.jit.load(PATH).state_dict(), 'state.pt')) and use "
+        f"openclip:{base} for GELU"
+    )
+
+
 def build_openclip_teacher(arch: str, weights: str | Path | None, **kwargs: Any) -> Teacher:
     """`openclip:<arch>` with `weights` (OpenAI .pt, open_clip checkpoint or .safetensors)."""
     import open_clip
 
-    if weights is None:
-        raise TeacherError(
-            f"teacher 'openclip:{arch}' needs weights=<path> (OpenAI .pt, open_clip checkpoint or "
-            ".safetensors); nothing is downloaded"
-        )
+    _refuse_hub_names(arch, weights)
     if arch not in open_clip.list_models():
         close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
         raise TeacherError(f"unknown open_clip architecture {arch!r}; close matches: {close}")
-    state, is_openai = load_weights(weights)
+    assert weights is not None  # _refuse_hub_names
+    state, activation = load_weights(weights)
     if any(k.startswith("visual.") for k in state):  # full CLIP: keep the image tower only
         state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-    # OpenAI's models were trained with QuickGELU; their files do not say so, their format does.
+    timm_trunk = bool(open_clip.get_model_config(arch)["vision_cfg"].get("timm_model_name"))
+    # OpenAI's models were trained with QuickGELU, open_clip's mostly with GELU; a state dict does
+    # not say which, a TorchScript archive's code does (`_quick_gelu`).
+    quick = False if timm_trunk else _quick_gelu(arch, activation, Path(weights))
     # open_clip logs that the model is randomly initialised: true only until the load below.
     quiet = lambda record: "No pretrained weights loaded" not in record.getMessage()
     logging.root.addFilter(quiet)
     try:
-        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=is_openai)
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick)
     finally:
         logging.root.removeFilter(quiet)
     visual = model.visual
+    if not timm_trunk and not quick:  # a `-quickgelu` architecture whose archive computes GELU
+        from open_clip.transformer import QuickGELU
+
+        for block in getattr(getattr(visual, "transformer", None), "resblocks", []):
+            if isinstance(getattr(getattr(block, "mlp", None), "gelu", None), QuickGELU):
+                block.mlp.gelu = nn.GELU()
     check_fits(
         visual, state, f"open_clip {arch!r} (visual tower)", Path(weights), _describe_vit(state)
     )

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import Tensor, nn
 
-from milan.errors import TeacherError
+from milan.errors import TeacherError, TeacherFileNotFound
 from milan.io.safe_load import load_weights
-from milan.teacher.base import Teacher, _heads, check_fits, cls_attention
+from milan.teacher.base import Teacher, _heads, check_fits, cls_attention, download_hint, hub_id
 from milan.teacher.eva import EvaTeacher
 from milan.teacher.siglip import SiglipTeacher
 
@@ -149,12 +149,12 @@ def build_timm_teacher(name: str, weights: str | Path | None, **kwargs: Any) -> 
     import timm
     from timm.models import eva, vision_transformer
 
-    if weights is None:
-        raise TeacherError(f"teacher 'timm:{name}' needs weights=<path>; nothing is downloaded")
+    _refuse_hub_names(name, weights)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise TeacherError(f"unknown timm model {name!r}; close matches: {close}")
-    state, _ = load_weights(weights)
+    assert weights is not None  # _refuse_hub_names
+    state, activation = load_weights(weights)
     # The head, when the weights carry one, is the projection (CLIP ViTs in timm keep it there).
     args = {"pretrained": False, "num_classes": _num_classes(state)}
     try:
@@ -169,5 +169,72 @@ def build_timm_teacher(name: str, weights: str | Path | None, **kwargs: Any) -> 
         state = vision_transformer.checkpoint_filter_fn(state, model)  # OpenAI / open_clip -> timm
         pattern = "vit_{size}_patch{patch}_siglip_*" if cls is SiglipTeacher else "vit_{size}_patch{patch}_*"
     check_fits(model, state, f"timm {name!r}", Path(weights), _describe_timm_vit(state, pattern))
+    _check_activation(name, model, activation, Path(weights), cls)
     model.load_state_dict(state, strict=True)
     return timm_teacher(model, **kwargs)
+
+
+def _refuse_hub_names(name: str, weights: str | Path | None) -> None:
+    """A timm hub name, or no / a hub id for weights: say what to download (nothing is)."""
+    import timm
+
+    then = "teacher.weights=DIR/model.safetensors (or DIR/pytorch_model.bin)"
+    if name.startswith(("hf-hub:", "hf_hub:")):
+        repo = name.split(":", 1)[1].strip("/")
+        model = repo.rpartition("/")[2]
+        spec = f"timm:{model}" if timm.is_model(model) else "timm:<the architecture in DIR/config.json>"
+        raise TeacherError(f"teacher 'timm:{name}' is a timm hub name; "
+                           + download_hint(repo, f"use teacher.spec={spec} {then}"))
+    if weights is None:
+        try:
+            cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+        except Exception:  # a name without a pretrained config
+            cfg = None
+        repo = getattr(cfg, "hf_hub_id", None)
+        quick = name.partition(".")[0].replace("_clip_", "_clip_quickgelu_")
+        if "QuickGELU" in " ".join(getattr(cfg, "notes", None) or ()) and timm.is_model(quick):
+            then = f"use teacher.spec=timm:{quick} (these weights were trained with QuickGELU) {then}"
+        raise TeacherError(f"teacher 'timm:{name}' needs weights=<path> (.safetensors or .pth); "
+                           + (download_hint(repo, then) if repo else "nothing is downloaded"))
+    repo = hub_id(weights)
+    if repo:
+        raise TeacherFileNotFound(f"teacher weights {weights} are not a file here; if it is a Hugging Face "
+                                  "hub id, " + download_hint(repo, then))
+
+
+def _act_kind(module: nn.Module | None) -> str | None:
+    """'quick_gelu', 'gelu', 'gelu_tanh' or None (another function) for a timm MLP activation."""
+    name = type(module).__name__
+    if "QuickGELU" in name:
+        return "quick_gelu"
+    if "GELU" in name:
+        return "gelu_tanh" if "Tanh" in name or getattr(module, "approximate", "none") == "tanh" else "gelu"
+    return None
+
+
+def _check_activation(name: str, model: nn.Module, activation: str | None, path: Path, cls: type) -> None:
+    """Refuse weights whose file says it computes another MLP activation than timm model `name`."""
+    import timm
+
+    blocks = getattr(model, "blocks", None)
+    built = _act_kind(getattr(getattr(blocks[0], "mlp", None), "act", None)) if blocks else None
+    known = ("quick_gelu", "gelu", "gelu_tanh")
+    if activation is None or activation == built or built is None:
+        return
+    if activation == "unknown" and (cls is not TimmTeacher or built == "quick_gelu"):
+        return  # an archive that does not say: a QuickGELU model was named on purpose
+    if activation != "unknown" and activation not in known:
+        return
+    other = (name.replace("_clip_quickgelu_", "_clip_") if built == "quick_gelu"
+             else name.replace("_clip_", "_clip_quickgelu_"))
+    other = other.partition(".")[0]
+    instead = f"use timm:{other}" if other != name.partition(".")[0] and timm.is_model(other) else \
+        "use a timm model built with that activation"
+    said = {"quick_gelu": "QuickGELU (x * sigmoid(1.702 x); OpenAI's CLIP)", "gelu": "GELU",
+            "gelu_tanh": "tanh-approximated GELU"}
+    if activation == "unknown":
+        raise TeacherError(f"TorchScript archive {path} does not show whether its MLP activation is QuickGELU or "
+                           f"GELU, and timm:{name} builds {said[built]}: {instead} if it is QuickGELU (OpenAI's "
+                           "releases are), or re-save its weights as a state dict from a trusted environment")
+    raise TeacherError(f"weights {path} were trained with {said[activation]} but timm:{name} builds "
+                       f"{said[built]}, which would give wrong targets: {instead}")

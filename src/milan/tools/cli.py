@@ -34,15 +34,21 @@ def _recipe_parser(sub: argparse._SubParsersAction, name: str, help: str, config
     p.set_defaults(func=_run_recipe, config_cls=config_cls_path)
 
 
-def _tool_parser(sub: argparse._SubParsersAction, name: str, module: str, help: str, description: str) -> None:
-    """A subcommand whose module brings its own `add_arguments` and `run_from_args`."""
-    import importlib
+def _tool_parser(sub: argparse._SubParsersAction, name: str, module: str, help: str, description: str | None = None,
+                 *, load: bool = True, formatter: type = argparse.ArgumentDefaultsHelpFormatter) -> None:
+    """A subcommand whose module brings its own `add_arguments` and `run_from_args`.
 
-    tool = importlib.import_module(module)
-    p = sub.add_parser(name, help=help, description=description,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tool.add_arguments(p)
-    p.set_defaults(func=tool.run_from_args)
+    The module (which imports torch) is imported only when `load` is true, i.e. when the command line
+    names this subcommand: `milan --help` lists every command without importing any of them.
+    """
+    p = sub.add_parser(name, help=help, description=description or help, formatter_class=formatter)
+    if load:
+        import importlib
+
+        tool = importlib.import_module(module)
+        tool.add_arguments(p)
+        if hasattr(tool, "run_from_args"):
+            p.set_defaults(func=tool.run_from_args)
 
 
 def _run_recipe(args: argparse.Namespace) -> None:
@@ -78,23 +84,33 @@ def _cmd_data_shards(args: argparse.Namespace) -> None:
     get_logger()  # the folder's start line and one warning per unreadable file
     bad = BadFiles(max_fraction=None, folder=args.out)
     shards = folder_to_shards(args.folder, args.out, per_shard=args.per_shard, seed=args.seed,
-                              min_size=args.min_size, bad_files=bad)
-    print(f"wrote {len(shards)} shards to {args.out}")
+                              max_size=args.max_size, quality=args.quality, min_size=args.min_size, bad_files=bad)
+    bounded = f" (short side ≤ {args.max_size}, JPEG quality {args.quality})" if args.max_size else ""
+    print(f"wrote {len(shards)} shards to {args.out}{bounded}")
     if bad.summary() is not None:
         print(bad.summary())
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
     import milan
+    from milan.encoder import ENCODER_PRESETS
     from milan.model import model_names
+    from milan.teacher import SPEC_FORMS
 
     print(f"milan {milan.__version__}")
-    print("models:   " + ", ".join(model_names()))
-    print("teachers: openclip:<arch> (weights=FILE), hf:<folder>, timm:<name> (weights=FILE), builtin:shapes")
+    print("models:   " + ", ".join(model_names()) + "  (pretrain: model.name=)")
+    print("encoders: " + ", ".join(ENCODER_PRESETS) + "  (knn, linprobe, finetune, segment, detect: model.preset=; "
+          "a model name works too)")
+    print("teachers: " + "\n          ".join(SPEC_FORMS))
     print("configs:  " + ", ".join(shipped_configs()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the subcommands it names get their (torch-importing) arguments."""
+
+    def wanted(name: str) -> bool:
+        return argv is None or name in argv
+
     parser = argparse.ArgumentParser(
         prog="milan",
         description="MILAN: masked image pretraining on language-assisted representation.",
@@ -121,20 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_parser(sub, "detect", "detection / instance segmentation transfer: Mask R-CNN + FPN on a ViT pyramid "
                    "(COCO json or shapes)", "milan.recipes.detect", "optim.epochs=2 model.weights=runs/pretrain")
 
-    export = sub.add_parser(
-        "export", help="export encoder (or finetuned classifier) weights for timm (.safetensors + .json)",
-        description="Write a checkpoint's encoder as timm-named safetensors plus a JSON sidecar with the "
-        "timm model name and kwargs; prints the timm.create_model call that loads it.",
-    )
-    from milan.io import export as export_module
-
-    export_module.add_arguments(export)
-    export.set_defaults(func=export_module.run_from_args)
+    _tool_parser(sub, "export", "milan.io.export",
+                 "export encoder (or finetuned classifier) weights for timm (.safetensors + .json)",
+                 "Write a checkpoint's encoder as timm-named safetensors plus a JSON sidecar with the "
+                 "timm model name and kwargs; prints the timm.create_model call that loads it.",
+                 load=wanted("export"), formatter=argparse.HelpFormatter)
 
     _tool_parser(sub, "demo", "milan.tools.demo",
                  "end-to-end demo on the built-in shapes data and teacher (CPU, minutes)",
                  "Generate the shapes data, load builtin:shapes, pretrain a tiny MILAN student, probe it "
-                 "against a random-init student and the teacher, write a report and figures.")
+                 "against a random-init student and the teacher, write a report and figures.", load=wanted("demo"))
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", metavar="<what>", required=True)
@@ -152,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("out", type=Path, help="output folder for shard-000000.tar, ... and sizes.json")
     shards.add_argument("--per-shard", type=int, default=1000, help="images per shard")
     shards.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    shards.add_argument("--max-size", type=int, help="re-encode images whose short side is larger to this short "
+                        "side (JPEG; faster decoding, FFCV-style; recorded in sizes.json). Default: copy bytes")
+    shards.add_argument("--quality", type=int, default=90, help="JPEG quality of the --max-size re-encode")
     shards.add_argument("--min-size", type=int, default=16,
                         help="leave out images with a shorter side (as pretrain's data.min_size)")
     shards.set_defaults(func=_cmd_data_shards)
@@ -162,21 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
                  "train the small CLIP shipped as builtin:shapes (≈10 min on 2 CPU cores)",
                  "Train the shapes CLIP with language supervision, report zero-shot accuracy and attention on "
                  "objects, export the vision tower and card (default: runs/shapes_teacher; use it with "
-                 "teacher.spec=builtin:shapes teacher.weights=runs/shapes_teacher/shapes_clip_visual.safetensors).")
+                 "teacher.spec=builtin:shapes teacher.weights=runs/shapes_teacher/shapes_clip_visual.safetensors).",
+                 load=wanted("train-shapes"))
 
     bench = sub.add_parser("bench", help="benchmarks (speed, MFU)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="<what>", required=True)
-    from milan.tools import bench as bench_module
+    _tool_parser(bench_sub, "speed", "milan.tools.bench",
+                 "images/s, phase split, peak memory and MFU of one pretraining step (CPU or CUDA)",
+                 load=wanted("speed"), formatter=argparse.HelpFormatter)
 
-    speed = bench_sub.add_parser(
-        "speed", help="images/s, phase split, peak memory and MFU of one pretraining step (CPU or CUDA)"
-    )
-    bench_module.add_arguments(speed)
-    speed.set_defaults(func=bench_module.run_from_args)
+    _tool_parser(bench_sub, "data", "milan.tools.bench.data",
+                 "images/s per CPU core of the pretraining input path, and cores per GPU (CPU or CUDA)",
+                 "Time the input path of milan pretrain (decode, crop, collate, host→device) for the reference "
+                 "path and the fast paths side by side, per core and optionally with N DataLoader workers; with "
+                 "--step-rate, how many cores one GPU needs.", load=wanted("data"))
 
-    from milan.tools import viz_cli
-
-    viz_cli.add_arguments(sub.add_parser("viz", help="paper figures as PNG files: masks, attention, tsne, curves"))
+    _tool_parser(sub, "viz", "milan.tools.viz_cli", "paper figures as PNG files: masks, attention, tsne, curves",
+                 "Write the paper's figures as PNG files (headless matplotlib).", load=wanted("viz"),
+                 formatter=argparse.HelpFormatter)
 
     info = sub.add_parser("info", help="list models, teacher specs and shipped configs")
     info.set_defaults(func=_cmd_info)
@@ -185,9 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse and run one command; errors propagate (the form tests and Python callers want)."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
-    func(args)
+    try:
+        func(args)
+    except BaseException:
+        if "milan.train.run" in sys.modules:  # a run folder may have been started
+            sys.modules["milan.train.run"].discard_failed_starts()
+        raise
 
 
 def run(argv: Sequence[str] | None = None) -> None:

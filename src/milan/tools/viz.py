@@ -175,14 +175,24 @@ def plot_mask_loss(images: Tensor, semantic: Mask, random: Mask, loss: Tensor, p
     pics = to_display(images)
     fig, axes = _grid_figure(len(pics), 4)
     sem, rnd = semantic.is_masked().cpu().numpy(), random.is_masked().cpu().numpy()
+    vmin, vmax = loss_range(loss)  # one colour scale for every row, so rows compare
     for i, pic in enumerate(pics):
         axes[i, 0].imshow(pic)
         axes[i, 1].imshow(masked_view(pic, sem[i], patch_size))
         axes[i, 2].imshow(masked_view(pic, rnd[i], patch_size))
-        im = axes[i, 3].imshow(_grid(loss[i]), cmap="magma", interpolation="nearest")
+        im = axes[i, 3].imshow(_grid(loss[i]), cmap="magma", interpolation="nearest", vmin=vmin, vmax=vmax)
         fig.colorbar(im, ax=axes[i, 3], fraction=0.046, pad=0.04)
     _heads(axes[0], ["image", "semantic-aware mask (kept bright)", "random mask (kept bright)", loss_label])
     return _save_fixed(fig, path, title)
+
+
+def loss_range(loss: Tensor) -> tuple[float, float]:
+    """(min, max) of the scored (finite) cells of a per-patch loss map; (0, 1) if none is scored."""
+    finite = loss[torch.isfinite(loss)]
+    if finite.numel() == 0:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    return low, max(high, low + 1e-12)
 
 
 def plot_attention_columns(images: Tensor, maps: dict[str, Tensor], path: str | Path, *,
@@ -253,6 +263,7 @@ def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path
 #: metrics.jsonl key → panel title.
 CURVE_METRICS = {"loss": "loss", "lr": "learning rate", "img_per_s": "throughput (img/s)",
                  "knn_acc": "kNN accuracy"}
+ACCURACY_METRICS = ("knn_acc",)  # fractions: plotted on [0, 1]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -285,6 +296,8 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, *, title: str = "
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, label=name, marker="o" if len(pts) < 20 else None, markersize=3)
         ax.set_title(CURVE_METRICS[key], fontsize=9)
+        if key in ACCURACY_METRICS:  # an accuracy: its whole range, never past 1
+            ax.set_ylim(0.0, 1.0)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)

@@ -30,9 +30,11 @@ __all__ = ["add_arguments", "run_from_args", "load_student", "mask_and_loss"]
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", choices=DATASET_KINDS, default="shapes",
-                   help="dataset kind: the built-in shapes set or an ImageFolder tree")
-    p.add_argument("--data-path", help="dataset folder (shapes default: the checkpoint's data.path or the cache)")
+    p.add_argument("--data", choices=DATASET_KINDS,
+                   help="dataset kind: the built-in shapes set or an ImageFolder tree (default: the data the "
+                        "checkpoint was trained on, else shapes)")
+    p.add_argument("--data-path", help="dataset folder (default: the checkpoint's data.path when --data matches "
+                                       "its data.kind; shapes: the cache)")
     p.add_argument("--split", default="val", help="split to draw images from")
 
 
@@ -139,20 +141,35 @@ def _teacher_for(cfg: dict[str, Any], patch_size: int):
 
 
 def _dataset(args: argparse.Namespace, img_size: int, cfg: dict[str, Any] | None = None, *, label: str = "shape"):
+    """The images to draw: `--data`/`--data-path` if given, else the data the checkpoint was trained on
+    (its config's data.kind and data.path), else the built-in shapes. Sets `args.data_used`, the
+    description that goes into the log and the figure title."""
     from milan.data import build_dataset
     from milan.data.transforms import eval_transform
+    from milan.train.log import get_logger
 
-    if args.data not in DATASET_KINDS:
-        raise ConfigError(f"unknown data kind {args.data!r}; choose one of: {', '.join(DATASET_KINDS)}")
+    trained = (cfg or {}).get("data") or {}
+    kind = args.data
+    if kind is None:
+        kind = trained.get("kind") or "shapes"
+        if kind not in DATASET_KINDS:
+            raise ConfigError(f"the checkpoint was trained on data.kind={kind} ({trained.get('path')}); viz reads "
+                              "a folder: pass --data imagefolder --data-path DIR (images like the training data)")
+    if kind not in DATASET_KINDS:
+        raise ConfigError(f"unknown data kind {kind!r}; choose one of: {', '.join(DATASET_KINDS)}")
     path = args.data_path
-    if path is None and cfg is not None and (cfg.get("data") or {}).get("kind") == args.data:
-        path = cfg["data"].get("path")
+    if path is None and trained.get("kind") == kind:
+        path = trained.get("path")
     from milan.data.reading import BadFiles, Tolerant
 
     tf = eval_transform(img_size, crop_pct=1.0)
+    dataset = build_dataset(kind, path, split=args.split, transform=tf, label=label)
+    where = getattr(dataset, "root", None) or path or "the shapes cache"
+    args.data_used = f"{kind} {where} ({args.split})"
+    get_logger().info("drawing images from %s", args.data_used)
     # an unreadable image is replaced by the next good one, warned about once; no run folder to list them in
     args.bad_files = getattr(args, "bad_files", None) or BadFiles(max_fraction=None)
-    return Tolerant(build_dataset(args.data, path, split=args.split, transform=tf, label=label), args.bad_files)
+    return Tolerant(dataset, args.bad_files)
 
 
 def _sample(dataset, num: int, seed: int) -> Tensor:
@@ -192,8 +209,9 @@ def _masks(args: argparse.Namespace) -> Path:
     teacher = _teacher_for(student.config, spec.encoder.patch_size)
     images = _sample(_dataset(args, student.encoder_config.img_size, student.config), args.num, args.seed)
     semantic, random, loss, label = mask_and_loss(student, teacher, images, seed=args.seed)
+    teacher_spec = (student.config.get("teacher") or {}).get("spec")
     title = (f"{student.label} — {spec.target} target, {spec.decoder} decoder, {spec.masking} masking, "
-             f"mask ratio {spec.mask_ratio}")
+             f"mask ratio {spec.mask_ratio}; teacher {teacher_spec}; data {args.data_used}")
     return viz.plot_mask_loss(images, semantic, random, loss, spec.encoder.patch_size,
                               Path(args.out) / f"masks_{_stem(student)}.png", title=title, loss_label=label)
 
@@ -214,7 +232,7 @@ def _attention(args: argparse.Namespace) -> Path:
     if len(sizes) > 1:
         raise ConfigError(f"checkpoints are built for different resolutions {sorted(sizes)}; plot them separately")
     patch = students[0].encoder_config.patch_size if students else None
-    img_size = sizes.pop() if sizes else (args.img_size or (64 if args.data == "shapes" else 224))
+    img_size = sizes.pop() if sizes else (args.img_size or (64 if args.data in (None, "shapes") else 224))
     teacher = milan.build_teacher(spec, weights=weights, student_patch_size=patch).eval()
     images = _sample(_dataset(args, img_size, students[0].config if students else None), args.num, args.seed)
     with torch.no_grad():
@@ -223,7 +241,7 @@ def _attention(args: argparse.Namespace) -> Path:
             maps[f"student {s.label}"] = viz.student_cls_attention(s.encoder(), images)
     stem = "_".join([spec.replace(":", "-").replace("/", "-"), *(_stem(s) for s in students)])
     return viz.plot_attention_columns(images, maps, Path(args.out) / f"attention_{stem}.png",
-                                      title="last-layer CLS attention (head-averaged)")
+                                      title=f"last-layer CLS attention (head-averaged); data {args.data_used}")
 
 
 def _encoder_for(source: str, args: argparse.Namespace) -> tuple[str, Callable[[Tensor], Tensor], int | None, dict | None]:
@@ -269,12 +287,12 @@ def _tsne(args: argparse.Namespace) -> Path:
     sizes = {size for _, _, size, _ in sources if size is not None}
     if len(sizes) > 1:
         raise ConfigError(f"sources are built for different resolutions {sorted(sizes)}; plot them separately")
-    img_size = sizes.pop() if sizes else (args.img_size or (64 if args.data == "shapes" else 224))
+    img_size = sizes.pop() if sizes else (args.img_size or (64 if args.data in (None, "shapes") else 224))
     cfg = next((c for *_, c in sources if c is not None), None)
     dataset = _dataset(args, img_size, cfg, label=args.label)
     targets = _targets(dataset)
     if (targets < 0).all():
-        raise DataError(f"{args.data} images at {args.data_path} have no classes; t-SNE colours by class "
+        raise DataError(f"{args.data_used} has no classes; t-SNE colours by class "
                          "(an ImageFolder needs root/<class>/<image>)")
     subset = torch.utils.data.Subset(dataset, _balanced_subset(targets, args.classes, args.per_class))
     panels = {}
@@ -284,9 +302,25 @@ def _tsne(args: argparse.Namespace) -> Path:
             panels[name] = (viz.tsne_embed(feats, seed=args.seed), labels.numpy())
     stem = "_".join(Path(s).stem if ":" not in s else s.replace(":", "-").replace("/", "-") for s in args.sources)
     return viz.plot_tsne(panels, Path(args.out) / f"tsne_{stem}.png", classes=getattr(dataset, "classes", None),
-                         title=f"t-SNE of mean-pooled patch tokens ({args.data} {args.split}, {len(subset)} images)")
+                         title=f"t-SNE of mean-pooled patch tokens ({args.data_used}, {len(subset)} images)")
 
 
 def _curves(args: argparse.Namespace) -> Path:
-    runs = {Path(r).resolve().name: viz.read_metrics(r) for r in args.runs}
-    return viz.plot_curves(runs, args.out, title="training curves: " + ", ".join(runs))
+    runs = {_run_label(Path(r)): viz.read_metrics(r) for r in args.runs}
+    return viz.plot_curves(runs, args.out, title="training curves")
+
+
+def _run_label(run_dir: Path) -> str:
+    """`name (teacher SPEC, data KIND PATH)` from the run's config.yaml (just the name without one)."""
+    import yaml
+
+    name = run_dir.resolve().name
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return name
+    cfg = yaml.safe_load(config.read_text()) or {}
+    data, teacher = cfg.get("data") or {}, cfg.get("teacher") or {}
+    facts = [f"teacher {teacher['spec']}" if teacher.get("spec") else None,
+             f"data {data.get('kind')} {data.get('path') or ''}".rstrip() if data.get("kind") else None]
+    facts = [f for f in facts if f]
+    return f"{name} ({', '.join(facts)})" if facts else name

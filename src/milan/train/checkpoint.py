@@ -123,13 +123,17 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (`weights_only=True`: no arbitrary unpickling)."""
+    from milan.io.safe_load import read_torch_file
+
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, bad pickle, …
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        raise CheckpointError(f"checkpoint not found: {path} (give a checkpoint file written by milan, e.g. "
+                              "run.resume=runs/x/checkpoint-1000.pt, or run.resume=auto / none)")
+    # Truncated, junk, pickled objects, a TorchScript archive...: one message naming what it is.
+    return read_torch_file(path, subject="checkpoint", error=CheckpointError, map_location=map_location,
+                           expected="a checkpoint written by milan (checkpoint-<step>.pt or checkpoint-last.pt)",
+                           fix="Resume from another checkpoint (run.resume=PATH), from the newest readable one "
+                               "in the run folder (run.resume=auto), or start over (run.resume=none)")
 
 
 def checkpoint_step(path: str | Path) -> int | None:

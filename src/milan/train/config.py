@@ -82,9 +82,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         allowed = " or ".join(_type_name(o) for o in options)
         raise ConfigError(f"{key}={value!r} has the wrong type; expected {allowed}")
     if origin in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}={value!r} should be a list, e.g. {key}=[0.2,1.0]")
         args = get_args(tp)
+        variable = origin is list or (len(args) == 2 and args[-1] is Ellipsis)
+        if variable and isinstance(value, str) and (args[0] if args else Any) in (str, Any):
+            value = [value]  # data.paths=/x means [/x]
+        if not isinstance(value, list | tuple):
+            example = "[/data/a,/data/b]" if args and args[0] is str else "[0.2,1.0]"
+            raise ConfigError(f"{key}={value!r} should be a list, e.g. {key}={example}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{key} needs {len(args)} values, got {len(value)}")
@@ -163,7 +167,11 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} should look like key=value, e.g. optim.lr=1e-3")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                              "quote it, e.g. 'data.path=\"/my dir\"', or close its brackets") from None
         # YAML 1.1 reads 1e-3 as a string; accept it as the float it clearly is.
         if isinstance(value, str) and any(c in value for c in ".eE"):
             with contextlib.suppress(ValueError):
@@ -194,8 +202,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not a plain YAML config ({getattr(err, 'problem', None) or err}); "
+                          "configs hold sections of plain values (no !!python tags or custom types)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level should be a mapping of sections")
     base = data.pop("base", None)

@@ -28,8 +28,9 @@ class MetricsLogger:
 
     Inactive (all calls no-ops) on ranks other than 0. `resume_from=step` (a run resumed from the
     checkpoint of that step) first drops the records of later steps — written after that checkpoint
-    by the run that crashed, and about to be redone — from metrics.jsonl and TensorBoard, so the
-    resumed log reads as one uninterrupted run.
+    by the run that crashed, and about to be redone — from metrics.jsonl and from the TensorBoard
+    event files themselves (not only hidden by TensorBoard's purge), so the resumed log reads as one
+    uninterrupted run in every reader.
     """
 
     def __init__(self, run_dir: str | Path, *, active: bool = True, tensorboard: bool = True,
@@ -49,8 +50,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                purge = None if resume_from is None else resume_from + 1  # drops events at steps ≥ purge
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+                if resume_from is not None and (run_dir / "tb").is_dir():
+                    _truncate_tensorboard(run_dir / "tb", resume_from)
+                self.tb = SummaryWriter(str(run_dir / "tb"))
             except ImportError:  # tensorboard is an optional extra
                 self.tb = None
 
@@ -85,6 +87,28 @@ def _truncate_records(path: Path, last_step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
     tmp.replace(path)
+
+
+def _truncate_tensorboard(tb_dir: Path, last_step: int) -> None:
+    """Drop the scalar events of steps > last_step from every event file in `tb_dir` (atomic rewrite
+    of each file that changes; a record torn by the crash ends the file)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        events = [Event.FromString(r) for r in records]
+        kept = [r for r, e in zip(records, events) if not (e.HasField("summary") and e.step > last_step)]
+        if len(kept) == len(records):
+            continue
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            writer = RecordWriter(f)
+            for record in kept:
+                writer.write(record)
+            writer.flush()
+        tmp.replace(path)
 
 
 def progress(total: int, *, initial: int = 0, desc: str = "", active: bool = True, unit: str = "step"):

@@ -4,6 +4,7 @@ that call these; nothing here knows which recipe it serves."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +18,9 @@ from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointError, load_checkpoint
 from milan.train.config import save_config
 
-__all__ = ["RunStart", "start_run", "resolve_precision", "AMP_DTYPES", "check_values", "seed_all",
+__all__ = ["RunStart", "start_run", "discard_failed_starts", "resolve_precision", "AMP_DTYPES", "check_values", "seed_all",
            "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng", "set_lr", "NonFiniteGuard",
-           "grad_norm"]
+           "grad_norm", "CPU_BF16_ENV", "cpu_has_native_bf16"]
 
 #: run.precision → autocast dtype (None: plain fp32).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -32,10 +33,39 @@ class RunStart(NamedTuple):
     precision: str  # run.precision resolved: bf16 | fp16 | fp32
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` → bf16 on CUDA, fp32 elsewhere (bf16 autocast on CPU is many times slower than fp32)."""
+#: Set to 1 to allow bf16 on CPU anyway (after measuring it faster with `milan bench speed`).
+CPU_BF16_ENV = "MILAN_CPU_BF16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device, *, key: str = "run.precision") -> str:
+    """`auto` → bf16 on CUDA, fp32 elsewhere; an explicit bf16 on CPU is refused.
+
+    bf16 autocast on CPU is a trap: on a 2-core AMD EPYC (no native bf16) the shapes preset's
+    student step ran ≈ 19× slower than in fp32, and a ViT-B step with its teacher did not finish 4
+    steps in 11 minutes; on a 2-core Xeon with AMX it was no faster than fp32 (0.92×). `auto` never
+    picks it; asking for it raises a `ConfigError` naming `key` unless the environment sets
+    MILAN_CPU_BF16=1 (for a CPU where `milan bench speed --precision bf16` measured it faster).
+    """
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cpu" and os.environ.get(CPU_BF16_ENV, "") not in ("1", "true", "yes"):
+        native = ("this CPU has native bf16 (AVX512-BF16/AMX), yet bf16 was no faster than fp32 on such a CPU "
+                  "(0.92× for the shapes preset's step)" if cpu_has_native_bf16() else
+                  "this CPU has no native bf16, and bf16 autocast was ≈ 19× slower than fp32 on such a CPU "
+                  "(the shapes preset's step)")
+        raise ConfigError(
+            f"{key}=bf16 on CPU: fp32 is faster here ({native}); use {key}=fp32 (or auto, which picks fp32 on "
+            f"CPU). To run bf16 on CPU anyway, measure it with `MILAN_CPU_BF16=1 milan bench speed --device cpu "
+            f"--precision bf16` and set {CPU_BF16_ENV}=1"
+        )
     return precision
 
 
@@ -53,6 +83,8 @@ def start_run(cfg: Any, *, write_config: bool = True, seed_per_rank: bool = True
     info = distr.init_distributed(cfg.run.device)
     run_dir = Path(cfg.run.out_dir)
     if info.is_main:
+        if not run_dir.exists():
+            _CREATED.append(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if write_config:
             save_config(cfg, run_dir / "config.yaml")
@@ -60,6 +92,37 @@ def start_run(cfg: Any, *, write_config: bool = True, seed_per_rank: bool = True
     seed_all(seed + info.rank if seed_per_rank else seed)
     precision = resolve_precision(getattr(cfg.run, "precision", "fp32"), info.device)
     return RunStart(info, run_dir, AMP_DTYPES[precision], precision)
+
+
+_CREATED: list[Path] = []  # run folders `start_run` created in this process
+
+
+def discard_failed_starts() -> list[Path]:
+    """Remove the run folders this process created that hold nothing of value: only config.yaml,
+    empty files and TensorBoard files without a scalar. The `milan` command calls it when a command
+    fails, so a refused start leaves no empty run folder behind. Returns the removed folders."""
+    import shutil
+
+    removed = []
+    while _CREATED:
+        run_dir = _CREATED.pop()
+        if run_dir.is_dir() and all(_worthless(f) for f in run_dir.rglob("*") if f.is_file()):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            removed.append(run_dir)
+    return removed
+
+
+def _worthless(path: Path) -> bool:
+    if path.name == "config.yaml" or path.stat().st_size == 0:
+        return True
+    if path.name.startswith("events.out.tfevents."):
+        try:
+            from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+            return not any(e.HasField("summary") for e in EventFileLoader(str(path)).Load())
+        except Exception:  # unreadable: keep it
+            return False
+    return False
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -142,9 +205,11 @@ def agree_on_checkpoint(choose: Callable[[], tuple[Path, dict[str, Any]] | None]
         except CheckpointError as err:
             error = f"rank {info.rank}: {err}"
     errors = [e for e in distr.all_gather_object(error) if e]
-    if errors:
-        raise CheckpointError(f"cannot resume: {errors[0]}. Every node must see the run folder (shared "
-                              "storage), or start over with run.resume=none")
+    if errors:  # rank 0 names the file's problem; only another rank failing means it cannot see the folder
+        elsewhere = errors[0].startswith("rank ")
+        raise CheckpointError(f"cannot resume: {errors[0].rstrip('.')}" + (
+            ". Every node must see the run folder (shared storage), or start over with run.resume=none"
+            if elsewhere else ""))
     return found
 
 

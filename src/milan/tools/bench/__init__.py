@@ -346,7 +346,7 @@ def run(settings: BenchSettings) -> dict[str, Any]:
     )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu")
-    precision = resolve_precision(settings.precision, device)
+    precision = resolve_precision(settings.precision, device, key="--precision")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     autocast_dtype = AMP_DTYPES[precision]
     if settings.compile and settings.warmup < 2:

@@ -1,0 +1,379 @@
+"""A faster pretraining input path: uint8 batches, normalisation on the device, reduced-size JPEG
+decoding, a tensor (torchvision) decode path and batched GPU JPEG decoding.
+
+Reference path (`pretrain_transform(..., output="float")`, what `milan pretrain` ran before):
+
+    PIL decode ─► RandomResizedCrop (PIL bicubic) ─► flip ─► ToTensor ─► Normalize    (worker, float32)
+
+Fast paths, chosen with `data.decode` and `data.draft` (`milan bench data` measures them side by side):
+
+- **uint8 to the device** (always, `output="uint8"`): workers return `uint8 [H, W, 3]` images, 4×
+  fewer bytes to pass between processes and to copy to the device; `normalize_on_device` does
+  `float → /255 → (x - mean) / std` in float32 there, which is bit-identical to ToTensor + Normalize
+  (PIL paths stay channels last, PIL's layout, and are transposed on the device; tensor paths are
+  `[3, H, W]`, torchvision's).
+- **`PretrainCrop` (`data.decode=pil`)**: the reference crop (same `RandomResizedCrop.get_params`
+  draws, so the same box for the same seed; PIL bicubic). With `draft=True` the box is drawn from
+  the stored size *before* decoding and, when the crop is at least twice the output size, a JPEG
+  is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL `draft`), never below the
+  output size; the box is then scaled to the smaller image (sub-pixel, `Image.resize(box=...)`).
+  Same crop, slightly different pixels (the DCT downscale replaces part of the bicubic filter).
+- **`TensorCrop` (`data.decode=tensor`)**: torchvision's `decode_jpeg` and `transforms.v2`
+  `resized_crop` on uint8 tensors, bilinear with antialias instead of PIL bicubic; same box.
+- **`CudaJpegPlan` (`data.decode=cuda`, WebDataset shards, CUDA only)**: workers only read bytes,
+  parse the JPEG header and draw the box and flip; `decode_batch_cuda` decodes the whole batch with
+  nvJPEG (`torchvision.io.decode_jpeg(device="cuda")`) and crops, resizes (bilinear, antialias)
+  and flips on the GPU. Images that are not JPEG (or that nvJPEG refuses) go the CPU tensor path.
+
+Every path seeds nothing itself: `Samples` / `ShardStream` seed the global RNGs per sample before
+calling it, so crops are functions of (seed, epoch, sample) and exact resume holds on all of them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import transforms as T
+
+from milan.data.folder import BadImage, UnreadableImages, load_rgb
+from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PilToUint8, pil_to_uint8
+
+__all__ = ["DECODERS", "PretrainCrop", "TensorCrop", "CudaJpegPlan", "PilToUint8", "pil_to_uint8", "normalize_on_device",
+           "pretrain_input",
+           "to_device", "collate_plans", "decode_batch_cuda", "reencode_jpeg"]
+
+DECODERS = ("pil", "tensor", "cuda")
+_log = logging.getLogger("milan")
+
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def normalize_on_device(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                        std: Sequence[float] = IMAGENET_STD) -> Tensor:
+    """`uint8 [B, 3, H, W]` or channels-last `[B, H, W, 3]` → float32 `[B, 3, H, W]`
+    `(x / 255 - mean) / std`, bit-identical to ToTensor + Normalize on each image (the same float32
+    operations in the same order). A float batch (a transform that normalised already) is returned
+    as it is."""
+    if images.dtype != torch.uint8:
+        return images
+    if images.ndim == 4 and images.shape[-1] == 3 and images.shape[1] != 3:  # [B, H, W, 3]
+        images = images.permute(0, 3, 1, 2).contiguous()
+    x = images.to(torch.float32).div_(255)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def to_device(images: Any, device: torch.device, *, img_size: int | None = None) -> Tensor:
+    """What the training loop calls on a loader batch: copy (non-blocking; the loader pins memory on
+    CUDA), decode on the GPU when the batch holds `CudaJpegPlan` records, normalise on the device."""
+    if isinstance(images, list):  # data.decode=cuda: per-image plans (see collate_plans)
+        if img_size is None:
+            raise ValueError("img_size is needed to decode plans")
+        return normalize_on_device(decode_batch_cuda(images, device, img_size))
+    return normalize_on_device(images.to(device, non_blocking=True))
+
+
+# --------------------------------------------------------------------------------------------
+# CPU crops
+# --------------------------------------------------------------------------------------------
+
+
+def _draft_size(stored: tuple[int, int], box: tuple[int, int, int, int], out: int) -> tuple[int, int] | None:
+    """The size to ask PIL's `draft` for so that the crop stays at least `out` pixels on both sides
+    (None: no reduction possible). PIL picks the largest 1/2^k scale that keeps the image ≥ it."""
+    _, _, h, w = box
+    factor = min(h, w) / out
+    if factor < 2:
+        return None
+    return math.ceil(stored[0] / factor), math.ceil(stored[1] / factor)
+
+
+class PretrainCrop:
+    """RandomResizedCrop (PIL bicubic) + optional horizontal flip → `uint8 [S, S, 3]` (channels last).
+
+    For the same global RNG state it draws the same box and flip as
+    `T.Compose([T.RandomResizedCrop(S, scale, BICUBIC), T.RandomHorizontalFlip()])`; without
+    `draft` the pixels are identical too. As a transform that decodes itself (`decode`), datasets
+    hand it the file; called on a PIL image it is an ordinary transform.
+    """
+
+    def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
+                 draft: bool = False) -> None:
+        self.img_size, self.scale, self.hflip, self.draft = img_size, tuple(scale), hflip, draft
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, hflip={self.hflip}, "
+                f"draft={self.draft})")
+
+    def decode(self, source: str | Path | BinaryIO, *, name: str, min_size: int = 1) -> Tensor:
+        return self.finish(*self.read(source, name=name, min_size=min_size))
+
+    def read(self, source: str | Path | BinaryIO, *, name: str,
+             min_size: int = 1) -> tuple[Image.Image, dict[str, Any]]:
+        """Decode (at reduced size where the crop allows): the image and the box drawn for it."""
+        plan: dict[str, Any] = {}
+
+        def hook(img: Image.Image) -> None:
+            plan["size"] = img.size
+            plan["box"] = T.RandomResizedCrop.get_params(img, list(self.scale), list(_RATIO))
+            if self.draft and img.format == "JPEG":
+                size = _draft_size(img.size, plan["box"], self.img_size)
+                if size is not None:
+                    img.draft(img.mode, size)
+
+        return load_rgb(source, min_size=min_size, name=name, draft=hook), plan
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        return self.finish(img, {})
+
+    def finish(self, img: Image.Image, plan: dict[str, Any]) -> Tensor:
+        """Crop `plan`'s box (drawing one if there is none), resize, flip → uint8."""
+        size = self.img_size
+        stored = plan.get("size")
+        if stored is None or not _scaled_from(img.size, stored):
+            # no plan (a plain PIL image), or the decoder changed the geometry (e.g. an EXIF rotation):
+            # draw on the image as it is
+            stored, box = img.size, T.RandomResizedCrop.get_params(img, list(self.scale), list(_RATIO))
+        else:
+            box = plan["box"]
+        i, j, h, w = box
+        if img.size == stored:  # exactly F.resized_crop on PIL: crop, then bicubic resize
+            out = img.crop((j, i, j + w, i + h)).resize((size, size), Image.Resampling.BICUBIC)
+        else:  # decoded at 1/2^k: the same box in the smaller image's coordinates
+            sx, sy = img.size[0] / stored[0], img.size[1] / stored[1]
+            out = img.resize((size, size), Image.Resampling.BICUBIC,
+                             box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
+        pixels = pil_to_uint8(out, channels_last=True)
+        if self.hflip and torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw, after the crop's
+            pixels = pixels.flip(1)  # [H, W, 3]: the width axis
+        return pixels
+
+
+def _scaled_from(size: tuple[int, int], stored: tuple[int, int]) -> bool:
+    """Whether `size` is `stored` reduced by one factor 1, 2, 4 or 8 (rounded up, as libjpeg does)."""
+    return any(size == (-(-stored[0] // s), -(-stored[1] // s)) for s in (1, 2, 4, 8))
+
+
+def _read(source: str | Path | BinaryIO) -> bytes:
+    if isinstance(source, (str, Path)):
+        return Path(source).read_bytes()
+    return source.read()
+
+
+def _decode_tensor(data: bytes, *, name: str, min_size: int) -> Tensor:
+    """JPEG bytes → `uint8 [3, H, W]` with torchvision's decoder; anything else (or a JPEG it
+    refuses) through `load_rgb`, which raises `BadImage` for what cannot be used."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    image = None
+    if data[:3] == _JPEG_MAGIC:
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                apply_exif_orientation=True)
+        except RuntimeError:
+            image = None
+    if image is None:
+        return pil_to_uint8(load_rgb(io.BytesIO(data), min_size=min_size, name=name))
+    if min(image.shape[-2:]) < min_size:
+        raise BadImage(f"{name}: {image.shape[-1]}x{image.shape[-2]} is smaller than min_size={min_size}")
+    return image
+
+
+class TensorCrop:
+    """torchvision decode + `transforms.v2` resized crop on uint8 tensors (bilinear, antialias) + flip.
+
+    The same box and flip draws as `PretrainCrop` for the same RNG state; pixels differ by the
+    interpolation (bilinear instead of bicubic) and by the decoders' rounding.
+    """
+
+    def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> None:
+        self.img_size, self.scale, self.hflip = img_size, tuple(scale), hflip
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, hflip={self.hflip})"
+
+    def decode(self, source: str | Path | BinaryIO, *, name: str, min_size: int = 1) -> Tensor:
+        return self(_decode_tensor(_read(source), name=name, min_size=min_size))
+
+    def __call__(self, img: Image.Image | Tensor) -> Tensor:
+        from torchvision.transforms.v2 import functional as F2
+
+        pixels = img if isinstance(img, Tensor) else pil_to_uint8(img)
+        i, j, h, w = T.RandomResizedCrop.get_params(pixels, list(self.scale), list(_RATIO))
+        out = F2.resized_crop(pixels, i, j, h, w, [self.img_size, self.img_size],
+                              interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+        if self.hflip and torch.rand(1) < 0.5:
+            out = out.flip(-1)
+        return out.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# GPU decoding (nvJPEG) for WebDataset shards
+# --------------------------------------------------------------------------------------------
+
+
+class CudaJpegPlan:
+    """Worker side of `data.decode=cuda`: read the bytes, parse the header, draw box and flip.
+
+    Returns a record `{"jpeg": uint8 bytes, "box": (i, j, h, w), "flip": bool}` for a JPEG, or
+    `{"pixels": uint8 [3, S, S], ...}` for anything else (decoded and cropped on the CPU, bilinear
+    as on the GPU). `decode_batch_cuda` turns a list of them into a batch on the GPU.
+    """
+
+    def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> None:
+        self.img_size, self.scale, self.hflip = img_size, tuple(scale), hflip
+        self._cpu = TensorCrop(img_size, scale=scale, hflip=hflip)
+
+    def decode(self, source: str | Path | BinaryIO, *, name: str, min_size: int = 1) -> dict[str, Any]:
+        data = _read(source)
+        if data[:3] != _JPEG_MAGIC:
+            return {"pixels": self._cpu.decode(io.BytesIO(data), name=name, min_size=min_size), "name": name}
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # the header only: size, no pixels
+                width, height = img.size
+                rotated = _exif_rotated(img)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise BadImage(f"{name}: {err}") from err
+        if rotated:  # nvJPEG ignores EXIF orientation: the CPU decoder applies it
+            return {"pixels": self._cpu.decode(io.BytesIO(data), name=name, min_size=min_size), "name": name}
+        if min(width, height) < min_size:
+            raise BadImage(f"{name}: {width}x{height} is smaller than min_size={min_size}")
+        dims = torch.empty(3, height, width, dtype=torch.uint8, device="meta")  # get_params reads the shape only
+        box = T.RandomResizedCrop.get_params(dims, list(self.scale), list(_RATIO))
+        flip = bool(self.hflip and torch.rand(1) < 0.5)
+        return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8), "box": box, "flip": flip,
+                "name": name}
+
+    def __call__(self, img: Image.Image) -> dict[str, Any]:
+        return {"pixels": self._cpu(img), "name": "?"}
+
+
+def _exif_rotated(img: Image.Image) -> bool:
+    """Whether the JPEG carries an EXIF orientation other than "as stored"."""
+    try:
+        return img.getexif().get(0x0112, 1) not in (1, None)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the decoders ignore it too
+        return False
+
+
+def collate_plans(batch: list[tuple[Any, int, Any]]) -> tuple[list[dict[str, Any]], Tensor, list[Any]]:
+    """DataLoader `collate_fn` for `CudaJpegPlan` records: the records stay a list; the samples' bad-file
+    reports are joined (as `milan.data.reading.collate` does)."""
+    records, labels, reports = zip(*batch)
+    return list(records), torch.tensor(labels), [r for found in reports for r in found]
+
+
+def decode_batch_cuda(records: list[dict[str, Any]], device: torch.device, img_size: int) -> Tensor:
+    """`CudaJpegPlan` records → `uint8 [B, 3, S, S]` on `device`: one batched nvJPEG decode, then
+    each image's box resized (bilinear, antialias) and flipped on the GPU. A JPEG nvJPEG refuses
+    is decoded on the CPU instead (torchvision, then PIL), cropped with the same box; one that no
+    decoder reads (corrupt past its header, so the worker could not tell) is logged and replaced by
+    another image of the batch (it is not counted in the run's bad images)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F2
+
+    jpegs = [k for k, r in enumerate(records) if "jpeg" in r]
+    decoded: dict[int, Tensor] = {}
+    if jpegs:
+        try:
+            images = decode_jpeg([records[k]["jpeg"] for k in jpegs], mode=ImageReadMode.RGB, device=device,
+                                 apply_exif_orientation=True)
+            decoded = dict(zip(jpegs, images))
+        except RuntimeError:  # one bad file fails the batch: decode one by one, CPU for the refused ones
+            for k in jpegs:
+                try:
+                    decoded[k] = decode_jpeg(records[k]["jpeg"], mode=ImageReadMode.RGB, device=device,
+                                             apply_exif_orientation=True)
+                except RuntimeError:
+                    data = records[k]["jpeg"].cpu().numpy().tobytes()
+                    try:
+                        decoded[k] = _decode_tensor(data, name=records[k]["name"], min_size=1).to(device)
+                    except BadImage as err:
+                        _log.warning("skipping bad image %s (replaced by another image of its batch)", err)
+    out = torch.empty(len(records), 3, img_size, img_size, dtype=torch.uint8, device=device)
+    unreadable = []
+    for k, record in enumerate(records):
+        if "pixels" in record:
+            out[k] = record["pixels"].to(device, non_blocking=True)
+            continue
+        if k not in decoded:
+            unreadable.append(k)
+            continue
+        i, j, h, w = record["box"]
+        crop = F2.resized_crop(decoded[k], i, j, h, w, [img_size, img_size],
+                               interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+        out[k] = crop.flip(-1) if record["flip"] else crop
+    if unreadable:
+        good = [k for k in range(len(records)) if k not in unreadable]
+        if not good:
+            raise UnreadableImages(f"no image of a batch could be decoded (first: {records[0]['name']}); "
+                                   "check the data")
+        for n, k in enumerate(unreadable):
+            out[k] = out[good[n % len(good)]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded-size shards (`milan data shards --max-size`)
+# --------------------------------------------------------------------------------------------
+
+
+def reencode_jpeg(data: bytes, *, max_size: int, quality: int = 90, name: str = "image") -> bytes | None:
+    """Image bytes with the short side bounded to `max_size`, as a JPEG of `quality`.
+
+    An image whose short side is already ≤ `max_size` and that is a JPEG is returned as it is (no
+    second lossy encode); a larger one is resized (PIL bicubic with antialias: a reduction) and
+    encoded as baseline JPEG, 4:2:0. Returns None for an unreadable image (it is logged by the
+    caller). Non-JPEG images are re-encoded as JPEG too (the point is a fast, uniform format).
+    """
+    try:
+        img = load_rgb(io.BytesIO(data), name=name)
+    except BadImage:
+        return None
+    w, h = img.size
+    if min(w, h) <= max_size and data[:3] == _JPEG_MAGIC:
+        return data
+    if min(w, h) > max_size:
+        scale = max_size / min(w, h)
+        size = (max_size, round(h * scale)) if w <= h else (round(w * scale), max_size)
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=quality, subsampling="4:2:0")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing a path
+# --------------------------------------------------------------------------------------------
+
+
+def pretrain_input(img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
+                   decode: str = "pil", draft: bool = False) -> Any:
+    """The worker-side transform of `data.decode` / `data.draft`; every one returns uint8 (or
+    `CudaJpegPlan` records) for `to_device` to finish.
+
+    pil without draft is the reference transform minus ToTensor + Normalize (bit-identical after
+    `normalize_on_device`); pil with draft is `PretrainCrop(draft=True)`; tensor is `TensorCrop`;
+    cuda is `CudaJpegPlan`.
+    """
+    from milan.data.transforms import pretrain_transform
+
+    if decode == "pil":
+        if draft:
+            return PretrainCrop(img_size, scale=scale, hflip=hflip, draft=True)
+        return pretrain_transform(img_size, scale=scale, hflip=hflip, output="uint8")
+    if decode == "tensor":
+        return TensorCrop(img_size, scale=scale, hflip=hflip)
+    if decode == "cuda":
+        return CudaJpegPlan(img_size, scale=scale, hflip=hflip)
+    raise ValueError(f"unknown decode {decode!r}; choose one of: {', '.join(DECODERS)}")
