@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from milan.data import build_dataset
 from milan.data.fast import pretrain_input, to_device
 from milan.data.folder import Samples
+from milan.data.reading import collate
 from milan.data.sampler import EpochSampler
 from milan.data.transforms import pretrain_transform
 
@@ -31,7 +32,7 @@ def main(rounds: int = 4, batches: int = 10, batch_size: int = 128) -> dict[str,
             sampler = EpochSampler(len(dataset), seed=0, batch_size=batch_size)
             sampler.set_epoch(r)
             loader = DataLoader(Samples(dataset, seed=0), batch_size=batch_size, sampler=sampler, num_workers=1,
-                                drop_last=True)
+                                drop_last=True, collate_fn=collate)
             batches_in = iter(loader)
             next(batches_in)  # worker start-up is not counted
             start = time.perf_counter()
