@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from torch.utils.data._utils.collate import default_collate
 from milan.data.folder import BadImage, UnreadableImages
 from milan.errors import DataError
 
-__all__ = ["BAD_IMAGES_FILE", "BadFiles", "Checked", "Tolerant", "collate", "read_annotated_image", "read_sample", "too_many_bad", "MIN_FILES"]
+__all__ = ["BAD_IMAGES_FILE", "BadFiles", "Checked", "Tolerant", "collate", "collate_lists", "first_readable",
+           "read_annotated_image", "read_sample", "too_many_bad", "MIN_FILES"]
 
 _log = logging.getLogger("milan")
 
@@ -154,6 +155,39 @@ def collate(batch: Sequence[tuple[Any, Any, Iterable[Report]]]) -> tuple[Any, An
         return None, None, reports
     images, labels = default_collate(good)
     return images, labels, reports
+
+
+def collate_lists(batch: Sequence[tuple[Any, Any, Iterable[Report]]]) -> tuple[Any, Any, list[Report]]:
+    """`collate` for samples of different sizes (segmentation / detection): `(images, targets,
+    reports)` as lists, the bad samples left out (`(None, None, reports)` when every one was bad)."""
+    reports = [tuple(r) for item in batch for r in item[2]]
+    good = [(item[0], item[1]) for item in batch if item[0] is not None]
+    if not good:
+        return None, None, reports
+    return [g[0] for g in good], [g[1] for g in good], reports
+
+
+def first_readable(read: Callable[[int], Any], index: int, size: int, *, replace: bool,
+                   max_tries: int = 16) -> tuple[Any, int, list[Report]]:
+    """`(read(i), i, reports)` for the first `i` of `index, index + 1, ...` (mod `size`) whose image
+    is readable — an image with its annotations (`read` raises `BadImage` for a bad image file).
+
+    Args:
+        replace: training: try up to `max_tries` samples, then `UnreadableImages`. False
+            (evaluation): only `index`; a bad one gives `(None, index, reports)`.
+    """
+    reports: list[Report] = []
+    for tries in range(max_tries if replace else 1):
+        i = (index + tries) % size
+        try:
+            return read(i), i, reports
+        except BadImage as err:
+            reports.append((err.name or f"sample {i}", err.reason, True))
+    if not replace:
+        return None, index, reports
+    last = reports[-1]
+    raise UnreadableImages(f"{max_tries} consecutive unreadable images from index {index} "
+                           f"(last: {last[0]}: {last[1]}); check that the data path holds readable images")
 
 
 class BadFiles:

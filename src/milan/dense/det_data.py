@@ -21,6 +21,12 @@ normalises it), target {"boxes": `[K, 4]` float xyxy in pixels (continuous coord
 "labels": `[K]` int64 1..C, "masks": `[K, H, W]` uint8, "image_id": int}. `DetSamples` adds the
 training augmentation (horizontal flip, boxes and masks flipped along), seeded by
 (seed, epoch, index) so a resumed run sees the same flips; `collate` keeps lists (sizes differ).
+
+Images are read without EXIF rotation (boxes and masks index the stored pixels). The datasets
+raise `milan.data.folder.BadImage` for an unreadable image file; `DetSamples(bad="replace")`
+(training) then uses the next readable sample, image and annotations together, and `bad="drop"`
+(evaluation) leaves the sample out (its image id is then left out of COCOeval), both reporting
+the file for `milan.data.reading.BadFiles`.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -61,9 +67,10 @@ def load_coco(source: str | Path | dict) -> Any:
 
 
 def _read_image(path: Path) -> Tensor:
-    from milan.data.reading import read_annotated_image
+    """`[3, H, W]` in [0, 1] of the stored pixels (no EXIF rotation); `BadImage` when unreadable."""
+    from milan.data.folder import load_rgb
 
-    array = np.asarray(read_annotated_image(path), dtype=np.uint8)
+    array = np.asarray(load_rgb(path, exif_transpose=False), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)  # [3, H, W]
 
 
@@ -154,8 +161,8 @@ class ShapesDetection(Dataset):
         return self.count
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        inst = self.scenes.instances(index)
         image = _read_image(self.scenes.split_dir / self.scenes.files[index])
+        inst = self.scenes.instances(index)
         keep = _valid(inst.boxes)
         target = {
             "boxes": torch.from_numpy(inst.boxes[keep].copy()),
@@ -203,24 +210,48 @@ class DetSamples(Dataset):
 
     Training indices are `(epoch, index)` keys (`milan.data.sampler.EpochSampler`); the flip draws
     from a generator seeded by (seed, epoch, index). Plain int indices are never flipped.
+
+    Args:
+        bad: what an unreadable image does. "raise": a one-line `DataError`; items are
+            `(image, target)`. "replace" (training): the next readable sample (index + 1, + 2, ...;
+            its own (seed, epoch, index) flip) stands in, image and annotations together; "drop"
+            (evaluation): the sample is `(None, None, reports)`. With both, items are
+            `(image, target, reports)` for `milan.data.reading.collate_lists`.
     """
 
-    def __init__(self, dataset: Dataset, *, hflip: float = 0.0, seed: int = 0) -> None:
-        self.dataset, self.hflip, self.seed = dataset, hflip, seed
+    def __init__(self, dataset: Dataset, *, hflip: float = 0.0, seed: int = 0,
+                 bad: Literal["raise", "replace", "drop"] = "raise", max_tries: int = 16) -> None:
+        if bad not in ("raise", "replace", "drop"):
+            raise ValueError(f"bad must be 'raise', 'replace' or 'drop', not {bad!r}")
+        self.dataset, self.hflip, self.seed, self.bad, self.max_tries = dataset, hflip, seed, bad, max_tries
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Any]]:
-        if isinstance(key, int):
-            return self.dataset[key]
-        epoch, index = key
-        image, target = self.dataset[index]
-        if self.hflip > 0:
+    def _flipped(self, epoch: int | None, index: int, image: Tensor,
+                 target: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        if epoch is not None and self.hflip > 0:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
             if torch.rand((), generator=g).item() < self.hflip:
                 image, target = hflip(image, target)
         return image, target
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
+        from milan.data.folder import BadImage
+        from milan.data.reading import first_readable
+
+        epoch, index = (None, key) if isinstance(key, int) else key
+        if self.bad == "raise":
+            try:
+                image, target = self.dataset[index]
+            except BadImage as err:
+                raise DataError(f"unreadable image {err}; replace or remove it (and its annotations)") from None
+            return self._flipped(epoch, index, image, target)
+        item, used, reports = first_readable(self.dataset.__getitem__, index, len(self),
+                                             replace=self.bad == "replace", max_tries=self.max_tries)
+        if item is None:
+            return None, None, reports
+        return (*self._flipped(epoch, used, *item), reports)
 
 
 def collate(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:

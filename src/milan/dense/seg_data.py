@@ -20,13 +20,18 @@ Transforms (the mmseg ADE20K pipeline of the MAE/BEiT recipes, without photometr
         are resized to it).
 Training randomness comes from a generator seeded by (seed, epoch, index) (`SegSamples`), so a
 resumed run sees the same crops, whatever the number of workers.
+
+Images are read without EXIF rotation (the label maps index the stored pixels). The datasets raise
+`milan.data.folder.BadImage` for an unreadable image file; `SegSamples(bad="replace")` (training)
+then uses the next readable sample, image and label map together, and `bad="drop"` (evaluation)
+leaves the sample out, both reporting the file for `milan.data.reading.BadFiles`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -141,9 +146,7 @@ class ADE20KDataset(Dataset):
         return len(self.stems)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        from milan.data.reading import read_annotated_image
-
-        image = read_annotated_image(self.images[index])
+        image = _read_image(self.images[index])
         with Image.open(self.labels[index]) as im:
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise DataError(f"{self.labels[index]}: annotation should be a single-channel PNG of class ids, "
@@ -177,13 +180,19 @@ class ShapesSegDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
         from milan.data.shapes import load_instances
 
-        with Image.open(self.images.split_dir / self.images.files[index]) as im:
-            image = im.convert("RGB")
+        image = _read_image(self.images.split_dir / self.images.files[index])
         inst = load_instances(self.root, self.split, index)
         label = np.zeros((image.height, image.width), dtype=np.uint8)
         for mask, cls in zip(inst.masks, inst.classes):
             label[mask] = cls + 1
         return image, label
+
+
+def _read_image(path: Path) -> Image.Image:
+    """RGB of the stored pixels (no EXIF rotation: labels index them); `BadImage` when unreadable."""
+    from milan.data.folder import load_rgb
+
+    return load_rgb(path, exif_transpose=False)
 
 
 def _normalise(image: Image.Image | np.ndarray) -> Tensor:
@@ -271,19 +280,44 @@ class SegSamples(Dataset):
     With `(epoch, index)` keys (from `milan.data.sampler.EpochSampler`) the transform's generator
     is seeded by (seed, epoch, index): the same sample of the same epoch is augmented the same
     way in any run, so a resumed run continues exactly.
+
+    Args:
+        bad: what an unreadable image does. "raise": a one-line `DataError`; items are
+            `(image, label)`. "replace" (training): the next readable sample (index + 1, + 2, ...;
+            its own (seed, epoch, index) augmentation) stands in, image and label together;
+            "drop" (evaluation): the sample is `(None, None, reports)`. With both, items are
+            `(image, label, reports)` for `milan.data.reading.collate` / `collate_lists`.
     """
 
-    def __init__(self, dataset: Dataset, transform: Callable[..., tuple[Tensor, Tensor]], *, seed: int = 0) -> None:
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset: Dataset, transform: Callable[..., tuple[Tensor, Tensor]], *, seed: int = 0,
+                 bad: Literal["raise", "replace", "drop"] = "raise", max_tries: int = 16) -> None:
+        if bad not in ("raise", "replace", "drop"):
+            raise ValueError(f"bad must be 'raise', 'replace' or 'drop', not {bad!r}")
+        self.dataset, self.transform, self.seed, self.bad, self.max_tries = dataset, transform, seed, bad, max_tries
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def _item(self, epoch: int, index: int, image: Image.Image, label: np.ndarray) -> tuple[Tensor, Tensor]:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index]))
-        image, label = self.dataset[index]
         return self.transform(image, label, rng)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
+        from milan.data.folder import BadImage
+        from milan.data.reading import first_readable
+
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if self.bad == "raise":
+            try:
+                image, label = self.dataset[index]
+            except BadImage as err:
+                raise DataError(f"unreadable image {err}; replace or remove it (and its annotation)") from None
+            return self._item(epoch, index, image, label)
+        item, used, reports = first_readable(self.dataset.__getitem__, index, len(self),
+                                             replace=self.bad == "replace", max_tries=self.max_tries)
+        if item is None:
+            return None, None, reports
+        return (*self._item(epoch, used, *item), reports)
 
 
 def collate_eval(batch: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:

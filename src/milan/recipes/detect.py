@@ -23,6 +23,13 @@ evaluation's COCO-format results `detections_bbox.json` / `detections_segm.json`
 checkpoint-last.pt exactly: the data order and flips depend only on (seed, epoch, index), the
 sampler skips the batches already seen in the epoch and the RNG state (drop path, RPN / RoI
 sampling) is restored; `run.max_steps` stops early (the schedule still spans `optim.epochs`).
+
+Unreadable image files (`milan.data.reading`): in training the sample is replaced by the next
+readable one, image and annotations together (deterministically: resume stays exact); in
+evaluation the image is left out and COCOeval is restricted to the readable image ids (the log line
+and results.json give the count). Each file is warned about once, listed in `bad_images.txt` (run
+folder) and counted in the closing line; `data.max_bad_fraction` stops a run with too many (judged
+on distinct files; under torchrun every rank shares its bad files at each evaluation and checkpoint).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
+from milan.data.reading import BAD_IMAGES_FILE, BadFiles, collate_lists
 from milan.data.sampler import EpochSampler
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.coco_eval import evaluate_results, to_coco_results
@@ -44,7 +52,6 @@ from milan.dense.det_data import (
     CocoDetection,
     DetSamples,
     ShapesDetection,
-    collate,
     load_coco,
     shapes_coco_gt,
 )
@@ -103,6 +110,7 @@ class DataConfig:
     val_limit: int | None = None  # evaluate on the first N val images only (quick runs)
     eval_batch_size: int = 2  # per process
     num_workers: int = 8
+    max_bad_fraction: float = 0.01  # stop when clearly more of the image files read are unreadable (README)
 
 
 @dataclass
@@ -211,29 +219,39 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, coco_gt
 
     Mixed precision is the model's own (`model.backbone.amp_dtype`, see `milan.dense.detection`).
 
-    Returns {"bbox": {...}, "segm": {...}} as `milan.dense.coco_eval.evaluate_results`, on every rank;
-    with `keep_detections`, rank 0's also holds "detections": {"bbox": [...], "segm": [...]}, the
-    COCO-format results (COCO category ids) of every process.
+    Only the images the loader delivered are scored: `image_ids` (default: every image of `coco_gt`)
+    less those it left out (unreadable image files), so their annotations do not count as missed.
+
+    Returns {"bbox": {...}, "segm": {...}, "images": how many images were scored} (the AP dicts as
+    `milan.dense.coco_eval.evaluate_results`), on every rank; with `keep_detections`, rank 0's also
+    holds "detections": {"bbox": [...], "segm": [...]}, the COCO-format results (COCO category ids)
+    of every process.
     """
     was_training = model.training
     model.eval()
     boxes: list[dict] = []
     segms: list[dict] = []
+    scored: list[int] = []
     bar = progress(len(loader), desc=desc, unit="batch", active=distr.is_main())
     for images, targets in loader:
         bar.update(1)
         outputs = model([img.to(device, non_blocking=True) for img in images])
-        b, s = to_coco_results(outputs, [t["image_id"] for t in targets], label_to_cat, masks=masks)
+        ids = [int(t["image_id"]) for t in targets]
+        b, s = to_coco_results(outputs, ids, label_to_cat, masks=masks)
         boxes += b
         segms += s
+        scored += ids
     bar.close()
     model.train(was_training)
-    gathered = distr.all_gather_object((boxes, segms))
+    gathered = distr.all_gather_object((boxes, segms, scored))
     result = detections = None
     if distr.is_main():
         all_boxes = [r for part in gathered for r in part[0]]
         all_segms = [r for part in gathered for r in part[1]]
-        result = evaluate_results(coco_gt, all_boxes, all_segms if masks else None, image_ids=image_ids)
+        delivered = {i for part in gathered for i in part[2]}
+        ids = [i for i in (coco_gt.getImgIds() if image_ids is None else image_ids) if i in delivered]
+        result = evaluate_results(coco_gt, all_boxes, all_segms if masks else None, image_ids=ids)
+        result["images"] = len(ids)
         if keep_detections:
             detections = {"bbox": all_boxes, "segm": all_segms}
     result = distr.all_gather_object(result)[0]
@@ -243,7 +261,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, coco_gt
 
 
 def _brief(result: dict[str, Any], step: int, epoch: float) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": step, "epoch": epoch}
+    out: dict[str, Any] = {"step": step, "epoch": epoch, "val_images": result["images"]}
     for kind, name in (("bbox", "box"), ("segm", "mask")):
         if kind in result:
             for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
@@ -293,7 +311,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     # --- resume --------------------------------------------------------------------------------
     encoder_shape = {**meta["encoder"], "img_size": m.pad_to or meta["encoder"]["img_size"]}
     identity = {"encoder": encoder_shape, "num_classes": num_classes, "pyramid": m.pyramid}
-    step, history = 0, []
+    step, history, known_bad = 0, [], {}
     found = find_resume_last(cfg.run.resume, run_dir, info=info)
     if found is not None:
         path, state = found
@@ -302,6 +320,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = int(state["step"]), list(state.get("history") or [])
+        known_bad = dict(state.get("bad_files") or {})
         restore_rng(state.get("rng"), info)
         if info.is_main:
             log.info("resumed from %s at iteration %d", path, step)
@@ -319,17 +338,28 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     except ValueError as err:
         raise DataError(f"{err} (optim.batch_size is the total over processes)") from None
     pin = device.type == "cuda"
-    loader = DataLoader(DetSamples(train_raw, hflip=d.hflip, seed=cfg.run.seed), batch_size=per_rank,
+    # training: an unreadable image is replaced by the next readable sample (full batches, exact resume);
+    # evaluation: it is left out with its annotations. Workers report the files through the batch.
+    loader = DataLoader(DetSamples(train_raw, hflip=d.hflip, seed=cfg.run.seed, bad="replace"), batch_size=per_rank,
                         sampler=sampler, drop_last=True, num_workers=d.num_workers, pin_memory=pin,
-                        collate_fn=collate, generator=torch.Generator())  # keeps the global RNG untouched
+                        collate_fn=collate_lists, generator=torch.Generator())  # keeps the global RNG untouched
     steps_per_epoch = sampler.per_rank // per_rank
     total = o.epochs * steps_per_epoch
     milestones = [round(e * steps_per_epoch) for e in o.lr_steps]
     last_step = total if cfg.run.max_steps is None else min(total, cfg.run.max_steps)
     val_ids = list(val_raw.ids)
-    val_loader = DataLoader(val_raw, batch_size=d.eval_batch_size, sampler=list(range(info.rank, len(val_raw),
-                            info.world_size)), num_workers=d.num_workers, collate_fn=collate,
-                            generator=torch.Generator())
+    val_loader = DataLoader(DetSamples(val_raw, bad="drop"), batch_size=d.eval_batch_size,
+                            sampler=list(range(info.rank, len(val_raw), info.world_size)), num_workers=d.num_workers,
+                            collate_fn=collate_lists, generator=torch.Generator())
+    # one registry of bad files per run: warned once each (rank 0), the same on every rank after each
+    # evaluation / checkpoint, listed in bad_images.txt; a resumed run starts from its checkpoint's list
+    bad_files = BadFiles(max_fraction=d.max_bad_fraction, folder=run_dir if info.is_main else None,
+                         verbose=info.is_main)
+    bad_files.total = len(train_raw) + len(val_raw)
+    bad_files.bad.update(known_bad)
+    if found is None and info.is_main and (run_dir / BAD_IMAGES_FILE).is_file():
+        (run_dir / BAD_IMAGES_FILE).unlink()  # a fresh start: not an old run's list
+    evaluated = False
 
     metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
                             resume_from=step if found is not None else None)
@@ -341,23 +371,34 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                  o.layer_decay, m.min_size, m.max_size, m.pad_to, sum(p.numel() for p in model.parameters()) / 1e6)
 
     def run_eval(step: int, record: bool = True) -> dict[str, Any]:
+        nonlocal evaluated
         epoch = step / steps_per_epoch
         final = step >= last_step
-        result = evaluate(model, val_loader, device, coco_gt, label_to_cat, image_ids=val_ids, desc=f"val @{step}",
-                          keep_detections=final and cfg.run.save_detections)
+        result = evaluate(model, bad_files.track(val_loader, check=False), device, coco_gt, label_to_cat,
+                          image_ids=val_ids, desc=f"val @{step}", keep_detections=final and cfg.run.save_detections)
+        evaluated = True
         for kind, found in result.pop("detections", {}).items():
             (run_dir / f"detections_{kind}.json").write_text(json.dumps(found))
         if record:  # not when re-evaluating a finished run: its log has this step already
             metrics.log(step, epoch=epoch, box_AP=result["bbox"]["AP"], box_AP50=result["bbox"]["AP50"],
                         mask_AP=result["segm"]["AP"], mask_AP50=result["segm"]["AP50"])
         if info.is_main:
+            left_out = len(val_ids) - result["images"]
+            note = f" ({left_out} unreadable image{'s' if left_out != 1 else ''} left out)" if left_out else ""
             log.info("iteration %d (epoch %.2f): box AP %.1f (AP50 %.1f, AP75 %.1f)  mask AP %.1f (AP50 %.1f, "
-                     "AP75 %.1f)\nbbox:\n%s\nsegm:\n%s", step, epoch,
+                     "AP75 %.1f) on %d val images%s\nbbox:\n%s\nsegm:\n%s", step, epoch,
                      *(100 * result[k][s] for k in ("bbox", "segm") for s in ("AP", "AP50", "AP75")),
-                     result["bbox"]["summary"], result["segm"]["summary"])
+                     result["images"], note, result["bbox"]["summary"], result["segm"]["summary"])
         if record:
             history.append(_brief(result, step, round(epoch, 3)))
         return result
+
+    def settle(step: int) -> None:
+        """Every rank, at the same steps: share the bad files, then the same threshold decision,
+        judged on the distinct files read so far (the images of `step` batches, capped at the
+        training set, and the val images once evaluated)."""
+        bad_files.sync(device)
+        bad_files.check(seen=min(step * o.batch_size, len(train_raw)) + (len(val_raw) if evaluated else 0))
 
     def save_last(step: int) -> None:
         rng = distr.all_gather_object(rng_state())
@@ -368,6 +409,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                 model=model.state_dict(), optimizer=optimizer.state_dict(), preset=meta.get("preset"),
                 encoder=encoder_shape, num_classes=num_classes, classes=list(classes),
                 label_to_cat={int(k): int(v) for k, v in label_to_cat.items()}, history=history,
+                bad_files=dict(bad_files.bad),
             ), run_dir / "checkpoint-last.pt")
 
     finite = NonFiniteGuard(device, fix="Lower optim.lr or set optim.clip_grad=1.0, then rerun to resume from "
@@ -379,7 +421,8 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     while step < last_step:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch=in_epoch, batch_size=per_rank)
-        for images, targets in loader:
+        # alone, the threshold is checked after every batch; under torchrun at the shared points (settle)
+        for images, targets in bad_files.track(loader, check=info.world_size == 1):
             images = [img.to(device, non_blocking=pin) for img in images]
             targets = _to_device(targets, device)
             lr = warmup_step_lr(step, peak=o.lr, milestones=milestones, warmup=o.warmup_iters, gamma=o.gamma,
@@ -407,6 +450,8 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
             if eval_now:
                 result = run_eval(step)
+            if eval_now or save_now:
+                settle(step)
             if save_now:
                 save_last(step)
             if step >= last_step:
@@ -414,11 +459,14 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     bar.close()
     if result is None:  # resumed at (or past) the end: evaluate the loaded model
         result = run_eval(step, record=False)
+        settle(step)
     metrics.close()
     last = _brief(result, step, round(step / steps_per_epoch, 3))
     summary = {"last": last, "history": history, "num_classes": num_classes, "classes": list(classes),
-               "epochs": o.epochs, "steps_per_epoch": steps_per_epoch, "step": step, "run_dir": str(run_dir)}
+               "epochs": o.epochs, "steps_per_epoch": steps_per_epoch, "step": step, "num_val": len(val_ids),
+               "bad_images": len(bad_files.all_bad()), "run_dir": str(run_dir)}
     if info.is_main:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    bad_files.log_summary()
     distr.barrier()
     return summary

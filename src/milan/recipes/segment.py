@@ -12,9 +12,16 @@ Data: an ADE20K-layout folder (`data.kind=ade20k`) or the built-in shapes masks
 averaged over labelled pixels (255 = ignored). Evaluation (every `run.eval_every` iterations
 and at the end) reports mIoU, mAcc and aAcc from a confusion matrix summed over processes.
 
+Unreadable image files (`milan.data.reading`): in training the sample is replaced by the next
+readable one, image and label map together (deterministically: resume stays exact); in evaluation
+the image is left out of the metric with its label map (mIoU over the readable images; the log line
+and results.json give the count). Each file is warned about once, listed in `bad_images.txt` and
+counted in the closing line; `data.max_bad_fraction` stops a run with too many (judged on distinct
+files; under torchrun every rank shares its bad files at each evaluation and checkpoint).
+
 Run folder: `config.yaml`, `metrics.jsonl`, `checkpoint-last.pt` (model, optimizer, step, RNG,
-best so far: `run.resume=auto` continues exactly), `checkpoint-best.pt` (best mIoU; model only)
-and `results.json`.
+best so far, bad files: `run.resume=auto` continues exactly), `checkpoint-best.pt` (best mIoU;
+model only), `results.json` and, when some image was unreadable, `bad_images.txt`.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
+from milan.data.reading import BAD_IMAGES_FILE, BadFiles, collate, collate_lists
 from milan.data.sampler import EpochSampler
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.seg_data import (
@@ -39,7 +48,6 @@ from milan.dense.seg_data import (
     SegSamples,
     SegTrainTransform,
     ShapesSegDataset,
-    collate_eval,
 )
 from milan.dense.seg_metrics import SegMetric
 from milan.dense.upernet import Segmenter, build_segmenter
@@ -95,6 +103,7 @@ class DataConfig:
     eval_batch_size: int = 1  # per process; images of equal size are stacked
     val_limit: int | None = None  # evaluate on the first N val images only (quick runs)
     num_workers: int = 8
+    max_bad_fraction: float = 0.01  # stop when clearly more of the image files read are unreadable (README)
 
 
 @dataclass
@@ -206,14 +215,18 @@ def evaluate(model: Segmenter, loader: DataLoader, device: torch.device, *, num_
              mode: str = "whole", crop: int = 512, stride: int = 341, amp_dtype: torch.dtype | None = None,
              class_names: tuple[str, ...] | None = None, desc: str = "eval") -> dict[str, Any]:
     """mIoU / mAcc / aAcc (+ per-class IoU) of `model` on this process's share of `loader`, summed over
-    processes. Logits are resized (bilinear) to each label's original size before the argmax."""
+    processes, and "images": how many images that is. Logits are resized (bilinear) to each label's
+    original size before the argmax. `loader` yields `(images, labels)` lists (samples whose image
+    was unreadable already left out)."""
     was_training = model.training
     model.eval()
     patch = model.backbone.encoder.patch_size
     metric = SegMetric(num_classes, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
     bar = progress(len(loader), desc=desc, unit="batch", active=distr.is_main())
     for images, labels in loader:
         bar.update(1)
+        count += len(images)
         same = len({tuple(x.shape) for x in images}) == 1 and len({tuple(y.shape) for y in labels}) == 1
         groups = [(images, labels)] if same else [([x], [y]) for x, y in zip(images, labels)]
         for xs, ys in groups:
@@ -225,12 +238,15 @@ def evaluate(model: Segmenter, loader: DataLoader, device: torch.device, *, num_
             metric.update(logits.argmax(1), target)
     bar.close()
     metric.all_reduce()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
     model.train(was_training)
-    return metric.compute(class_names)
+    return {**metric.compute(class_names), "images": int(count.item())}
 
 
 def _brief(result: dict[str, Any], step: int) -> dict[str, Any]:
-    return {"mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"], "step": step}
+    return {"mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"], "step": step,
+            "val_images": result["images"]}
 
 
 def main(cfg: SegmentConfig) -> dict[str, Any]:
@@ -275,7 +291,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     # --- resume --------------------------------------------------------------------------------
     encoder_shape = {**meta["encoder"], "img_size": d.crop_size}
     identity = {"encoder": encoder_shape, "num_classes": num_classes, "pyramid": m.pyramid}
-    step, best = 0, None
+    step, best, known_bad = 0, None, {}
     found = find_resume_last(cfg.run.resume, run_dir, info=info)
     if found is not None:
         path, state = found
@@ -285,6 +301,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best = int(state["step"]), state.get("best")
+        known_bad = dict(state.get("bad_files") or {})
         restore_rng(state.get("rng"), info)
         if info.is_main:
             log.info("resumed from %s at iteration %d", path, step)
@@ -303,14 +320,26 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     except ValueError as err:
         raise DataError(f"{err} (optim.batch_size is the total over processes)") from None
     pin = device.type == "cuda"
-    loader = DataLoader(SegSamples(train_raw, train_tf, seed=cfg.run.seed), batch_size=per_rank, sampler=sampler,
-                        drop_last=True, num_workers=d.num_workers, pin_memory=pin,
+    # training: an unreadable image is replaced by the next readable sample (full batches, exact resume);
+    # evaluation: it is left out with its label map. Workers report the files through the batch.
+    loader = DataLoader(SegSamples(train_raw, train_tf, seed=cfg.run.seed, bad="replace"), batch_size=per_rank,
+                        sampler=sampler, drop_last=True, num_workers=d.num_workers, pin_memory=pin,
+                        collate_fn=collate,
                         generator=torch.Generator())  # keeps the global RNG (dropout, drop path) untouched
     steps_per_epoch = sampler.per_rank // per_rank
     num_val = len(val_raw) if d.val_limit is None else min(d.val_limit, len(val_raw))
-    val_loader = DataLoader(SegSamples(val_raw, SegEvalTransform(d.scale)), batch_size=d.eval_batch_size,
+    val_loader = DataLoader(SegSamples(val_raw, SegEvalTransform(d.scale), bad="drop"), batch_size=d.eval_batch_size,
                             sampler=list(range(info.rank, num_val, info.world_size)), num_workers=d.num_workers,
-                            collate_fn=collate_eval, generator=torch.Generator())
+                            collate_fn=collate_lists, generator=torch.Generator())
+    # one registry of bad files per run: warned once each (rank 0), the same on every rank after each
+    # evaluation / checkpoint, listed in bad_images.txt; a resumed run starts from its checkpoint's list
+    bad_files = BadFiles(max_fraction=d.max_bad_fraction, folder=run_dir if info.is_main else None,
+                         verbose=info.is_main)
+    bad_files.total = len(train_raw) + num_val
+    bad_files.bad.update(known_bad)
+    if found is None and info.is_main and (run_dir / BAD_IMAGES_FILE).is_file():
+        (run_dir / BAD_IMAGES_FILE).unlink()  # a fresh start: not an old run's list
+    evaluated = False
     stride = d.eval_stride or max(patch, d.crop_size * 2 // 3)
 
     last_step = o.iters if cfg.run.max_iters is None else min(o.iters, cfg.run.max_iters)
@@ -323,15 +352,26 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                  o.layer_decay, sum(p.numel() for p in model.parameters()))
 
     def run_eval(step: int, record: bool = True) -> dict[str, Any]:
-        result = evaluate(model, val_loader, device, num_classes=num_classes, mode=d.eval_mode,
-                          crop=d.crop_size, stride=stride, amp_dtype=amp_dtype, class_names=classes,
-                          desc=f"val @{step}")
+        nonlocal evaluated
+        result = evaluate(model, bad_files.track(val_loader, check=False), device, num_classes=num_classes,
+                          mode=d.eval_mode, crop=d.crop_size, stride=stride, amp_dtype=amp_dtype,
+                          class_names=classes, desc=f"val @{step}")
+        evaluated = True
         if record:  # not when re-evaluating a finished run: its log has this step already
             metrics.log(step, mIoU=result["mIoU"], mAcc=result["mAcc"], aAcc=result["aAcc"])
         if info.is_main:
-            log.info("iteration %d: mIoU %.2f  mAcc %.2f  aAcc %.2f", step, 100 * result["mIoU"],
-                     100 * result["mAcc"], 100 * result["aAcc"])
+            left_out = num_val - result["images"]
+            note = f" ({left_out} unreadable image{'s' if left_out != 1 else ''} left out)" if left_out else ""
+            log.info("iteration %d: mIoU %.2f  mAcc %.2f  aAcc %.2f on %d val images%s", step,
+                     100 * result["mIoU"], 100 * result["mAcc"], 100 * result["aAcc"], result["images"], note)
         return result
+
+    def settle(step: int) -> None:
+        """Every rank, at the same steps: share the bad files, then the same threshold decision,
+        judged on the distinct files read so far (the images of `step` batches, capped at the
+        training set, and the val images once evaluated)."""
+        bad_files.sync(device)
+        bad_files.check(seen=min(step * o.batch_size, len(train_raw)) + (num_val if evaluated else 0))
 
     def checkpoint(step: int, *, rng: list[dict[str, Any]] | None = None, **payload: Any) -> dict[str, Any]:
         record = CheckpointRecord("segment", step, to_dict(cfg), identity, world_size=info.world_size, rng=rng)
@@ -341,8 +381,8 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     def save_last(step: int) -> None:
         rng = distr.all_gather_object(rng_state())
         if info.is_main:
-            save_checkpoint(checkpoint(step, rng=rng, optimizer=optimizer.state_dict(), best=best),
-                            run_dir / "checkpoint-last.pt")
+            save_checkpoint(checkpoint(step, rng=rng, optimizer=optimizer.state_dict(), best=best,
+                                       bad_files=dict(bad_files.bad)), run_dir / "checkpoint-last.pt")
 
     finite = NonFiniteGuard(device, fix="Lower optim.lr or set optim.clip_grad=1.0, then rerun to resume from "
                                         "checkpoint-last.pt.")
@@ -353,7 +393,8 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     while step < last_step:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start_batch=in_epoch, batch_size=per_rank)
-        for images, targets in loader:
+        # alone, the threshold is checked after every batch; under torchrun at the shared points (settle)
+        for images, targets in bad_files.track(loader, check=info.world_size == 1):
             images, targets = images.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
             lr = warmup_poly(step, total=o.iters, warmup=o.warmup_iters, peak=o.lr, power=o.power, final=o.min_lr)
             set_lr(optimizer, lr)  # times each group's layer-wise decay
@@ -384,6 +425,8 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                     if info.is_main:
                         save_checkpoint(checkpoint(step, mIoU=result["mIoU"], aAcc=result["aAcc"]),
                                         run_dir / "checkpoint-best.pt")
+            if eval_now or save_now:
+                settle(step)
             if save_now:
                 save_last(step)
             if step >= last_step:
@@ -391,6 +434,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     bar.close()
     if result is None:  # resumed at (or past) the end: evaluate the loaded model
         result = run_eval(step, record=False)
+        settle(step)
         if best is None:
             best = _brief(result, step)
     metrics.close()
@@ -398,8 +442,9 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     if classes:
         last["IoU"] = dict(zip(classes, result["IoU"]))
     summary = {"best": best, "last": last, "num_classes": num_classes, "iters": o.iters, "step": step,
-               "run_dir": str(run_dir)}
+               "num_val": num_val, "bad_images": len(bad_files.all_bad()), "run_dir": str(run_dir)}
     if info.is_main:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    bad_files.log_summary()
     distr.barrier()
     return summary
