@@ -291,6 +291,61 @@ def test_shapes_detection_gt_and_flip(shapes_root: Path) -> None:
     assert isinstance(images, list) and len(targets) == 2
 
 
+class _Broken(torch.utils.data.Dataset):
+    """`dataset` with the images at `bad` unreadable (as `load_rgb` reports a truncated file)."""
+
+    def __init__(self, dataset, bad: set[int]) -> None:
+        self.dataset, self.bad = dataset, bad
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        from milan.data.folder import BadImage
+
+        if index in self.bad:
+            raise BadImage(f"img{index}.png: truncated", name=f"img{index}.png", reason="truncated")
+        return self.dataset[index]
+
+
+def test_det_samples_replace_or_drop_an_unreadable_image_with_its_annotations(shapes_root: Path) -> None:
+    ds = ShapesDetection(shapes_root, "val", limit=6)
+    broken = _Broken(ds, {2, 3})
+    clean = DetSamples(ds, hflip=0.5, seed=3)
+    # training: (epoch, 2) and (epoch, 3) become (epoch, 4), flip included; both files reported
+    image, target, reports = DetSamples(broken, hflip=0.5, seed=3, bad="replace")[(1, 2)]
+    want_image, want_target = clean[(1, 4)]
+    assert torch.equal(image, want_image) and target["image_id"] == 5
+    assert torch.equal(target["boxes"], want_target["boxes"]) and torch.equal(target["masks"], want_target["masks"])
+    assert reports == [("img2.png", "truncated", True), ("img3.png", "truncated", True)]
+    assert DetSamples(broken, hflip=0.5, seed=3, bad="replace")[(1, 1)][2] == []
+    # evaluation: left out, annotations and all; a readable one is unchanged
+    assert DetSamples(broken, bad="drop")[2] == (None, None, [("img2.png", "truncated", True)])
+    assert torch.equal(DetSamples(broken, bad="drop")[1][0], ds[1][0])
+    with pytest.raises(DataError, match=r"unreadable image img2\.png: truncated; replace or remove it"):
+        DetSamples(broken)[2]
+
+
+def test_evaluate_scores_only_the_images_the_loader_delivered() -> None:
+    """Image 2 unreadable (left out by the loader): COCOeval over image 1 only, so its two objects
+    detected exactly give AP 1 — not image 2's two annotations counted as missed."""
+    from milan.recipes.detect import evaluate
+
+    gt_dict, objects = _toy_gt()
+    outputs, _ = _outputs(objects, label=2)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, images):
+            return [outputs[int(img[0, 0, 0].item()) - 1] for img in images]
+
+    loader = [([torch.full((3, 64, 64), 1.0)], [{"image_id": 1}])]
+    result = evaluate(Oracle(), loader, torch.device("cpu"), load_coco(gt_dict), LABEL_TO_CAT, image_ids=[1, 2])
+    assert result["images"] == 1
+    assert result["bbox"]["AP"] == pytest.approx(1.0) and result["segm"]["AP"] == pytest.approx(1.0)
+    both = loader + [([torch.full((3, 64, 64), 2.0)], [{"image_id": 2}])]
+    assert evaluate(Oracle(), both, torch.device("cpu"), load_coco(gt_dict), LABEL_TO_CAT)["images"] == 2
+
+
 # --- the recipe ----------------------------------------------------------------------------------
 
 

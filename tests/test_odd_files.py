@@ -405,3 +405,87 @@ def test_segmentation_and_detection_images_keep_stored_pixels_and_fail_in_one_li
     with pytest.raises(DataError, match=r"unreadable image .*truncated\.jpg.*replace or remove it") as info:
         read_annotated_image(odd / "bird" / "truncated.jpg")
     assert "\n" not in str(info.value)
+
+
+# --- segment / detect: an unreadable image leaves with its annotations ------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small shapes set (images in {split}/images/NNNNNN.png) with two images broken: the first
+    training image of epoch 0 (seed 0) truncated, val image 1 emptied."""
+    from milan.data.shapes import generate_shapes
+
+    root = generate_shapes(tmp_path_factory.mktemp("dense") / "shapes", num_train=32, num_val=8, progress=False)
+    first = EpochSampler(32, seed=0, batch_size=4).indices()[0]  # read in the first batch of any run
+    train_file = root / "train" / "images" / f"{first:06d}.png"
+    val_file = root / "val" / "images" / "000001.png"
+    data = train_file.read_bytes()
+    train_file.write_bytes(data[: len(data) // 3])
+    val_file.write_bytes(b"")
+    return {"root": root, "bad": sorted([str(train_file), str(val_file)])}
+
+
+def _listed(run_dir: Path) -> list[str]:
+    lines = (run_dir / "bad_images.txt").read_text().splitlines()
+    return sorted(line.split("\t")[0] for line in lines if line and not line.startswith("#"))
+
+
+def _dense_warned(lines: list[str], path: str) -> int:
+    return sum(1 for line in lines if line.startswith(f"skipping unreadable image {path}:"))
+
+
+def test_segment_skips_unreadable_images_with_their_labels(broken_shapes: dict, tmp_path: Path) -> None:
+    out = tmp_path / "seg"
+    with captured() as lines:
+        cli(["segment", "--config", "segment_shapes", f"data.path={broken_shapes['root']}", f"run.out_dir={out}",
+             "model.preset=vit_shapes_patch8", "model.channels=16", "model.aux_channels=16", "optim.batch_size=4",
+             "optim.iters=3", "optim.warmup_iters=1", "data.val_limit=4", "data.eval_batch_size=2",
+             "data.num_workers=2", "run.seed=0", "run.eval_every=0", "run.log_every=1", "run.device=cpu",
+             "data.max_bad_fraction=0.5"])
+    assert _listed(out) == broken_shapes["bad"]
+    assert all(_dense_warned(lines, path) == 1 for path in broken_shapes["bad"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_val"] == 4 and results["last"]["val_images"] == 3  # val 000001.png left out
+    assert results["step"] == 3 and results["bad_images"] == 2  # training went on: replaced, not stopped
+    assert any(line.endswith("on 3 val images (1 unreadable image left out)") for line in lines)
+    assert f"skipped 2 unreadable files of 36; list in {out / 'bad_images.txt'}" in lines
+    assert torch.load(out / "checkpoint-last.pt", weights_only=True)["bad_files"].keys() == set(broken_shapes["bad"])
+
+
+def test_detect_skips_unreadable_images_with_their_annotations(broken_shapes: dict, tmp_path: Path) -> None:
+    out = tmp_path / "det"
+    with captured() as lines:
+        cli(["detect", "--config", "detect_shapes", f"data.path={broken_shapes['root']}", f"run.out_dir={out}",
+             "data.num_workers=0", "optim.batch_size=4", "optim.warmup_iters=1", "data.val_limit=4",
+             "data.eval_batch_size=2", "optim.epochs=1", "run.max_steps=2", "run.seed=0", "run.device=cpu",
+             "data.max_bad_fraction=0.5"])
+    assert _listed(out) == broken_shapes["bad"]
+    assert all(_dense_warned(lines, path) == 1 for path in broken_shapes["bad"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_val"] == 4 and results["last"]["val_images"] == 3 and results["step"] == 2
+    assert any("on 3 val images (1 unreadable image left out)" in line for line in lines)
+    assert f"skipped 2 unreadable files of 36; list in {out / 'bad_images.txt'}" in lines
+
+
+def test_segment_resumed_between_bad_files_is_exact_and_warns_once(broken_shapes: dict, tmp_path: Path) -> None:
+    def run(out: Path, *extra: str) -> list[str]:
+        with captured() as lines:
+            cli(["segment", "--config", "segment_shapes", f"data.path={broken_shapes['root']}", f"run.out_dir={out}",
+                 "model.preset=vit_shapes_patch8", "model.channels=16", "model.aux_channels=16",
+                 "optim.batch_size=4", "optim.iters=4", "optim.warmup_iters=1", "data.val_limit=4",
+                 "data.num_workers=0", "run.seed=0", "run.eval_every=0", "run.log_every=1", "run.device=cpu",
+                 "data.max_bad_fraction=0.5", *extra])
+        return lines
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(straight)
+    first = run(split, "run.max_iters=2")  # reads the bad training image (first batch) and the val one
+    second = run(split)  # resume=auto
+    assert all(_dense_warned(first, path) == 1 and _dense_warned(second, path) == 0 for path in broken_shapes["bad"])
+    assert _listed(split) == _listed(straight) == broken_shapes["bad"]
+    a = torch.load(straight / "checkpoint-last.pt", weights_only=True)
+    b = torch.load(split / "checkpoint-last.pt", weights_only=True)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+    assert f"skipped 2 unreadable files of 36; list in {split / 'bad_images.txt'}" in second

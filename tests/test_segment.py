@@ -198,6 +198,28 @@ def test_train_transform_crop_pad_flip_and_determinism(shapes: Path) -> None:
     assert xe.shape == (3, 32, 32) and ye.shape == (64, 64)  # label keeps its size
 
 
+def test_seg_samples_replace_or_drop_an_unreadable_image_with_its_label(shapes: Path) -> None:
+    from milan.data.folder import BadImage
+
+    class Broken(ShapesSegDataset):
+        def __getitem__(self, index: int):
+            if index == 5:
+                raise BadImage("img5.png: truncated", name="img5.png", reason="truncated")
+            return super().__getitem__(index)
+
+    tf = SegTrainTransform(32, scale=(64, 64))
+    clean = SegSamples(ShapesSegDataset(shapes, "train"), tf, seed=1)
+    train = SegSamples(Broken(shapes, "train"), tf, seed=1, bad="replace")
+    x, y, reports = train[(2, 5)]  # the next sample, with its own (seed, epoch, index) crop
+    want_x, want_y = clean[(2, 6)]
+    assert torch.equal(x, want_x) and torch.equal(y, want_y) and reports == [("img5.png", "truncated", True)]
+    assert train[(2, 4)][2] == [] and torch.equal(train[(2, 4)][0], clean[(2, 4)][0])
+    val = SegSamples(Broken(shapes, "train"), SegEvalTransform((32, 32)), bad="drop")
+    assert val[5] == (None, None, [("img5.png", "truncated", True)])
+    with pytest.raises(DataError, match=r"unreadable image img5\.png: truncated; replace or remove it"):
+        SegSamples(Broken(shapes, "train"), tf)[(0, 5)]
+
+
 def test_slide_inference_equals_whole_for_a_pointwise_model() -> None:
     model = nn.Conv2d(3, 4, 1)  # pixel-wise: any tiling must give the whole-image logits
     images = torch.randn(2, 3, 40, 56)
