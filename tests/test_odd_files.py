@@ -489,3 +489,31 @@ def test_segment_resumed_between_bad_files_is_exact_and_warns_once(broken_shapes
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
     assert f"skipped 2 unreadable files of 36; list in {split / 'bad_images.txt'}" in second
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["segment", "detect"])
+def test_dense_two_processes_share_bad_files(broken_shapes: dict, tmp_path: Path, command: str) -> None:
+    """torchrun, 2 CPU processes: the bad val image is rank 1's share, the bad training image rank 0's;
+    rank 0 still lists and warns about both (once), and the evaluation leaves out exactly one image."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / command
+    extra = (["model.channels=16", "model.aux_channels=16", "optim.iters=2", "run.eval_every=0"]
+             if command == "segment" else ["run.max_steps=2", "data.eval_batch_size=2"])
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={29551 if command == 'segment' else 29552}", "-m", "milan", command, "--config",
+         f"{command}_shapes", f"data.path={broken_shapes['root']}", f"run.out_dir={out}", "optim.batch_size=4",
+         "optim.warmup_iters=1", "data.val_limit=4", "run.seed=0", "run.device=cpu", "data.num_workers=0",
+         "run.tensorboard=false", "data.max_bad_fraction=0.5", *extra],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _listed(out) == broken_shapes["bad"]
+    for path in broken_shapes["bad"]:
+        assert done.stderr.count(f"skipping unreadable image {path}:") == 1, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["step"] == 2 and results["last"]["val_images"] == 3 and results["bad_images"] == 2
+    assert torch.load(out / "checkpoint-last.pt", weights_only=True)["bad_files"].keys() == set(broken_shapes["bad"])
