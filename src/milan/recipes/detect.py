@@ -381,7 +381,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
             (run_dir / f"detections_{kind}.json").write_text(json.dumps(found))
         if record:  # not when re-evaluating a finished run: its log has this step already
             metrics.log(step, epoch=epoch, box_AP=result["bbox"]["AP"], box_AP50=result["bbox"]["AP50"],
-                        mask_AP=result["segm"]["AP"], mask_AP50=result["segm"]["AP50"])
+                        mask_AP=result["segm"]["AP"], mask_AP50=result["segm"]["AP50"], val_images=result["images"])
         if info.is_main:
             left_out = len(val_ids) - result["images"]
             note = f" ({left_out} unreadable image{'s' if left_out != 1 else ''} left out)" if left_out else ""

@@ -358,7 +358,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                           class_names=classes, desc=f"val @{step}")
         evaluated = True
         if record:  # not when re-evaluating a finished run: its log has this step already
-            metrics.log(step, mIoU=result["mIoU"], mAcc=result["mAcc"], aAcc=result["aAcc"])
+            metrics.log(step, mIoU=result["mIoU"], mAcc=result["mAcc"], aAcc=result["aAcc"], val_images=result["images"])
         if info.is_main:
             left_out = num_val - result["images"]
             note = f" ({left_out} unreadable image{'s' if left_out != 1 else ''} left out)" if left_out else ""
