@@ -34,7 +34,7 @@ from milan.data.folder import BadImage, UnreadableImages
 from milan.errors import DataError
 
 __all__ = ["BAD_IMAGES_FILE", "BadFiles", "Checked", "Tolerant", "collate", "collate_lists", "first_readable",
-           "read_annotated_image", "read_sample", "too_many_bad", "MIN_FILES"]
+           "read_sample", "too_many_bad", "MIN_FILES"]
 
 _log = logging.getLogger("milan")
 
@@ -61,18 +61,6 @@ def too_many_bad(bad: int, tried: int, max_fraction: float, *, total: int | None
     p, n, z2 = bad / tried, tried, _Z * _Z
     low = (p + z2 / (2 * n) - _Z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n)
     return low > max_fraction
-
-
-def read_annotated_image(path: str | Path) -> Any:
-    """An RGB image for segmentation / detection: `load_rgb` (the same conversions), but no EXIF
-    rotation (annotations index the stored pixels), and a bad file is a one-line `DataError` (its
-    annotations cannot silently lose their image)."""
-    from milan.data.folder import load_rgb
-
-    try:
-        return load_rgb(path, exif_transpose=False)
-    except BadImage as err:
-        raise DataError(f"unreadable image {err}; replace or remove it (and its annotations)") from None
 
 
 def read_sample(dataset: Dataset, index: int) -> tuple[Any, Any, list[Report]]:
