@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 from torchvision import transforms as T
 
 import milan
@@ -27,7 +28,7 @@ from milan.model import build_model
 from milan.recipes import pretrain
 from milan.train.config import config_path, load_config
 from milan.train.log import get_logger
-from milan.train.probe import extract_features, knn_accuracy, linear_probe
+from milan.train.probe import extract_features, knn_accuracies, linear_probes
 
 __all__ = ["add_arguments", "run_from_args", "run", "PROBE_LABELS"]
 
@@ -115,16 +116,18 @@ def run(
                 for label, (name, _) in runs.items()]
     encoders.append(Encoder("random init", _student_encoder(None, "milan_vit_shapes_patch8", teacher.dim, seed)))
     encoders.append(Encoder("teacher (builtin:shapes)", lambda x: teacher(x).tokens[:, 1:].mean(1)))
+    # the images are decoded once (uint8) for every encoder; normalised per batch as `tf` would
+    images = {"train": _decode(root, "train", n_train), "val": _decode(root, "val", len(val_ds))}
+    train_ys = {lab: train_ds.labels[lab][:n_train] for lab in PROBE_LABELS}
+    val_ys = {lab: val_ds.labels[lab] for lab in PROBE_LABELS}
     results: dict[str, dict[str, float]] = {}
     tsne_features: dict[str, torch.Tensor] = {}
     for enc in encoders:
-        xtr, _ = extract_features(enc.encode, train_ds, limit=n_train)
-        xte, _ = extract_features(enc.encode, val_ds)
-        row = {}
-        for lab in PROBE_LABELS:
-            ytr, yte = train_ds.labels[lab][:n_train], val_ds.labels[lab]
-            row[f"linear {lab}"] = linear_probe(xtr, ytr, xte, yte, seed=seed)
-            row[f"knn {lab}"] = knn_accuracy(xtr, ytr, xte, yte)
+        xtr, xte = (_features(enc.encode, images[split]) for split in ("train", "val"))
+        # one standardisation and one L-BFGS solve for all five labels; one neighbour search for kNN
+        linear = linear_probes(xtr, train_ys, xte, val_ys)
+        knn = knn_accuracies(xtr, train_ys, xte, val_ys)
+        row = {k: v for lab in PROBE_LABELS for k, v in ((f"linear {lab}", linear[lab]), (f"knn {lab}", knn[lab]))}
         results[enc.name] = row
         tsne_features[enc.name] = xte[:TSNE_IMAGES]
         log.info("  %-26s %s", enc.name, "  ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("linear")))
@@ -140,6 +143,21 @@ def run(
             probe_train=n_train, minutes=minutes, root=root)
     log.info("report: %s (%.1f min)", out / "report.md", minutes)
     return results
+
+
+def _decode(root: Path, split: str, n: int) -> torch.Tensor:
+    """The first `n` images of a shapes split as one uint8 tensor `[n, 3, H, W]`."""
+    ds = ShapesDataset(root, split, transform=T.PILToTensor())
+    return torch.stack([ds[i][0] for i in range(n)])
+
+
+def _features(encode: Any, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """`encode` over uint8 images, normalised per batch exactly as ToTensor + Normalize do."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    labels = torch.zeros(len(images), dtype=torch.long)  # extract_features wants (image, label) pairs
+    feats, _ = extract_features(lambda u8: encode(u8.float().div(255).sub_(mean).div_(std)),
+                                TensorDataset(images, labels), batch_size=batch_size)
+    return feats
 
 
 def _table(results: dict[str, dict[str, float]]) -> str:
