@@ -106,43 +106,55 @@ def test_linprobe_cached_beats_chance(shapes_root: Path, checkpoint: Path, tmp_p
     assert (out / "head-last.pt").is_file()
 
 
+@pytest.fixture
+def milan_log(caplog: pytest.LogCaptureFixture):
+    """caplog for the `milan` logger, which does not propagate to the root logger once configured."""
+    from milan.train.log import get_logger
+
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 def test_linprobe_small_data_defaults_to_lbfgs_and_learns(shapes_root: Path, checkpoint: Path, tmp_path: Path,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+                                                          milan_log: pytest.LogCaptureFixture) -> None:
     """Issue 16: batch 32 scales A.1's lr to 0.00625, where LARS cannot move the head; auto picks L-BFGS."""
     import milan.recipes.linprobe as linprobe
 
     out = tmp_path / "lp"
-    with caplog.at_level(logging.INFO, logger="milan"):
-        cli(_linprobe_args(shapes_root, checkpoint, out, "optim.solver=auto"))
-    assert "solver: lbfgs (optim.solver=auto: 160 training images < optim.lbfgs_max_images" in caplog.text
+    cli(_linprobe_args(shapes_root, checkpoint, out, "optim.solver=auto"))
+    assert "solver: lbfgs (optim.solver=auto: 160 training images < optim.lbfgs_max_images" in milan_log.text
     result = json.loads((out / "results.json").read_text())
     assert result["solver"] == "lbfgs" and result["lbfgs"]["converged"]
     assert result["best"]["top1"] > 3 / _classes(shapes_root, "colour"), result  # chance is 1/6
     assert result["lbfgs"]["train_loss"] < 0.5 * result["lbfgs"]["chance_loss"]
-    assert "not clearly above chance" not in caplog.text and "at chance" not in caplog.text
-    # head-best.pt is a ProbeHead (BN statistics + linear) that reproduces the reported top-1
+    assert "not clearly above chance" not in milan_log.text and "at chance" not in milan_log.text
+    # head-best.pt loads into a ProbeHead (BN statistics + linear), as a LARS run's does
     saved = torch.load(out / "head-best.pt", weights_only=True)
     head = linprobe.ProbeHead(saved["head"]["1.weight"].shape[1], result["num_classes"])
     head.load_state_dict(saved["head"])
     assert saved["top1"] == result["best"]["top1"] and saved["solver"] == "lbfgs"
     assert not (out / "head-last.pt").exists()
+    # training features are centre crops whether or not optim.cache_features is set (no random crops)
+    cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "cached", "optim.solver=auto", "optim.cache_features=true"))
+    assert json.loads((tmp_path / "cached" / "results.json").read_text())["best"] == result["best"]
 
 
 def test_linprobe_warns_when_it_cannot_have_learned(shapes_root: Path, checkpoint: Path, tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture,
+                                                     milan_log: pytest.LogCaptureFixture,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import milan.recipes.linprobe as linprobe
 
     # LARS with the A.1 rule at batch 32 (lr 0.00625): the loss stays at the label entropy
-    with caplog.at_level(logging.WARNING, logger="milan"):
-        cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "lars", "optim.cache_features=true"))
-    assert "still at chance" in caplog.text and "optim.solver=lbfgs" in caplog.text
-    caplog.clear()
+    cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "lars", "optim.cache_features=true"))
+    assert "still at chance" in milan_log.text and "optim.solver=lbfgs" in milan_log.text
+    milan_log.clear()
     # features without signal (noise): L-BFGS runs, and says the result means nothing
     monkeypatch.setattr(linprobe, "_feature_fn", lambda *_: lambda images: torch.randn(len(images), 192))
-    with caplog.at_level(logging.WARNING, logger="milan"):
-        cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "noise", "optim.solver=lbfgs"))
-    assert "not clearly above chance" in caplog.text
+    cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "noise", "optim.solver=lbfgs"))
+    assert "not clearly above chance" in milan_log.text
     assert json.loads((tmp_path / "noise" / "results.json").read_text())["solver"] == "lbfgs"
 
 

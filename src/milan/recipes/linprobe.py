@@ -221,6 +221,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     solver, why = choose_solver(cfg.optim, num_train)
     log.info("linear probe solver: %s (%s)", solver, why)
     if solver == "lbfgs":
+        _set_transform(train_set, val_tf)  # cached features: centre crops, as A.1's cache_features
         return _solve_lbfgs(cfg, run_dir, features, encoder.embed_dim, train_set, val_set, classes, num_classes,
                             {"preset": meta.get("preset"), "encoder": {**meta["encoder"], "img_size": img_size},
                              "semantic_topk": topk}, device)
@@ -385,6 +386,15 @@ def _warn_if_no_better_than_chance(top1: float, val_y: Tensor, solver: str) -> N
             "%.2f%% of %d val images): the features carry no usable signal for these labels, or the probe did "
             "not learn%s", solver, 100 * top1, 100 * majority, len(val_y),
             "" if solver == "lbfgs" else " (try optim.solver=lbfgs)")
+
+
+def _set_transform(dataset: Any, transform: Callable[..., Any]) -> None:
+    """Give a dataset (or the dataset under a Subset) another transform."""
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    if not hasattr(base, "transform"):
+        raise ConfigError(f"optim.solver=lbfgs cannot set the centre-crop transform on {type(base).__name__}; "
+                          "use optim.solver=lars")
+    base.transform = transform
 
 
 def _solve_lbfgs(cfg: LinprobeConfig, run_dir: Path, features: Callable[[Tensor], Tensor], dim: int,
