@@ -64,7 +64,7 @@ def test_joint_solve_equals_separate_solves() -> None:
     joint = fit_linear(x, [ya, yb], [3, 2])
     alone = [fit_linear(x, [ya], [3])[0], fit_linear(x, [yb], [2])[0]]
     for j, a in zip(joint, alone):
-        torch.testing.assert_close(j.weight, a.weight, atol=1e-3, rtol=2e-3)
+        torch.testing.assert_close(j.weight, a.weight, atol=1e-3 * float(a.weight.abs().max()), rtol=2e-3)
         assert j.loss == pytest.approx(a.loss, abs=1e-4)
 
 

@@ -82,15 +82,17 @@ def fit_linear(
     """
     x = x.float()
     sizes = [int(c) for c in num_classes]
-    # Solve in whitened coordinates (W = P W', P = V Λ^-1/2 from the feature covariance) with the
-    # penalty still on W: the same minimum, but frozen features are strongly correlated (condition
-    # numbers ~1e6) and whitening cuts L-BFGS's iterations several-fold. Directions without variance
-    # (Λ ≈ 0) get no weight, as in the unwhitened solve.
+    # Solve in whitened coordinates, W = P W' with P = V (Λ + l2)^-1/2 from the feature covariance
+    # V Λ V^T, the penalty still on W: the same minimum, but the objective's curvature (~Λ + l2) is
+    # made ~1 in every direction. Frozen features are strongly correlated (condition numbers ~1e6);
+    # this cuts L-BFGS's iterations several-fold. Directions without variance (Λ ≈ 0) get no weight,
+    # as in the unwhitened solve.
     centred = x - x.mean(0)
     ev, vecs = torch.linalg.eigh((centred.T.double() @ centred.double()) / len(x))
     keep = ev > ev.max() * 1e-10
-    ev, proj = ev[keep], (vecs[:, keep] / ev[keep].sqrt()).to(x.dtype)  # P [D, R]
-    inv_ev = (1 / ev).to(x.dtype)[:, None]  # P^T P = Λ^-1: the penalty on W in W' coordinates
+    ev, vecs = ev[keep], vecs[:, keep]
+    proj = (vecs / (ev + l2).sqrt()).to(x.dtype)  # P [D, R]
+    inv_ev = (1 / (ev + l2)).to(x.dtype)[:, None]  # P^T P: the penalty on W in W' coordinates
     x = x @ proj  # [N, R]
     weight = torch.zeros(x.shape[1], sum(sizes), dtype=x.dtype, device=x.device)
     bias = torch.zeros(sum(sizes), dtype=x.dtype, device=x.device)
