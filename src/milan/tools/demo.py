@@ -5,6 +5,10 @@
 3. Pretrain a tiny MILAN student for a fixed number of steps (optionally MAE beside it).
 4. Probe frozen features on held-out labels (linear probe and kNN) for the student, a
    random-init student and the teacher itself; write a table, figures and a report.
+
+The probes are cheap next to pretraining: the images are decoded once, each encoder runs once over
+them, and per encoder one L-BFGS solve fits the linear probes of all five labels and one
+neighbour search serves the five kNN votes.
 """
 
 from __future__ import annotations
