@@ -6,6 +6,13 @@ LARS (momentum 0.9, trust ratio on weight matrices), lr = base_lr × batch / 256
 decay, linear warmup then cosine. `cache_features=true` runs the encoder once over the training
 set (centre crops, no augmentation) so each epoch is a pass over a feature matrix.
 
+`optim.solver` (auto by default): below `optim.lbfgs_max_images` training images LARS with A.1's
+settings cannot move the head in the few steps a small set gives (lr × 0.001 × |w|/|g| per step),
+so auto fits the same head (BatchNorm statistics, then the linear layer) by one L-BFGS solve on
+cached centre-crop features instead; at ImageNet scale it is A.1's LARS. The log names the solver
+and the reason; a run whose loss stays at chance after warm-up, or whose top-1 is not clearly
+above chance, is warned about.
+
 Semantic-aware probing (Table 7 #6): with `semantic_topk=x` the encoder sees only the top-x
 fraction of patches ranked by the teacher's CLS attention, in training and evaluation alike.
 
