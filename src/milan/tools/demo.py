@@ -171,7 +171,7 @@ def _decode(root: Path, split: str, n: int) -> torch.Tensor:
     return torch.stack([ds[i][0] for i in range(n)])
 
 
-def _features(encode: Any, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def _features(encode: Any, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """`encode` over uint8 images, normalised per batch exactly as ToTensor + Normalize do."""
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     labels = torch.zeros(len(images), dtype=torch.long)  # extract_features wants (image, label) pairs
