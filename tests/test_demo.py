@@ -25,3 +25,19 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
         with Image.open(out / name) as img:
             assert img.size[0] > 300 and img.size[1] > 200
     assert (out / "milan_vit_shapes_patch8" / "config.yaml").is_file()
+
+
+def test_demo_features_see_the_images_the_datasets_give(shapes_root: Path) -> None:
+    """Decoding once to uint8 and normalising per batch gives exactly ToTensor + Normalize's input."""
+    import torch
+    from torchvision import transforms as T
+
+    from milan.data.shapes import ShapesDataset
+    from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from milan.tools.demo import _decode, _features
+
+    ds = ShapesDataset(shapes_root, "val", transform=T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    expected = torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1)
+    images = _decode(shapes_root, "val", len(ds))
+    assert images.dtype == torch.uint8 and images.shape == (len(ds), 3, 64, 64)
+    assert torch.equal(_features(lambda x: x.flatten(1), images, batch_size=5), expected)

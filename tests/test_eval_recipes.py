@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,8 @@ def test_knn_without_weights_names_the_fix(tmp_path: Path) -> None:
 def _linprobe_args(root: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
     return ["linprobe", f"model.weights={ckpt}", "data.kind=shapes", f"data.path={root}", "data.label=colour",
             "data.crop_pct=1.0", "data.num_workers=0", "optim.batch_size=32", "optim.epochs=4",
-            "optim.warmup_epochs=1", f"run.out_dir={out}", "run.device=cpu", "run.tensorboard=false", *extra]
+            "optim.warmup_epochs=1", "optim.solver=lars", f"run.out_dir={out}", "run.device=cpu", "run.tensorboard=false",
+            *extra]
 
 
 def test_linprobe_cached_beats_chance(shapes_root: Path, checkpoint: Path, tmp_path: Path) -> None:
@@ -102,6 +104,71 @@ def test_linprobe_cached_beats_chance(shapes_root: Path, checkpoint: Path, tmp_p
     best = torch.load(out / "head-best.pt", weights_only=True)
     assert best["top1"] == result["best"]["top1"] and set(best["head"]) >= {"1.weight", "1.bias"}
     assert (out / "head-last.pt").is_file()
+
+
+@pytest.fixture
+def milan_log(caplog: pytest.LogCaptureFixture):
+    """caplog for the `milan` logger, which does not propagate to the root logger once configured."""
+    from milan.train.log import get_logger
+
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_linprobe_small_data_defaults_to_lbfgs_and_learns(shapes_root: Path, checkpoint: Path, tmp_path: Path,
+                                                          milan_log: pytest.LogCaptureFixture) -> None:
+    """Issue 16: batch 32 scales A.1's lr to 0.00625, where LARS cannot move the head; auto picks L-BFGS."""
+    import milan.recipes.linprobe as linprobe
+
+    out = tmp_path / "lp"
+    cli(_linprobe_args(shapes_root, checkpoint, out, "optim.solver=auto"))
+    assert "solver: lbfgs (optim.solver=auto: 160 training images < optim.lbfgs_max_images" in milan_log.text
+    result = json.loads((out / "results.json").read_text())
+    assert result["solver"] == "lbfgs" and result["lbfgs"]["converged"]
+    assert result["best"]["top1"] > 3 / _classes(shapes_root, "colour"), result  # chance is 1/6
+    assert result["lbfgs"]["train_loss"] < 0.5 * result["lbfgs"]["chance_loss"]
+    assert "not clearly above chance" not in milan_log.text and "at chance" not in milan_log.text
+    # head-best.pt loads into a ProbeHead (BN statistics + linear), as a LARS run's does
+    saved = torch.load(out / "head-best.pt", weights_only=True)
+    head = linprobe.ProbeHead(saved["head"]["1.weight"].shape[1], result["num_classes"])
+    head.load_state_dict(saved["head"])
+    assert saved["top1"] == result["best"]["top1"] and saved["solver"] == "lbfgs"
+    assert not (out / "head-last.pt").exists()
+    # training features are centre crops whether or not optim.cache_features is set (no random crops)
+    cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "cached", "optim.solver=auto", "optim.cache_features=true"))
+    assert json.loads((tmp_path / "cached" / "results.json").read_text())["best"] == result["best"]
+
+
+def test_linprobe_warns_when_it_cannot_have_learned(shapes_root: Path, checkpoint: Path, tmp_path: Path,
+                                                     milan_log: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import milan.recipes.linprobe as linprobe
+
+    # LARS with the A.1 rule at batch 32 (lr 0.00625): the loss stays at the label entropy
+    cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "lars", "optim.cache_features=true"))
+    assert "still at chance" in milan_log.text and "optim.solver=lbfgs" in milan_log.text
+    milan_log.clear()
+    # features without signal (noise): L-BFGS runs, and says the result means nothing
+    monkeypatch.setattr(linprobe, "_feature_fn", lambda *_: lambda images: torch.randn(len(images), 192))
+    cli(_linprobe_args(shapes_root, checkpoint, tmp_path / "noise", "optim.solver=lbfgs"))
+    assert "not clearly above chance" in milan_log.text
+    assert json.loads((tmp_path / "noise" / "results.json").read_text())["solver"] == "lbfgs"
+
+
+def test_linprobe_a1_configs_keep_lars_at_scale() -> None:
+    from milan.recipes import linprobe
+    from milan.train.config import config_path, load_config
+
+    for name in ("linprobe_vit_base", "linprobe_vit_large"):
+        optim = load_config(linprobe.CONFIG, config_path(name)).optim
+        assert optim.solver == "auto" and optim.batch_size == 16384
+        assert linprobe.choose_solver(optim, 1_281_167)[0] == "lars"  # ImageNet-1K train: A.1 exactly
+        assert linprobe.choose_solver(optim, 5_000)[0] == "lbfgs"
+        optim.solver = "lars"
+        assert linprobe.choose_solver(optim, 5_000)[0] == "lars"
 
 
 def test_linprobe_leaves_encoder_frozen(shapes_root: Path, checkpoint: Path, tmp_path: Path,

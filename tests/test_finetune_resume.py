@@ -41,7 +41,7 @@ def _finetune(root: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
 def _linprobe(root: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
     return ["linprobe", f"model.weights={ckpt}", "data.kind=shapes", f"data.path={root}", "data.label=colour",
             "data.img_size=32", "data.crop_pct=1.0", "data.num_workers=0", "optim.batch_size=16", "optim.epochs=3",
-            "optim.warmup_epochs=1", "optim.lr=10", f"run.out_dir={out}", "run.device=cpu",
+            "optim.warmup_epochs=1", "optim.solver=lars", "optim.lr=10", f"run.out_dir={out}", "run.device=cpu",
             "run.tensorboard=false", *extra]
 
 

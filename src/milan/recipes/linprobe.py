@@ -6,6 +6,13 @@ LARS (momentum 0.9, trust ratio on weight matrices), lr = base_lr × batch / 256
 decay, linear warmup then cosine. `cache_features=true` runs the encoder once over the training
 set (centre crops, no augmentation) so each epoch is a pass over a feature matrix.
 
+`optim.solver` (auto by default): below `optim.lbfgs_max_images` training images LARS with A.1's
+settings cannot move the head in the few steps a small set gives (lr × 0.001 × |w|/|g| per step),
+so auto fits the same head (BatchNorm statistics, then the linear layer) by one L-BFGS solve on
+cached centre-crop features instead; at ImageNet scale it is A.1's LARS. The log names the solver
+and the reason; a run whose loss stays at chance after warm-up, or whose top-1 is not clearly
+above chance, is warned about.
+
 Semantic-aware probing (Table 7 #6): with `semantic_topk=x` the encoder sees only the top-x
 fraction of patches ranked by the teacher's CLS attention, in training and evaluation alike.
 
@@ -42,7 +49,14 @@ from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
 from milan.train.config import RunSection, save_config, to_dict
 from milan.train.log import MetricsLogger, get_logger, progress
-from milan.train.probe import extract_features, remap_labels, topk_accuracy
+from milan.train.probe import (
+    beats_chance,
+    extract_features,
+    fit_linear,
+    label_entropy,
+    remap_labels,
+    topk_accuracy,
+)
 from milan.train.run import (
     check_values,
     find_resume_last,
@@ -97,6 +111,14 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     cache_features: bool = False  # extract frozen features once; epochs become cheap (no augmentation)
+    # lars: the A.1 recipe above. lbfgs: cached features, one full-batch L-BFGS solve of the same head
+    # (BN without affine + linear, cross-entropy + lbfgs_l2) — no lr, epochs or batch size to get right.
+    # auto: lbfgs below lbfgs_max_images training images, where LARS with MAE's settings cannot move
+    # the head (steps are lr × 0.001 × |w|/|g|), else lars.
+    solver: Literal["auto", "lars", "lbfgs"] = "auto"
+    lbfgs_max_images: int = 100_000
+    lbfgs_l2: float = 1e-4  # L2 on the weights (mean CE + l2/2·|W|²), biases free
+    lbfgs_max_iter: int = 1000
 
 
 @dataclass
@@ -122,8 +144,11 @@ def _validate(cfg: LinprobeConfig) -> None:
     o = cfg.optim
     check_values(at_least_one={
         "optim.epochs": o.epochs, "optim.batch_size": o.batch_size, "run.max_epochs": cfg.run.max_epochs,
-        "data.img_size": cfg.data.img_size,
-    }, non_negative={"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers})
+        "data.img_size": cfg.data.img_size, "optim.lbfgs_max_iter": o.lbfgs_max_iter,
+    }, non_negative={"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers,
+                     "optim.lbfgs_max_images": o.lbfgs_max_images})
+    if o.lbfgs_l2 < 0:
+        raise ConfigError(f"optim.lbfgs_l2={o.lbfgs_l2} must not be negative (default 1e-4)")
     if o.warmup_epochs > o.epochs:
         raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} exceeds optim.epochs={o.epochs}; "
                           "lower optim.warmup_epochs (A.1: 10 of 100)")
@@ -208,6 +233,15 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     steps_per_epoch = max(1, num_train // batch)
     bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir)  # one warning per file, listed
     bad_files.total = len(train_set) + len(val_set)
+    solver, why = choose_solver(cfg.optim, num_train)
+    log.info("linear probe solver: %s (%s)", solver, why)
+    if solver == "lbfgs":
+        _set_transform(train_set, val_tf)  # cached features: centre crops, as A.1's cache_features
+        result = _solve_lbfgs(cfg, run_dir, features, encoder.embed_dim, train_set, val_set, classes, num_classes,
+                              {"preset": meta.get("preset"), "encoder": {**meta["encoder"], "img_size": img_size},
+                               "semantic_topk": topk}, device, bad_files)
+        bad_files.log_summary()
+        return result
 
     # --- head, LARS, schedule ------------------------------------------------------------------
     head = ProbeHead(encoder.embed_dim, num_classes).to(device)
@@ -293,8 +327,10 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     if saved is not None:  # last: building the head and extracting features above drew from the RNGs
         restore_rng(saved.get("rng"), distr.DistInfo(rank=0, world_size=1, local_rank=0, device=device))
     bar = progress(last_epoch * steps_per_epoch, initial=step, desc="linprobe")
+    chance_loss, warned = None, False
     for epoch in range(start_epoch, last_epoch):
         head.train()
+        epoch_loss, epoch_steps = 0.0, 0
         for x, y in train_batches(epoch):
             lr = warmup_cosine(step, total=total, warmup=warmup, peak=peak)
             set_lr(optimizer, lr)
@@ -305,6 +341,11 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+            epoch_loss, epoch_steps = epoch_loss + loss.item(), epoch_steps + 1
+            if chance_loss is None:
+                chance_loss = label_entropy(train_y if cfg.optim.cache_features else torch.tensor(_targets(train_set)))
+        if not warned and epoch + 1 >= max(1, cfg.optim.warmup_epochs) and epoch_steps:
+            warned = _warn_if_at_chance(epoch_loss / epoch_steps, chance_loss, epoch + 1, peak)
         head.eval()
         with torch.no_grad():
             logits = torch.cat([head(val_x[i:i + 1024].to(device)).cpu() for i in range(0, len(val_x), 1024)])
@@ -329,7 +370,107 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
                  last["epoch"], cfg.optim.epochs)
     log.info("linear probe top-1 %.2f%% (best %.2f%% at epoch %d)", 100 * top1, 100 * best["top1"], best["epoch"])
     bad_files.log_summary()
+    _warn_if_no_better_than_chance(best["top1"], val_y, "lars")
     return finish(last["epoch"])
+
+
+def choose_solver(optim: OptimConfig, num_train: int) -> tuple[str, str]:
+    """`optim.solver` resolved for this many training images: (solver, the reason, for the log)."""
+    if optim.solver != "auto":
+        return optim.solver, f"optim.solver={optim.solver}"
+    if num_train < optim.lbfgs_max_images:
+        return "lbfgs", (f"optim.solver=auto: {num_train} training images < optim.lbfgs_max_images="
+                         f"{optim.lbfgs_max_images}, where LARS with the A.1 settings takes too few steps to "
+                         "learn; cached features, one L-BFGS solve; optim.solver=lars forces A.1")
+    return "lars", (f"optim.solver=auto: {num_train} training images >= optim.lbfgs_max_images="
+                    f"{optim.lbfgs_max_images}: the A.1 recipe (LARS)")
+
+
+def _warn_if_at_chance(loss: float, chance: float, epoch: int, lr: float) -> bool:
+    """Warn (once) when the mean training loss after warm-up is still that of the class prior."""
+    if loss < 0.98 * chance:
+        return False
+    get_logger().warning(
+        "linear probe: mean training loss %.4f after epoch %d is still at chance (%.4f = the label entropy, "
+        "ln C for balanced classes): the head is not learning. LARS steps are lr × 0.001 × |w|/|g|, so with "
+        "peak lr %.4g and this few steps the weights barely move; use optim.solver=lbfgs (cached features, "
+        "no lr to tune) or a much larger optim.lr", loss, epoch, chance, lr)
+    return True
+
+
+def _warn_if_no_better_than_chance(top1: float, val_y: Tensor, solver: str) -> None:
+    if not beats_chance(top1, val_y):
+        majority = float(torch.bincount(val_y.long()).max()) / max(1, len(val_y))
+        get_logger().warning(
+            "linear probe (%s): top-1 %.2f%% is not clearly above chance (always the most frequent class: "
+            "%.2f%% of %d val images): the features carry no usable signal for these labels, or the probe did "
+            "not learn%s", solver, 100 * top1, 100 * majority, len(val_y),
+            "" if solver == "lbfgs" else " (try optim.solver=lbfgs)")
+
+
+def _set_transform(dataset: Any, transform: Callable[..., Any]) -> None:
+    """Give a dataset (or the dataset under a Subset) another transform."""
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    if not hasattr(base, "transform"):
+        raise ConfigError(f"optim.solver=lbfgs cannot set the centre-crop transform on {type(base).__name__}; "
+                          "use optim.solver=lars")
+    base.transform = transform
+
+
+def _solve_lbfgs(cfg: LinprobeConfig, run_dir: Path, features: Callable[[Tensor], Tensor], dim: int,
+                 train_set: Any, val_set: Any, classes: dict[str, Any], num_classes: int,
+                 encoder_meta: dict[str, Any], device: torch.device, bad_files: BadFiles) -> dict[str, Any]:
+    """Cached features, one L-BFGS solve of the ProbeHead: BatchNorm statistics of the training
+    features, then the multinomial logistic regression on its output (probe.fit_linear)."""
+    log = get_logger()
+    o = cfg.optim
+    save_config(cfg, run_dir / "config.yaml")
+    if cfg.run.resume != "none" and (run_dir / "head-last.pt").is_file():
+        log.info("optim.solver=lbfgs solves in one go: %s (a LARS run's resume point) is left as it is",
+                 run_dir / "head-last.pt")
+    common = dict(batch_size=o.batch_size, num_workers=cfg.data.num_workers, device=device, bad_files=bad_files)
+    val_x, val_y = extract_features(features, val_set, desc="val features", **common)
+    if classes["train"] is not None and classes["val"] is not None:
+        val_y = remap_labels(val_y, classes["val"], classes["train"])
+    train_x, train_y = extract_features(features, train_set, desc="train features (cached)", **common)
+    head = ProbeHead(dim, num_classes)
+    bn = head[0]
+    with torch.no_grad():  # the BatchNorm's statistics are the training set's (what it learns in train mode)
+        bn.running_mean.copy_(train_x.mean(0))
+        bn.running_var.copy_(train_x.var(0))
+    head.eval()
+    with torch.no_grad():
+        fit = fit_linear(bn(train_x).to(device), [train_y], [num_classes], l2=o.lbfgs_l2, max_iter=o.lbfgs_max_iter)[0]
+        head[1].weight.copy_(fit.weight.cpu())
+        head[1].bias.copy_(fit.bias.cpu())
+        logits = torch.cat([head(val_x[i:i + 1024]) for i in range(0, len(val_x), 1024)])
+    top1, top5 = topk_accuracy(logits, val_y)
+    chance = label_entropy(train_y)
+    log.info("L-BFGS: %d iterations%s, training loss %.4f (chance %.4f), l2 %g", fit.iterations,
+             "" if fit.converged else f" (optim.lbfgs_max_iter={o.lbfgs_max_iter} reached before convergence)",
+             fit.loss, chance, o.lbfgs_l2)
+    if fit.loss >= 0.98 * chance:
+        log.warning("linear probe (lbfgs): training loss %.4f is at chance (%.4f, the label entropy): the features "
+                    "carry no usable signal for these labels", fit.loss, chance)
+    _warn_if_no_better_than_chance(top1, val_y, "lbfgs")
+    epochs = o.epochs  # the solve stands for the whole schedule
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard)
+    metrics.log(fit.iterations, loss=fit.loss, top1=top1, top5=top5, solver="lbfgs")
+    metrics.close()
+    identity = {"encoder": encoder_meta["encoder"], "semantic_topk": encoder_meta["semantic_topk"],
+                "num_classes": num_classes}
+    record = CheckpointRecord("linprobe", fit.iterations, to_dict(cfg), identity, epoch=epochs)
+    save_checkpoint(record.state(head=head.state_dict(), **encoder_meta, top1=top1, top5=top5,
+                                 num_classes=num_classes, solver="lbfgs"), run_dir / "head-best.pt")
+    best = {"top1": top1, "top5": top5, "epoch": epochs}
+    result = {"best": best, "last": best, "epoch": epochs, "epochs": epochs, "num_classes": num_classes,
+              "semantic_topk": encoder_meta["semantic_topk"], "weights": cfg.model.weights, "solver": "lbfgs",
+              "lbfgs": {"iterations": fit.iterations, "converged": fit.converged, "train_loss": fit.loss,
+                        "chance_loss": chance, "l2": o.lbfgs_l2}}
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    log.info("linear probe top-1 %.2f%%, top-5 %.2f%% (L-BFGS on %d cached training features)", 100 * top1,
+             100 * top5, len(train_x))
+    return result
 
 
 def _warn_if_weights_changed(path: Path, state: dict[str, Any], cfg: LinprobeConfig) -> None:
