@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _evil import Evil
 from milan.train import checkpoint
 from milan.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -80,16 +81,6 @@ def test_check_resumable_refuses_another_kind_model_or_shape_in_one_line(tmp_pat
         check(old, expected=torch.nn.Linear(2, 3).state_dict())
 
 
-class _Evil:
-    """Unpickling this object would create a file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple:
-        return (open, (self.path, "w"))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_resume_from_a_file_that_is_not_a_checkpoint_names_its_problem(
     shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -100,7 +91,7 @@ def test_resume_from_a_file_that_is_not_a_checkpoint_names_its_problem(
 
     marker = tmp_path / "pwned"
     (tmp_path / "junk.pt").write_bytes(b"\x13\x37 definitely not a checkpoint")
-    torch.save({"model": {}, "step": 1, "payload": _Evil(str(marker))}, tmp_path / "evil.pt")
+    torch.save({"model": {}, "step": 1, "payload": Evil(str(marker))}, tmp_path / "evil.pt")
     torch.save({"w": torch.zeros(512)}, tmp_path / "whole.pt")
     data = (tmp_path / "whole.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])

@@ -14,20 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from _evil import Evil
 from milan.errors import CheckpointError, UserError, WeightsError
 from milan.io.safe_load import file_kind, load_weights, read_torch_file
 from milan.io.weights import encoder_state_dict
 from milan.train.checkpoint import load_checkpoint
-
-
-class _Evil:
-    """Unpickling this object would create a file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple:
-        return (open, (self.path, "w"))
 
 
 def _write(kind: str, path: Path, marker: Path) -> None:
@@ -39,11 +30,11 @@ def _write(kind: str, path: Path, marker: Path) -> None:
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "pickled_object":
-        torch.save({"w": torch.zeros(3), "payload": _Evil(str(marker))}, path)
+        torch.save({"w": torch.zeros(3), "payload": Evil(str(marker))}, path)
     elif kind == "pickled_object_legacy":
-        torch.save({"payload": _Evil(str(marker))}, path, _use_new_zipfile_serialization=False)
+        torch.save({"payload": Evil(str(marker))}, path, _use_new_zipfile_serialization=False)
     elif kind == "raw_pickle":
-        path.write_bytes(pickle.dumps(_Evil(str(marker))))
+        path.write_bytes(pickle.dumps(Evil(str(marker))))
     elif kind == "whole_module":
         torch.save(torch.nn.Linear(2, 2), path)
     elif kind in ("truncated_zip", "truncated_legacy"):

@@ -27,6 +27,7 @@ from timm.data.constants import (
 )
 from timm.layers import resample_abs_pos_embed
 
+from _evil import Evil
 from milan.errors import TeacherError, TeacherFileNotFound, UserError
 from milan.io.safe_load import load_weights
 from milan.teacher import (
@@ -554,27 +555,17 @@ def test_builtin_teacher_with_unreadable_weights_says_so(tmp_path: Path) -> None
         build_teacher("builtin:shapes", weights=tmp_path / "w.safetensors")
 
 
-class _Evil:
-    """Unpickling this object would create a file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple:
-        return (open, (self.path, "w"))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    torch.save({"visual.proj": torch.zeros(2), "payload": _Evil(str(marker))}, tmp_path / "evil.pt")
+    torch.save({"visual.proj": torch.zeros(2), "payload": Evil(str(marker))}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match=r"holds pickled Python objects \((io|builtins)\.open\).*refused") as info:
         build_teacher(f"openclip:{TINY}", weights=tmp_path / "evil.pt")
     assert not marker.exists() and "weights_only" not in str(info.value)
 
     # The same payload inside a TorchScript-looking archive: the restricted unpickler refuses it.
     with zipfile.ZipFile(tmp_path / "evil_ts.pt", "w") as archive:
-        archive.writestr("evil_ts/data.pkl", pickle.dumps({"x": _Evil(str(marker))}, protocol=2))
+        archive.writestr("evil_ts/data.pkl", pickle.dumps({"x": Evil(str(marker))}, protocol=2))
         archive.writestr("evil_ts/constants.pkl", pickle.dumps((), protocol=2))
         archive.writestr("evil_ts/code/__torch__.py", "")
     with pytest.raises(ValueError, match=r"holds pickled Python objects \((io|builtins)\.open\).*refused"):
@@ -586,7 +577,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
 
     hf = tmp_path / "hf"
     CLIPVisionConfig(**HF_VISION).save_pretrained(hf)
-    torch.save({"payload": _Evil(str(marker))}, hf / "pytorch_model.bin")
+    torch.save({"payload": Evil(str(marker))}, hf / "pytorch_model.bin")
     with pytest.raises(TeacherError, match=r"pytorch_model\.bin holds pickled Python objects .*refused") as info:
         build_teacher(f"hf:{hf}")
     assert not marker.exists() and "weights_only" not in str(info.value)
@@ -597,7 +588,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
     assert "weights_only" not in str(info.value)
 
     # And as a bare pickle file, not a torch.save zip.
-    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_Evil(str(marker))))
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Evil(str(marker))))
     with pytest.raises(ValueError, match=r"holds pickled Python objects \((io|builtins)\.open\).*refused"):
         build_teacher(f"openclip:{TINY}", weights=tmp_path / "evil.pkl")
     assert not marker.exists()
