@@ -54,3 +54,30 @@ def test_fresh_run_keeps_earlier_tensorboard_files_untouched(tmp_path: Path) -> 
     second = MetricsLogger(tmp_path, resume_from=1)  # nothing later than step 1 to drop
     second.close()
     assert all((tmp_path / "tb" / name).read_bytes() == data for name, data in before.items())
+
+
+def test_a_fresh_start_keeps_nothing_of_an_earlier_attempt(tmp_path: Path) -> None:
+    """resume_from=-1: a run starting from scratch where a killed attempt left records."""
+    killed = MetricsLogger(tmp_path)
+    for step in (1, 2, 3):
+        killed.log(step, loss=99.0)
+    killed.close()
+    fresh = MetricsLogger(tmp_path, resume_from=-1)
+    fresh.log(1, loss=1.0)
+    fresh.close()
+    assert [(tag, step, value) for tag, step, value in _tb_scalars(tmp_path / "tb")] == [("loss", 1, 1.0)]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0)]
+
+
+def test_pretrain_started_over_in_a_used_folder_logs_only_its_own_steps(shapes_root: Path, tmp_path: Path) -> None:
+    from _pretrain_cli import pretrain_args
+    from milan.tools.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 99.0}) + "\n" for s in (1, 2, 3, 4)))
+    main(pretrain_args(shapes_root, out, "optim.steps=2", "run.log_every=1"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(r["loss"] != 99.0 for r in records if "loss" in r)

@@ -362,7 +362,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     evaluated = False
 
     metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
-                            resume_from=step if found is not None else None)
+                            resume_from=step if found is not None else -1)
     if info.is_main:
         log.info("detect %s (%s): %d classes, %d train / %d val images, %d epochs × %d iterations, batch %d, "
                  "lr %.3g (÷%g after epochs %s), layer decay %.2f, input %d–%d px (pad %s), %.1fM params",

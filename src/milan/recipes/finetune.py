@@ -290,7 +290,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         return summary()
 
     metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
-                            resume_from=step if found is not None else None)
+                            resume_from=step if found is not None else -1)
     if info.is_main:
         log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, lr %.3g, layer decay %.2f",
                  preset or "encoder", img_size, num_classes, len(train_set), cfg.optim.epochs, steps_per_epoch,

@@ -320,7 +320,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
             for images, targets in bad_files.track(loader):
                 yield features(images.to(device)), torch.as_tensor(targets).to(device)
 
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_from=step if found is not None else None)
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_from=step if found is not None else -1)
     log.info("linear probe: %d train / %d val images, %d classes, %d epochs × %d steps, lr %.4g%s",
              num_train, len(val_x), num_classes, cfg.optim.epochs, steps_per_epoch, peak,
              f", semantic top-{topk:.0%} patches" if topk is not None else "")

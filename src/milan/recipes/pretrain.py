@@ -403,7 +403,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         distr.cleanup()
         return {"step": step, "loss": float("nan"), "run_dir": str(run_dir), "bad_images": 0, **recovery.summary()}
     metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
-                            resume_from=step if found is not None else None)
+                            resume_from=step if found is not None else -1)
     # one registry of bad files per run: warned once each (rank 0), the same on every rank after
     # each check point, listed in bad_images.txt; a resumed run starts from its checkpoint's list
     bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir if info.is_main else None,

@@ -344,7 +344,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
 
     last_step = o.iters if cfg.run.max_iters is None else min(o.iters, cfg.run.max_iters)
     metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
-                            resume_from=step if found is not None else None)
+                            resume_from=step if found is not None else -1)
     if info.is_main:
         log.info("segment %s (%s) at %dpx: %d classes, %d train / %d val images, %d iterations, batch %d, "
                  "lr %.3g, layer decay %.2f, %d params", meta.get("preset") or "encoder", meta.get("format") or

@@ -30,7 +30,9 @@ class MetricsLogger:
     checkpoint of that step) first drops the records of later steps — written after that checkpoint
     by the run that crashed, and about to be redone — from metrics.jsonl and from the TensorBoard
     event files themselves (not only hidden by TensorBoard's purge), so the resumed log reads as one
-    uninterrupted run in every reader.
+    uninterrupted run in every reader. A training run that starts from scratch in a folder an earlier
+    attempt left records in (killed before its first checkpoint, or `run.resume=none`) passes
+    `resume_from=-1`: nothing of that attempt is kept.
     """
 
     def __init__(self, run_dir: str | Path, *, active: bool = True, tensorboard: bool = True,
