@@ -31,6 +31,7 @@ calling it, so crops are functions of (seed, epoch, sample) and exact resume hol
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -68,9 +69,16 @@ def normalize_on_device(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     if images.ndim == 4 and images.shape[-1] == 3 and images.shape[1] != 3:  # [B, H, W, 3]
         images = images.permute(0, 3, 1, 2).contiguous()
     x = images.to(torch.float32).div_(255)
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    m, s = _stats(tuple(mean), tuple(std), x.device)
     return x.sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=8)
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """mean and std as `[1, C, 1, 1]` float32 tensors on `device`, made once (not a copy per step)."""
+    def col(v: tuple[float, ...]) -> Tensor:
+        return torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return col(mean), col(std)
 
 
 def to_device(images: Any, device: torch.device, *, img_size: int | None = None) -> Tensor:
