@@ -81,7 +81,7 @@ def test_bench_data_quick_writes_json(tmp_path: Path, capsys: pytest.CaptureFixt
     assert list(result["paths"]) == expected
     assert result["sizes"]["bounded_kb"] < result["sizes"]["original_kb"]  # 500×375 → short side 64
     for name, r in result["paths"].items():
-        assert r["images"] == 4 and r["bounded"] == (name in ("bounded", "fast", "bounded_tensor"))
+        assert r["images"] == 4 and r["bounded"] == (name in ("bounded", "bounded_draft", "bounded_tensor", "fast"))
         assert r["images_per_s_per_core"] > 0 and len(r["per_round_images_per_s"]) == 2
         assert set(r["ms_per_image"]) == {"decode", "crop", "collate"}
         assert all(v > 0 for v in r["ms_per_image"].values())

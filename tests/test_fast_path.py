@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -114,15 +115,49 @@ def test_draft_decoding_keeps_the_crop(large_jpegs: Path) -> None:
     assert reduced >= 4  # the draft did decode most images at reduced size
 
 
-def test_tensor_path_draws_the_same_crop(large_jpegs: Path) -> None:
-    reference = pretrain_transform(64, scale=(0.2, 1.0), output="float")
+def test_tensor_path_gives_the_reference_crops(large_jpegs: Path) -> None:
+    """decode_jpeg + torch's uint8 bicubic antialias kernel: the reference's box, flip and pixels,
+    up to rounding (a bilinear resize, or PIL's bicubic on a shifted box, is many levels off)."""
+    reference = pretrain_transform(64, scale=(0.2, 1.0), output="uint8")
     tensor = TensorCrop(64, scale=(0.2, 1.0))
     for k, path in enumerate(sorted(large_jpegs.iterdir())):
-        ref = _seeded(k, reference, _rgb(path))
+        ref = _seeded(k, reference, _rgb(path)).permute(2, 0, 1).float()
         out = _seeded(k, tensor.decode, path, name=str(path))
         assert out.dtype == torch.uint8 and out.shape == (3, 64, 64)
-        diff = (_to_pixels(normalize_on_device(out[None])[0]) - _to_pixels(ref)).abs()
-        assert diff.mean() < 4.0, (path.name, float(diff.mean()))  # bilinear vs bicubic, decoder rounding
+        diff = (out.float() - ref).abs()
+        assert diff.max() <= 2 and diff.mean() < 0.05, (path.name, float(diff.max()), float(diff.mean()))
+
+
+def test_resized_crop_uint8_is_pils_bicubic(large_jpegs: Path) -> None:
+    from milan.data.fast import resized_crop_uint8
+
+    img = _rgb(sorted(large_jpegs.iterdir())[0])
+    pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    for (i, j, h, w), size in [((0, 0, 360, 480), 224), ((10, 20, 40, 30), 96), ((5, 7, 200, 150), 64)]:
+        pil = torch.from_numpy(np.array(img.crop((j, i, j + w, i + h)).resize((size, size), Image.BICUBIC)))
+        out = resized_crop_uint8(pixels, (i, j, h, w), size)
+        assert out.shape == (3, size, size) and out.dtype == torch.uint8
+        assert (out.permute(1, 2, 0).float() - pil.float()).abs().max() <= 2  # down- and upsampling
+
+
+def test_tensor_draft_decoding_keeps_the_crop(large_jpegs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import JpegImagePlugin
+
+    drafts = []
+    real = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, *a, **k: drafts.append(a) or real(self, *a, **k))
+    reference = pretrain_transform(64, scale=(0.2, 1.0), output="uint8")
+    draft = TensorCrop(64, scale=(0.2, 1.0), draft=True)
+    for k, path in enumerate(sorted(large_jpegs.iterdir())):
+        ref = _seeded(k, reference, _rgb(path)).permute(2, 0, 1).float()
+        out = _seeded(k, draft.decode, path, name=str(path))
+        assert out.shape == (3, 64, 64)
+        diff = (out.float() - ref).abs().mean()
+        # the same box (edges within half a pixel of the reduced image) and flip
+        assert diff < 8.0, (path.name, float(diff))
+        assert (out.flip(-1).float() - ref).abs().mean() > 2 * diff
+    assert len(drafts) >= 4  # most images were decoded at reduced size
 
 
 def test_fast_transforms_reject_bad_images_like_the_reference(tmp_path: Path) -> None:
@@ -132,7 +167,7 @@ def test_fast_transforms_reject_bad_images_like_the_reference(tmp_path: Path) ->
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
     small = tmp_path / "small.jpg"
     Image.new("RGB", (8, 8)).save(small)
-    for transform in (PretrainCrop(32, draft=True), TensorCrop(32)):
+    for transform in (PretrainCrop(32, draft=True), TensorCrop(32), TensorCrop(32, draft=True)):
         with pytest.raises(BadImage, match="bad.jpg"):
             transform.decode(bad, name=str(bad))
         with pytest.raises(BadImage, match="smaller than min_size=16"):
@@ -160,7 +195,7 @@ def test_shard_stream_with_a_decoding_transform_keeps_crops_and_resumes(large_jp
     assert all(torch.equal(x, y[0]) for x, y in zip(full[4:], drafted, strict=True))
 
 
-@pytest.mark.parametrize("options", [("data.draft=true",), ("data.decode=tensor",)])
+@pytest.mark.parametrize("options", [("data.draft=true",), ("data.decode=tensor", "data.draft=true")])
 def test_exact_resume_with_the_fast_path(tmp_path: Path, options: tuple[str, ...]) -> None:
     data = _jpegs(tmp_path / "jpegs" / "a", 16, (300, 225), seed=1).parent
     common = ["data.kind=imagefolder", "data.crop_scale=[0.2,1.0]", "data.hflip=true", "optim.steps=4",
@@ -276,3 +311,16 @@ def test_gpu_decoding_pretrains_from_shards(large_jpegs: Path, tmp_path: Path) -
     cli(pretrain_args(large_jpegs, out, "data.kind=webdataset", f"data.path={shards}", "data.decode=cuda",
                       "data.num_workers=2", "optim.steps=2", "optim.batch_size=2", "run.device=cuda"))
     assert latest_checkpoint(out)[1]["step"] == 2
+
+
+def test_jpeg_size_reads_the_frame_header(large_jpegs: Path) -> None:
+    from milan.data.fast import _jpeg_size
+
+    for path in sorted(large_jpegs.iterdir())[:2]:
+        assert _jpeg_size(path.read_bytes()) == Image.open(path).size
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (123, 77)).save(buffer, "JPEG", progressive=True, exif=exif.tobytes())
+    assert _jpeg_size(buffer.getvalue()) == (123, 77)  # stored size (the decoders rotate it)
+    assert _jpeg_size(b"\xff\xd8\xff\xe0\x00\x10junk") is None

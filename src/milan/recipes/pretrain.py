@@ -120,9 +120,10 @@ class DataConfig:
     # Input path (README "Feeding a fast GPU"; `milan bench data` measures them). Workers always return uint8
     # images and the device normalises them (bit-identical to ToTensor + Normalize in the worker).
     decode: Literal["pil", "tensor", "cuda"] = "pil"  # pil: PIL decode + bicubic RandomResizedCrop (the reference);
-    # tensor: torchvision decode_jpeg + transforms.v2 bilinear/antialias crop (same boxes, ≈ 2× faster per core);
-    # cuda: nvJPEG batch decode + crop on the GPU, workers only read bytes (CPU tensor path without CUDA)
-    draft: bool = False  # decode=pil: decode JPEGs at 1/2, 1/4 or 1/8 size when the crop stays ≥ img_size
+    # tensor: uint8 tensors, torchvision decode_jpeg + torch's bicubic/antialias kernel (same boxes, pixels within
+    # ±2 levels, ≈ 2× faster per core); cuda: nvJPEG batch decode + crop on the GPU, workers only read bytes
+    # (CPU tensor path without CUDA)
+    draft: bool = False  # decode=pil|tensor: decode JPEGs at 1/2, 1/4 or 1/8 size when the crop stays ≥ img_size
     min_size: int = 16  # images with a shorter side are skipped as bad
     max_bad_fraction: float = 0.01  # stop when clearly more of the distinct files read are bad (README: Data)
     exif_transpose: bool = True  # apply each photo's EXIF orientation (training and the kNN monitor)

@@ -12,10 +12,13 @@ the device; on CPU only the normalisation). Paths, side by side:
                  `milan pretrain` before the fast path
   uint8          the same crops, uint8 to the device, normalised there (bit-identical; the default)
   draft          uint8 + JPEG decoded at 1/2–1/8 size where the crop allows (data.draft=true)
-  tensor         torchvision decode_jpeg + transforms.v2 bilinear/antialias crop (data.decode=tensor)
+  tensor         uint8 tensors: torchvision decode_jpeg + torch's uint8 bicubic antialias crop
+                 (data.decode=tensor; the reference's pixels to ±2 levels)
   bounded        uint8 on shards re-encoded at a bounded short side (`milan data shards --max-size`)
-  fast           bounded + draft: the CPU fast path the goal (≥ 2.5× per core) is about
+  bounded_draft  bounded + draft (PIL decode and resize)
   bounded_tensor bounded + tensor
+  fast           bounded + tensor + draft (data.decode=tensor data.draft=true on `--max-size`
+                 shards): the CPU fast path the goal (≥ 2.5× per core) is about
   cuda           (CUDA only) workers parse headers and draw boxes; nvJPEG decodes and crops on the GPU
 
 Timing on a shared machine is noisy, so every round runs every path once over the same images
@@ -70,7 +73,7 @@ from milan.tools.bench.timing import machine_info
 
 __all__ = ["add_arguments", "run_from_args", "run", "PATHS", "imagenet_like_jpegs", "read_images", "step_rate"]
 
-PATHS = ("reference", "uint8", "draft", "tensor", "bounded", "fast", "bounded_tensor", "cuda")
+PATHS = ("reference", "uint8", "draft", "tensor", "bounded", "bounded_draft", "bounded_tensor", "fast", "cuda")
 STAGES = ("decode", "crop", "collate")
 
 
@@ -203,6 +206,7 @@ def _paths(names: tuple[str, ...], img_size: int, scale: tuple[float, float]) ->
     uint8 = pretrain_transform(img_size, scale=scale, output="uint8")
     draft = PretrainCrop(img_size, scale=scale, draft=True)
     tensor = TensorCrop(img_size, scale=scale)
+    fast = TensorCrop(img_size, scale=scale, draft=True)
     plan = CudaJpegPlan(img_size, scale=scale)
 
     def drafted(data: bytes) -> Any:
@@ -211,14 +215,18 @@ def _paths(names: tuple[str, ...], img_size: int, scale: tuple[float, float]) ->
     def tensor_decode(data: bytes) -> Tensor:
         return _decode_tensor(data, name="image", min_size=1)
 
+    def fast_decode(data: bytes) -> Any:
+        return fast.read(io.BytesIO(data), name="image")
+
     made = {
         "reference": _Path("reference", pil, reference, bounded=False, worker=_Plain(reference)),
         "uint8": _Path("uint8", pil, uint8, bounded=False, worker=_Plain(uint8)),
         "draft": _Path("draft", drafted, lambda s: draft.finish(*s), bounded=False, worker=draft),
         "tensor": _Path("tensor", tensor_decode, tensor, bounded=False, worker=tensor),
         "bounded": _Path("bounded", pil, uint8, bounded=True, worker=_Plain(uint8)),
-        "fast": _Path("fast", drafted, lambda s: draft.finish(*s), bounded=True, worker=draft),
+        "bounded_draft": _Path("bounded_draft", drafted, lambda s: draft.finish(*s), bounded=True, worker=draft),
         "bounded_tensor": _Path("bounded_tensor", tensor_decode, tensor, bounded=True, worker=tensor),
+        "fast": _Path("fast", fast_decode, lambda s: fast.finish(*s), bounded=True, worker=fast),
         "cuda": _Path("cuda", lambda d: plan.decode(io.BytesIO(d), name="image"), lambda r: r, bounded=False,
                       plans=True, worker=plan),
     }
