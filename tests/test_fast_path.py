@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -324,3 +325,23 @@ def test_jpeg_size_reads_the_frame_header(large_jpegs: Path) -> None:
     Image.new("RGB", (123, 77)).save(buffer, "JPEG", progressive=True, exif=exif.tobytes())
     assert _jpeg_size(buffer.getvalue()) == (123, 77)  # stored size (the decoders rotate it)
     assert _jpeg_size(b"\xff\xd8\xff\xe0\x00\x10junk") is None
+
+
+def test_fast_decoders_follow_data_exif_transpose(tmp_path: Path) -> None:
+    """A phone photo stored 80×40 with EXIF Orientation=6 (upright: 40×80): every decoding transform
+    rotates it by default and keeps the stored pixels with exif_transpose=False."""
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (80, 40), (200, 30, 30)).save(path, exif=exif.tobytes())
+
+    def decoded_size(transform: Any) -> tuple[int, int]:  # (width, height) as decoded
+        image, _ = transform.read(path, name=str(path))
+        return image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+
+    for exif_transpose, expected in ((True, (40, 80)), (False, (80, 40))):
+        for transform in (PretrainCrop(16, draft=True, exif_transpose=exif_transpose),
+                          TensorCrop(16, exif_transpose=exif_transpose),
+                          TensorCrop(16, draft=True, exif_transpose=exif_transpose)):
+            width, height = decoded_size(transform)  # full size, or 1/2 of it (draft)
+            assert (width, height) in (expected, (expected[0] // 2, expected[1] // 2)), (transform, exif_transpose)

@@ -121,8 +121,9 @@ class PretrainCrop:
     """
 
     def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
-                 draft: bool = False) -> None:
+                 draft: bool = False, exif_transpose: bool = True) -> None:
         self.img_size, self.scale, self.hflip, self.draft = img_size, tuple(scale), hflip, draft
+        self.exif_transpose = exif_transpose
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, hflip={self.hflip}, "
@@ -141,7 +142,7 @@ class PretrainCrop:
             if size is not None:
                 img.draft(img.mode, size)
 
-        return load_rgb(source, min_size=min_size, name=name, draft=hook), plan
+        return load_rgb(source, min_size=min_size, name=name, draft=hook, exif_transpose=self.exif_transpose), plan
 
     def __call__(self, img: Image.Image) -> Tensor:
         return self.finish(img, {})
@@ -223,7 +224,7 @@ def _read(source: str | Path | BinaryIO) -> bytes:
     return source.read()
 
 
-def _decode_tensor(data: bytes, *, name: str, min_size: int) -> Tensor:
+def _decode_tensor(data: bytes, *, name: str, min_size: int, exif_transpose: bool = True) -> Tensor:
     """JPEG bytes → `uint8 [3, H, W]` with torchvision's decoder; anything else (or a JPEG it
     refuses) through `load_rgb`, which raises `BadImage` for what cannot be used."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -232,11 +233,12 @@ def _decode_tensor(data: bytes, *, name: str, min_size: int) -> Tensor:
     if data[:3] == _JPEG_MAGIC:
         try:
             image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                apply_exif_orientation=True)
+                                apply_exif_orientation=exif_transpose)
         except RuntimeError:
             image = None
     if image is None:  # channels-last memory, as decode_jpeg's: no transposing copy
-        return pil_to_uint8(load_rgb(io.BytesIO(data), min_size=min_size, name=name), channels_last=True).permute(2, 0, 1)
+        img = load_rgb(io.BytesIO(data), min_size=min_size, name=name, exif_transpose=exif_transpose)
+        return pil_to_uint8(img, channels_last=True).permute(2, 0, 1)
     if min(image.shape[-2:]) < min_size:
         raise BadImage(f"{name}: {image.shape[-1]}x{image.shape[-2]} is smaller than min_size={min_size}")
     return image
@@ -280,8 +282,9 @@ class TensorCrop:
     """
 
     def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
-                 draft: bool = False) -> None:
+                 draft: bool = False, exif_transpose: bool = True) -> None:
         self.img_size, self.scale, self.hflip, self.draft = img_size, tuple(scale), hflip, draft
+        self.exif_transpose = exif_transpose
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, hflip={self.hflip}, "
@@ -305,12 +308,13 @@ class TensorCrop:
                 img.draft(img.mode, size)
 
             try:
-                img = load_rgb(io.BytesIO(data), min_size=min_size, name=name, draft=hook)
+                img = load_rgb(io.BytesIO(data), min_size=min_size, name=name, draft=hook,
+                               exif_transpose=self.exif_transpose)
             except _FullSize:  # the box is drawn (in `plan`); torchvision decodes at full size
                 pass
             else:
                 return pil_to_uint8(img, channels_last=True).permute(2, 0, 1), plan
-        return _decode_tensor(data, name=name, min_size=min_size), plan
+        return _decode_tensor(data, name=name, min_size=min_size, exif_transpose=self.exif_transpose), plan
 
     def __call__(self, img: Image.Image | Tensor) -> Tensor:
         pixels = img if isinstance(img, Tensor) else pil_to_uint8(img, channels_last=True).permute(2, 0, 1)
@@ -339,9 +343,10 @@ class CudaJpegPlan:
     `TensorCrop`). `decode_batch_cuda` turns a list of them into a batch on the GPU.
     """
 
-    def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True) -> None:
+    def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
+                 exif_transpose: bool = True) -> None:
         self.img_size, self.scale, self.hflip = img_size, tuple(scale), hflip
-        self._cpu = TensorCrop(img_size, scale=scale, hflip=hflip)
+        self._cpu = TensorCrop(img_size, scale=scale, hflip=hflip, exif_transpose=exif_transpose)
 
     def decode(self, source: str | Path | BinaryIO, *, name: str, min_size: int = 1) -> dict[str, Any]:
         data = _read(source)
@@ -353,7 +358,7 @@ class CudaJpegPlan:
                 rotated = _exif_rotated(img)
         except (OSError, ValueError, SyntaxError) as err:
             raise BadImage(f"{name}: {err}") from err
-        if rotated:  # nvJPEG ignores EXIF orientation: the CPU decoder applies it
+        if rotated:  # nvJPEG ignores EXIF orientation: the CPU decoder applies it (or not: data.exif_transpose)
             return {"pixels": self._cpu.decode(io.BytesIO(data), name=name, min_size=min_size), "name": name}
         if min(width, height) < min_size:
             raise BadImage(f"{name}: {width}x{height} is smaller than min_size={min_size}")
@@ -464,7 +469,7 @@ def reencode_jpeg(data: bytes, *, max_size: int, quality: int = 90, name: str = 
 
 
 def pretrain_input(img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
-                   decode: str = "pil", draft: bool = False) -> Any:
+                   decode: str = "pil", draft: bool = False, exif_transpose: bool = True) -> Any:
     """The worker-side transform of `data.decode` / `data.draft`; every one returns uint8 (or
     `CudaJpegPlan` records) for `to_device` to finish.
 
@@ -477,10 +482,10 @@ def pretrain_input(img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hf
 
     if decode == "pil":
         if draft:
-            return PretrainCrop(img_size, scale=scale, hflip=hflip, draft=True)
+            return PretrainCrop(img_size, scale=scale, hflip=hflip, draft=True, exif_transpose=exif_transpose)
         return pretrain_transform(img_size, scale=scale, hflip=hflip, output="uint8")
     if decode == "tensor":
-        return TensorCrop(img_size, scale=scale, hflip=hflip, draft=draft)
+        return TensorCrop(img_size, scale=scale, hflip=hflip, draft=draft, exif_transpose=exif_transpose)
     if decode == "cuda":
-        return CudaJpegPlan(img_size, scale=scale, hflip=hflip)
+        return CudaJpegPlan(img_size, scale=scale, hflip=hflip, exif_transpose=exif_transpose)
     raise ValueError(f"unknown decode {decode!r}; choose one of: {', '.join(DECODERS)}")

@@ -326,7 +326,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             log.warning("data.decode=cuda needs a CUDA device; decoding on the CPU instead (data.decode=tensor)")
         decode = "tensor"
     transform = pretrain_input(img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip, decode=decode,
-                               draft=cfg.data.draft)
+                               draft=cfg.data.draft, exif_transpose=cfg.data.exif_transpose)
     loader, set_epoch, per_rank, num_images = _train_loader(cfg, info, transform)
     micro_per_epoch = per_rank // batch
     steps_per_epoch = micro_per_epoch // accum
