@@ -345,3 +345,23 @@ def test_fast_decoders_follow_data_exif_transpose(tmp_path: Path) -> None:
                           TensorCrop(16, draft=True, exif_transpose=exif_transpose)):
             width, height = decoded_size(transform)  # full size, or 1/2 of it (draft)
             assert (width, height) in (expected, (expected[0] // 2, expected[1] // 2)), (transform, exif_transpose)
+
+
+def test_shard_writing_decodes_jpegs_only_as_large_as_needed(tmp_path: Path) -> None:
+    """bounded_draft: a 640×480 JPEG is decoded at 1/2 for --max-size 200 (short side 240 ≥ 200),
+    at 1/8 when only checked; a truncated one still fails the reduced-size check."""
+    from milan.data.folder import BadImage, load_rgb
+    from milan.data.wds import bounded_draft, reencode_jpeg
+
+    path = _jpegs(tmp_path / "big", 1, (640, 480), seed=4) / "4-000.jpg"
+    assert load_rgb(path, draft=bounded_draft(200)).size == (320, 240)
+    assert load_rgb(path, draft=bounded_draft(None)).size == (80, 60)
+    assert load_rgb(path, draft=bounded_draft(480)).size == (80, 60)  # small enough: bytes copied, only checked
+    data = path.read_bytes()
+    bounded = reencode_jpeg(data, max_size=200)
+    assert Image.open(io.BytesIO(bounded)).size == (267, 200)
+    assert reencode_jpeg(data, max_size=480) is data
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadImage, match="broken.jpg"):
+        load_rgb(broken, draft=bounded_draft(None))

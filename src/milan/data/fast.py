@@ -52,9 +52,12 @@ from torchvision.transforms import transforms as T
 from milan.data.folder import BadImage, UnreadableImages, load_rgb
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PilToUint8, pil_to_uint8
 
+# re-exported: the bounded-shard side of the fast path
+from milan.data.wds import bounded_draft, reencode_jpeg
+
 __all__ = ["DECODERS", "PretrainCrop", "TensorCrop", "CudaJpegPlan", "PilToUint8", "pil_to_uint8", "normalize_on_device",
            "pretrain_input", "resized_crop_uint8",
-           "to_device", "collate_plans", "decode_batch_cuda", "reencode_jpeg"]
+           "to_device", "collate_plans", "decode_batch_cuda", "reencode_jpeg", "bounded_draft"]
 
 DECODERS = ("pil", "tensor", "cuda")
 _log = logging.getLogger("milan")
@@ -432,35 +435,6 @@ def decode_batch_cuda(records: list[dict[str, Any]], device: torch.device, img_s
         for n, k in enumerate(unreadable):
             out[k] = out[good[n % len(good)]]
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Bounded-size shards (`milan data shards --max-size`)
-# --------------------------------------------------------------------------------------------
-
-
-def reencode_jpeg(data: bytes, *, max_size: int, quality: int = 90, name: str = "image") -> bytes | None:
-    """Image bytes with the short side bounded to `max_size`, as a JPEG of `quality`.
-
-    An image whose short side is already ≤ `max_size` and that is a JPEG is returned as it is (no
-    second lossy encode); a larger one is resized (PIL bicubic with antialias: a reduction) and
-    encoded as baseline JPEG, 4:2:0. Returns None for an unreadable image (it is logged by the
-    caller). Non-JPEG images are re-encoded as JPEG too (the point is a fast, uniform format).
-    """
-    try:
-        img = load_rgb(io.BytesIO(data), name=name)
-    except BadImage:
-        return None
-    w, h = img.size
-    if min(w, h) <= max_size and data[:3] == _JPEG_MAGIC:
-        return data
-    if min(w, h) > max_size:
-        scale = max_size / min(w, h)
-        size = (max_size, round(h * scale)) if w <= h else (round(w * scale), max_size)
-        img = img.resize(size, Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    img.save(buffer, format="JPEG", quality=quality, subsampling="4:2:0")
-    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import random
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -428,13 +429,62 @@ def write_shards(samples: Iterable[tuple[str, bytes, int]], out_dir: str | Path,
     return paths
 
 
+def bounded_draft(max_size: int | None) -> Any:
+    """A `load_rgb` draft hook for writing shards: a JPEG whose short side is over `max_size` is
+    decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps it ≥ `max_size` (libjpeg's DCT
+    scaling does the first part of the reduction); any other JPEG — or every JPEG without
+    `max_size` — at 1/8, because its pixels are only checked (every coefficient is still read, so a
+    truncated or corrupt file still fails), its bytes are copied."""
+    def hook(img: Image.Image) -> None:
+        if img.format != "JPEG":
+            return
+        w, h = img.size
+        if max_size is None or min(w, h) <= max_size:
+            img.draft(img.mode, (1, 1))
+        else:
+            scale = max_size / min(w, h)
+            img.draft(img.mode, (math.ceil(w * scale), math.ceil(h * scale)))
+    return hook
+
+
+def reencode_jpeg(data: bytes, *, max_size: int, quality: int = 90, name: str = "image",
+                  image: Image.Image | None = None) -> bytes | None:
+    """Image bytes with the short side bounded to `max_size`, as a JPEG of `quality`.
+
+    An image whose short side is already ≤ `max_size` and that is a JPEG is returned as it is (no
+    second lossy encode); a larger one is resized (PIL bicubic with antialias: a reduction, after
+    the DCT-scaled decode of `bounded_draft`) and encoded as baseline JPEG, 4:2:0. `image`: the file
+    already decoded with `bounded_draft(max_size)` (not decoded again). Returns None for an
+    unreadable image (it is logged by the caller). Non-JPEG images are re-encoded as JPEG too (the
+    point is a fast, uniform format).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # the stored size (`image` may be decoded smaller)
+            short = min(header.size)
+        if image is None:
+            image = load_rgb(io.BytesIO(data), name=name, draft=bounded_draft(max_size))
+    except (BadImage, OSError, ValueError, SyntaxError):
+        return None
+    if short <= max_size and data[:3] == b"\xff\xd8\xff":  # a JPEG already small enough
+        return data
+    w, h = image.size
+    if min(w, h) > max_size:
+        scale = max_size / min(w, h)
+        size = (max_size, round(h * scale)) if w <= h else (round(w * scale), max_size)
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, subsampling="4:2:0")
+    return buffer.getvalue()
+
+
 def folder_to_shards(image_folder: str | Path, out_dir: str | Path, per_shard: int = 1000,
                      *, seed: int = 0, max_size: int | None = None, quality: int = 90, min_size: int = 16,
                      bad_files: Any = None) -> list[Path]:
     """Convert an ImageFolder tree (or flat folder) to shuffled tar shards.
 
     Samples are shuffled before writing so every shard mixes classes (the stream only shuffles
-    within a buffer). Every file is decoded once to check it: unreadable ones and those with a
+    within a buffer). Every file is decoded once to check it (a JPEG at reduced size: see
+    `milan.data.fast.bounded_draft`): unreadable ones and those with a
     short side under `min_size` are left out, warned about once each and listed in
     `out_dir/bad_images.txt` (through `bad_files`, a `milan.data.reading.BadFiles`; by default a
     new one writing there). JPEG, PNG and WEBP files are then copied byte for byte (EXIF
@@ -459,21 +509,21 @@ def folder_to_shards(image_folder: str | Path, out_dir: str | Path, per_shard: i
     order = list(range(len(folder.samples)))
     random.Random(seed).shuffle(order)
 
+    draft = bounded_draft(max_size)  # JPEGs: decoded only as large as the shard needs (1/8 to check)
+
     def records() -> Iterator[tuple[str, bytes, int]]:
         for i in order:
             path, label = folder.samples[i]
             notes: list[tuple[str, str]] = []
             try:
-                image = load_rgb(path, min_size=min_size, notes=notes)
+                image = load_rgb(path, min_size=min_size, notes=notes, draft=draft)
             except BadImage as err:
                 bad_files.add([(err.name or str(path), err.reason, True)])
                 continue
             bad_files.add([(name, note, False) for name, note in notes])
             data = path.read_bytes()
             if max_size is not None:
-                from milan.data.fast import reencode_jpeg
-
-                bounded = reencode_jpeg(data, max_size=max_size, quality=quality, name=str(path))
+                bounded = reencode_jpeg(data, max_size=max_size, quality=quality, name=str(path), image=image)
                 if bounded is None:  # (load_rgb read it above: not expected)
                     bad_files.add([(str(path), "could not be re-encoded", True)])
                     continue
