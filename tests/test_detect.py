@@ -264,6 +264,32 @@ def test_coco_loader_missing_json_names_the_layout(tmp_path: Path) -> None:
         main(["detect", "data.kind=coco", f"data.path={tmp_path}", f"run.out_dir={tmp_path / 'run'}"])
 
 
+def test_coco_images_missing_on_disk_are_skipped_like_unreadable_ones(tmp_path: Path) -> None:
+    """One image of the json not on disk: the recipe trains and evaluates on the others and lists it in
+    bad_images.txt; none on disk (the wrong folder): one line naming the layout."""
+    import shutil
+
+    from milan.tools.cli import main
+
+    root = tmp_path / "coco"
+    _write_fake_coco(root)
+    for split in ("train2017", "val2017"):
+        shutil.copytree(root / "images", root / split)
+        shutil.copy(root / "annotations" / "instances.json", root / "annotations" / f"instances_{split}.json")
+    (root / "val2017" / "12.png").unlink()
+    out = tmp_path / "run"
+    args = ["detect", "--config", "detect_shapes", "data.kind=coco", f"data.path={root}", "data.num_workers=0",
+            "optim.batch_size=2", "optim.warmup_iters=1", "data.eval_batch_size=3", "data.max_bad_fraction=0.5"]
+    main([*args, f"run.out_dir={out}"])
+    assert json.loads((out / "results.json").read_text())["step"] == 1
+    listed = (out / "bad_images.txt").read_text()
+    assert "12.png" in listed and "missing" in listed
+    for name in ("11.png", "12.png", "13.png"):
+        (root / "train2017" / name).unlink()
+    with pytest.raises(DataError, match="none of the 2 images instances_train2017.json names is in"):
+        main([*args, f"run.out_dir={tmp_path / 'run2'}"])
+
+
 def test_shapes_detection_gt_and_flip(shapes_root: Path) -> None:
     ds = ShapesDetection(shapes_root, "val", limit=5)
     gt = shapes_coco_gt(shapes_root, "val", limit=5)

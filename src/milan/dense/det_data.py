@@ -23,7 +23,8 @@ training augmentation (horizontal flip, boxes and masks flipped along), seeded b
 (seed, epoch, index) so a resumed run sees the same flips; `collate` keeps lists (sizes differ).
 
 Images are read without EXIF rotation (boxes and masks index the stored pixels). The datasets
-raise `milan.data.folder.BadImage` for an unreadable image file; `DetSamples(bad="replace")`
+raise `milan.data.folder.BadImage` for an unreadable image file (or, for COCO, one the json names
+that is not on disk; none of them on disk is a `DataNotFound` naming the layout); `DetSamples(bad="replace")`
 (training) then uses the next readable sample, image and annotations together, and `bad="drop"`
 (evaluation) leaves the sample out (its image id is then left out of COCOeval), both reporting
 the file for `milan.data.reading.BadFiles`.
@@ -108,6 +109,11 @@ class CocoDetection(Dataset):
         if train:
             ids = [i for i in ids if len(self._annotations(i)[0])]
         self.ids = ids
+        present = [i for i in ids if (self.images / self.coco.imgs[i]["file_name"]).is_file()]
+        if ids and not present:  # the wrong folder, not a few lost files
+            first = self.images / self.coco.imgs[ids[0]]["file_name"]
+            raise DataNotFound(f"none of the {len(ids)} images {annotations.name} names is in {self.images} "
+                               f"(first: {first}); expected {COCO_LAYOUT}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -123,9 +129,11 @@ class CocoDetection(Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.images / info["file_name"]
-        if not path.is_file():
-            raise DataNotFound(f"image {path} (id {image_id}) of the annotations is missing; expected "
-                               f"{COCO_LAYOUT}")
+        if not path.is_file():  # skipped like an unreadable file (DetSamples), listed in bad_images.txt
+            from milan.data.folder import BadImage
+
+            reason = f"missing (the annotations name it, image id {image_id})"
+            raise BadImage(f"{path}: {reason}", name=str(path), reason=reason)
         image = _read_image(path)
         h, w = image.shape[-2:]
         boxes, anns = self._annotations(image_id)
