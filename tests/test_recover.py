@@ -272,6 +272,9 @@ def test_recovery_without_events_is_bit_identical_to_none(shapes_root: Path, tmp
     assert _losses(on) == _losses(off) and len(_losses(on)) == 4
     assert _same_weights(_final_weights(on), _final_weights(off))
     assert _events(on) == [] and not (off / "events.jsonl").exists()
+    (off / "events.jsonl").write_text('{"step": 3, "kind": "nan", "from": "an earlier attempt"}\n')
+    cli(_args(shapes_root, off, "recover.enabled=false", "run.resume=none"))  # a fresh start in the used folder
+    assert _events(off) == []
 
 
 # --- units -------------------------------------------------------------------------------------------

@@ -424,8 +424,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             cfg.model.name, sum(p.numel() for p in model.parameters()), cfg.teacher.spec if teacher else "-",
             num_images, effective_batch, peak_lr, total_steps, steps_per_epoch,
         )
-        if rc.enabled:
-            write_events(run_dir, recovery.events)  # a resumed run's file: its checkpoint's events, then its own
+        if rc.enabled or (run_dir / "events.jsonl").is_file():
+            # a resumed run's file: its checkpoint's events, then its own (none on a fresh start, even
+            # with recovery off: an earlier attempt's file in this folder is not this run's)
+            write_events(run_dir, recovery.events)
         if cfg.debug != DebugConfig():
             log.warning("debug: fault injection is on (%s)", to_dict(cfg.debug))
 
