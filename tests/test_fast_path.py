@@ -196,7 +196,8 @@ def test_shard_stream_with_a_decoding_transform_keeps_crops_and_resumes(large_jp
     assert all(torch.equal(x, y[0]) for x, y in zip(full[4:], drafted, strict=True))
 
 
-@pytest.mark.parametrize("options", [("data.draft=true",), ("data.decode=tensor", "data.draft=true")])
+@pytest.mark.parametrize("options", [("data.draft=true",), ("data.decode=tensor",),
+                                     ("data.decode=tensor", "data.draft=true")])
 def test_exact_resume_with_the_fast_path(tmp_path: Path, options: tuple[str, ...]) -> None:
     data = _jpegs(tmp_path / "jpegs" / "a", 16, (300, 225), seed=1).parent
     common = ["data.kind=imagefolder", "data.crop_scale=[0.2,1.0]", "data.hflip=true", "optim.steps=4",
@@ -324,7 +325,24 @@ def test_jpeg_size_reads_the_frame_header(large_jpegs: Path) -> None:
     exif[0x0112] = 6
     Image.new("RGB", (123, 77)).save(buffer, "JPEG", progressive=True, exif=exif.tobytes())
     assert _jpeg_size(buffer.getvalue()) == (123, 77)  # stored size (the decoders rotate it)
-    assert _jpeg_size(b"\xff\xd8\xff\xe0\x00\x10junk") is None
+    assert _jpeg_size(b"\xff\xd8\xff\xe0\x00\x10" + b"junk" * 10) is None  # a segment, then no marker
+    data = buffer.getvalue()
+    assert _jpeg_size(data[:2] + b"\xff\xff\xff" + data[2:]) == (123, 77)  # fill bytes before a marker
+
+
+def test_draft_requests_the_largest_reduction_exactly() -> None:
+    from milan.data.folder import draft_request
+    from milan.data.wds import bounded_draft
+
+    assert draft_request((1366, 1024), 4.0) == (341, 256) and draft_request((1001, 600), 1.99) is None
+    for size, max_size, expected in [((1366, 1024), 256, (342, 256)), ((1365, 1024), 256, (342, 256)),
+                                     ((1001, 600), 150, (251, 150)), ((640, 480), None, (80, 60))]:
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (20, 90, 160)).save(buffer, "JPEG")
+        with Image.open(buffer) as img:
+            bounded_draft(max_size)(img)
+            img.load()
+            assert img.size == expected, (size, max_size, img.size)
 
 
 def test_fast_decoders_follow_data_exif_transpose(tmp_path: Path) -> None:
@@ -361,7 +379,34 @@ def test_shard_writing_decodes_jpegs_only_as_large_as_needed(tmp_path: Path) -> 
     bounded = reencode_jpeg(data, max_size=200)
     assert Image.open(io.BytesIO(bounded)).size == (267, 200)
     assert reencode_jpeg(data, max_size=480) is data
+    checked_only = load_rgb(path, draft=bounded_draft(None))  # 80×60: too small for max_size 200
+    assert Image.open(io.BytesIO(reencode_jpeg(data, max_size=200, image=checked_only))).size == (267, 200)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(data[: len(data) // 2])
     with pytest.raises(BadImage, match="broken.jpg"):
         load_rgb(broken, draft=bounded_draft(None))
+
+
+def test_draft_decoding_of_a_rotated_phone_photo_keeps_the_reference_crop(tmp_path: Path) -> None:
+    """EXIF Orientation=6, stored 480×360 (upright 360×480): the box is drawn on the upright size
+    before the reduced decode, so draft and full-size decoding crop the same region (drawing it on
+    the stored size, then again on the small image, crops elsewhere and upsamples)."""
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(io.BytesIO(imagenet_like_jpegs(1, size=(480, 360), seed=5)[0])).save(path, exif=exif.tobytes())
+    from PIL import ImageOps
+
+    reference = pretrain_transform(64, scale=(0.2, 1.0), output="uint8")
+    reduced = 0
+    for transform in (TensorCrop(64, draft=True), PretrainCrop(64, draft=True)):
+        for k in range(8):
+            ref = _seeded(k, reference, ImageOps.exif_transpose(_rgb(path))).permute(2, 0, 1).float()
+            image, plan = _seeded(k, transform.read, path, name=str(path))
+            size = image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+            assert plan["size"] == (360, 480)
+            reduced += size != (360, 480)
+            out = _seeded(k, transform.decode, path, name=str(path))
+            out = out.float() if out.shape[0] == 3 else out.permute(2, 0, 1).float()
+            assert (out - ref).abs().mean() < 8.0, (transform, k, float((out - ref).abs().mean()))
+    assert reduced >= 4

@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,7 +48,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import transforms as T
 
-from milan.data.folder import BadImage, UnreadableImages, load_rgb
+from milan.data.folder import BadImage, UnreadableImages, draft_request, load_rgb
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PilToUint8, pil_to_uint8
 
 # re-exported: the bounded-shard side of the fast path
@@ -106,12 +105,9 @@ def to_device(images: Any, device: torch.device, *, img_size: int | None = None)
 
 def _draft_size(stored: tuple[int, int], box: tuple[int, int, int, int], out: int) -> tuple[int, int] | None:
     """The size to ask PIL's `draft` for so that the crop stays at least `out` pixels on both sides
-    (None: no reduction possible). PIL picks the largest 1/2^k scale that keeps the image ≥ it."""
+    (None: no reduction possible): the largest of 1/2, 1/4, 1/8 that allows it, asked for exactly."""
     _, _, h, w = box
-    factor = min(h, w) / out
-    if factor < 2:
-        return None
-    return math.ceil(stored[0] / factor), math.ceil(stored[1] / factor)
+    return draft_request(stored, min(h, w) / out)
 
 
 class PretrainCrop:
@@ -130,7 +126,7 @@ class PretrainCrop:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, hflip={self.hflip}, "
-                f"draft={self.draft})")
+                f"draft={self.draft}, exif_transpose={self.exif_transpose})")
 
     def decode(self, source: str | Path | BinaryIO, *, name: str, min_size: int = 1) -> Tensor:
         return self.finish(*self.read(source, name=name, min_size=min_size))
@@ -141,7 +137,8 @@ class PretrainCrop:
         plan: dict[str, Any] = {}
 
         def hook(img: Image.Image) -> None:
-            size = _plan_from_header(img, plan, self.scale, self.img_size if self.draft else None)
+            size = _plan_from_header(img, plan, self.scale, self.img_size if self.draft else None,
+                                     exif_transpose=self.exif_transpose)
             if size is not None:
                 img.draft(img.mode, size)
 
@@ -154,7 +151,7 @@ class PretrainCrop:
         """Crop `plan`'s box (drawing one if there is none), resize, flip → uint8."""
         size = self.img_size
         (i, j, h, w), sx, sy = _planned_box(img, img.size, plan, self.scale)
-        if sx == sy == 1:  # exactly F.resized_crop on PIL: crop, then bicubic resize
+        if sx == 1:  # exactly F.resized_crop on PIL: crop, then bicubic resize
             out = img.crop((j, i, j + w, i + h)).resize((size, size), Image.Resampling.BICUBIC)
         else:  # decoded at 1/2^k: the same box in the smaller image's coordinates
             out = img.resize((size, size), Image.Resampling.BICUBIC,
@@ -165,34 +162,47 @@ class PretrainCrop:
         return pixels
 
 
+JPEG_FORMATS = ("JPEG", "MPO")  # PIL's names for JPEG files (MPO: phone photos with a second frame)
+
+
 def _plan_from_header(img: Image.Image, plan: dict[str, Any], scale: tuple[float, float],
-                      out: int | None) -> tuple[int, int] | None:
-    """Before decoding: record the stored size and draw the crop box into `plan`; with `out` (draft
-    decoding), the size to pass to `img.draft` for a JPEG whose crop allows it, else None."""
-    plan["size"] = img.size
-    plan["box"] = T.RandomResizedCrop.get_params(img, list(scale), list(_RATIO))
-    if out is None or img.format != "JPEG":
+                      out: int | None, *, exif_transpose: bool = True) -> tuple[int, int] | None:
+    """Before decoding: record the size the decoded image will have at full scale (the stored one,
+    width and height swapped when an EXIF orientation 5–8 will be applied) and draw the crop box on
+    it into `plan`, as the reference draws it on the decoded image; with `out` (draft decoding), the
+    request for `img.draft` of a JPEG whose crop allows it, else None."""
+    w, h = img.size
+    if exif_transpose and img.format in JPEG_FORMATS and _orientation(img) in (5, 6, 7, 8):
+        w, h = h, w
+    plan["size"] = (w, h)
+    dims = torch.empty(1, h, w, device="meta")  # get_params reads the shape only
+    plan["box"] = T.RandomResizedCrop.get_params(dims, list(scale), list(_RATIO))
+    if out is None or img.format not in JPEG_FORMATS:
         return None
     return _draft_size(img.size, plan["box"], out)
 
 
 def _planned_box(image: Any, size: tuple[int, int], plan: dict[str, Any],
                  scale: tuple[float, float]) -> tuple[tuple[int, int, int, int], float, float]:
-    """The box (i, j, h, w) in stored coordinates for an image decoded at `size` (width, height),
-    and the factors (x, y) from stored to decoded pixels. Drawn on `image` now when there is no
-    plan (a plain transform call) or the decoder changed the geometry (e.g. an EXIF rotation)."""
-    stored = plan.get("size")
-    if stored is None or not _scaled_from(size, stored):
+    """The box (i, j, h, w) in full-size coordinates for an image decoded at `size` (width, height),
+    and the factors (x, y) from those to decoded pixels (1/a for a 1/a-scale decode: libjpeg's
+    pixel k covers full-size pixels [a·k, a·k + a)). Drawn on `image` now when there is no plan (a
+    plain transform call) or the decoder's geometry is not the planned one."""
+    planned = plan.get("size")
+    a = None if planned is None else _reduction(size, planned)
+    if a is None:
         return T.RandomResizedCrop.get_params(image, list(scale), list(_RATIO)), 1.0, 1.0
-    return plan["box"], size[0] / stored[0], size[1] / stored[1]
+    return plan["box"], 1 / a, 1 / a
 
 
 def resized_crop_uint8(pixels: Tensor, box: tuple[int, int, int, int], size: int) -> Tensor:
-    """`uint8 [3, H, W]` (any strides; channels-last memory is fastest) → the box (i, j, h, w)
-    resized to `uint8 [3, size, size]` with bicubic antialiased resampling, PIL's filter.
+    """`uint8 [3, H, W]` (any strides) → the box (i, j, h, w) resized to `uint8 [3, size, size]`
+    with bicubic antialiased resampling, PIL's filter.
 
     On the CPU torch's native uint8 kernel does it (≈ 3× faster than PIL's resize, within ±2 grey
-    levels of `Image.resize(BICUBIC)`); elsewhere (CUDA) in float32, then clamped and rounded."""
+    levels of `Image.resize(BICUBIC)`, which also rounds and clips between its two passes);
+    elsewhere (CUDA) in float32 in one go, then clamped and rounded: the same filter, but on
+    high-contrast upsampling up to ≈ 20 levels from PIL where PIL clips its intermediate pass."""
     i, j, h, w = box
     crop = pixels[None, :, i:i + h, j:j + w]
     if crop.device.type == "cpu":
@@ -206,8 +216,8 @@ def resized_crop_uint8(pixels: Tensor, box: tuple[int, int, int, int], size: int
 
 def _scale_box(box: tuple[int, int, int, int], sx: float, sy: float,
                shape: tuple[int, int]) -> tuple[int, int, int, int]:
-    """A stored-coordinates box in an image decoded at (sx, sy) of its size (`shape` = (H, W)): its
-    edges rounded to the nearest whole pixel of the smaller image (at most half a pixel there)."""
+    """A full-size box in an image decoded at (sx, sy) of its size (`shape` = (H, W)): its edges
+    rounded to the nearest whole pixel of the smaller image (at most half a pixel there)."""
     if sx == sy == 1:
         return box
     i, j, h, w = box
@@ -216,9 +226,10 @@ def _scale_box(box: tuple[int, int, int, int], sx: float, sy: float,
     return top, left, bottom - top, right - left
 
 
-def _scaled_from(size: tuple[int, int], stored: tuple[int, int]) -> bool:
-    """Whether `size` is `stored` reduced by one factor 1, 2, 4 or 8 (rounded up, as libjpeg does)."""
-    return any(size == (-(-stored[0] // s), -(-stored[1] // s)) for s in (1, 2, 4, 8))
+def _reduction(size: tuple[int, int], stored: tuple[int, int]) -> int | None:
+    """The factor a in 1, 2, 4, 8 by which `size` is `stored` reduced (rounded up, as libjpeg does),
+    or None."""
+    return next((a for a in (1, 2, 4, 8) if size == (-(-stored[0] // a), -(-stored[1] // a))), None)
 
 
 def _read(source: str | Path | BinaryIO) -> bytes:
@@ -281,7 +292,7 @@ class TensorCrop:
     by the resampling code's rounding (±2 levels) and the decoders' (JPEG IDCT). With `draft`, a JPEG
     whose crop is at least twice `img_size` is decoded by PIL at 1/2–1/8 scale instead (the box drawn
     from its header, as `PretrainCrop(draft=True)` does; rounded to whole pixels of the smaller image).
-    Returns `uint8 [3, S, S]` (channels-last memory).
+    Returns `uint8 [3, S, S]`.
     """
 
     def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
@@ -291,7 +302,7 @@ class TensorCrop:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, hflip={self.hflip}, "
-                f"draft={self.draft})")
+                f"draft={self.draft}, exif_transpose={self.exif_transpose})")
 
     def decode(self, source: str | Path | BinaryIO, *, name: str, min_size: int = 1) -> Tensor:
         return self.finish(*self.read(source, name=name, min_size=min_size))
@@ -305,7 +316,7 @@ class TensorCrop:
         stored = _jpeg_size(data) if self.draft and data[:3] == _JPEG_MAGIC else None
         if stored is not None and min(stored) >= 2 * self.img_size:  # some crops of it can be reduced
             def hook(img: Image.Image) -> None:
-                size = _plan_from_header(img, plan, self.scale, self.img_size)
+                size = _plan_from_header(img, plan, self.scale, self.img_size, exif_transpose=self.exif_transpose)
                 if size is None:
                     raise _FullSize
                 img.draft(img.mode, size)
@@ -377,10 +388,15 @@ class CudaJpegPlan:
 
 def _exif_rotated(img: Image.Image) -> bool:
     """Whether the JPEG carries an EXIF orientation other than "as stored"."""
+    return _orientation(img) != 1
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag (1: as stored), read from the header without decoding."""
     try:
-        return img.getexif().get(0x0112, 1) not in (1, None)
+        return img.getexif().get(0x0112, 1) or 1
     except Exception:  # noqa: BLE001 - a broken EXIF block: the decoders ignore it too
-        return False
+        return 1
 
 
 def collate_plans(batch: list[tuple[Any, int, Any]]) -> tuple[list[dict[str, Any]], Tensor, list[Any]]:
@@ -425,7 +441,10 @@ def decode_batch_cuda(records: list[dict[str, Any]], device: torch.device, img_s
         if k not in decoded:
             unreadable.append(k)
             continue
-        crop = resized_crop_uint8(decoded[k], record["box"], img_size)
+        try:
+            crop = resized_crop_uint8(decoded[k], record["box"], img_size)
+        except RuntimeError:  # e.g. a huge crop: CUDA's antialias kernel runs out of shared memory
+            crop = resized_crop_uint8(decoded[k].cpu(), record["box"], img_size).to(device)
         out[k] = crop.flip(-1) if record["flip"] else crop
     if unreadable:
         good = [k for k in range(len(records)) if k not in unreadable]

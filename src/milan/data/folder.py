@@ -65,6 +65,16 @@ def _bad(name: str, reason: str) -> BadImage:
     return BadImage(f"{name}: {reason}", name=name, reason=reason)
 
 
+def draft_request(stored: tuple[int, int], factor: float) -> tuple[int, int] | None:
+    """For PIL's `Image.draft`: the request that makes libjpeg decode at 1/a of `stored` (width,
+    height), a the largest of 8, 4, 2 not above `factor`; None when `factor` < 2. (PIL takes the
+    largest 1/2^k with `stored // request` ≥ 2^k: asking for `stored // a` gives exactly a.)"""
+    a = next((a for a in (8, 4, 2) if a <= factor), None)
+    if a is None:
+        return None
+    return max(1, stored[0] // a), max(1, stored[1] // a)
+
+
 def load_rgb(source: str | Path | BinaryIO, *, min_size: int = 1, name: str | None = None,
              draft: Callable[[Image.Image], Any] | None = None, exif_transpose: bool = True,
              notes: list[tuple[str, str]] | None = None) -> Image.Image:

@@ -56,9 +56,9 @@ import hashlib
 import io
 import json
 import logging
-import math
 import random
 import tarfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import count, islice
 from pathlib import Path
@@ -73,7 +73,13 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from milan.data import DataNotFound
-from milan.data.folder import BadImage, ImageFolderDataset, UnreadableImages, load_rgb
+from milan.data.folder import (
+    BadImage,
+    ImageFolderDataset,
+    UnreadableImages,
+    draft_request,
+    load_rgb,
+)
 from milan.errors import ConfigError, DataError
 
 _log = logging.getLogger("milan")
@@ -436,14 +442,12 @@ def bounded_draft(max_size: int | None) -> Any:
     `max_size` — at 1/8, because its pixels are only checked (every coefficient is still read, so a
     truncated or corrupt file still fails), its bytes are copied."""
     def hook(img: Image.Image) -> None:
-        if img.format != "JPEG":
+        if img.format not in ("JPEG", "MPO"):
             return
-        w, h = img.size
-        if max_size is None or min(w, h) <= max_size:
-            img.draft(img.mode, (1, 1))
-        else:
-            scale = max_size / min(w, h)
-            img.draft(img.mode, (math.ceil(w * scale), math.ceil(h * scale)))
+        short = min(img.size)
+        request = draft_request(img.size, 8 if max_size is None or short <= max_size else short / max_size)
+        if request is not None:
+            img.draft(img.mode, request)
     return hook
 
 
@@ -459,14 +463,16 @@ def reencode_jpeg(data: bytes, *, max_size: int, quality: int = 90, name: str = 
     point is a fast, uniform format).
     """
     try:
-        with Image.open(io.BytesIO(data)) as header:  # the stored size (`image` may be decoded smaller)
-            short = min(header.size)
-        if image is None:
+        with warnings.catch_warnings():  # load_rgb below (or the caller's) reports a large image once
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:  # the stored size (`image` may be decoded smaller)
+                short = min(header.size)
+        if short <= max_size and data[:3] == b"\xff\xd8\xff":  # a JPEG already small enough
+            return data
+        if image is None or min(image.size) < min(short, max_size):  # not decoded as bounded_draft does
             image = load_rgb(io.BytesIO(data), name=name, draft=bounded_draft(max_size))
-    except (BadImage, OSError, ValueError, SyntaxError):
+    except (BadImage, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
-    if short <= max_size and data[:3] == b"\xff\xd8\xff":  # a JPEG already small enough
-        return data
     w, h = image.size
     if min(w, h) > max_size:
         scale = max_size / min(w, h)
@@ -484,14 +490,14 @@ def folder_to_shards(image_folder: str | Path, out_dir: str | Path, per_shard: i
 
     Samples are shuffled before writing so every shard mixes classes (the stream only shuffles
     within a buffer). Every file is decoded once to check it (a JPEG at reduced size: see
-    `milan.data.fast.bounded_draft`): unreadable ones and those with a
+    `bounded_draft`): unreadable ones and those with a
     short side under `min_size` are left out, warned about once each and listed in
     `out_dir/bad_images.txt` (through `bad_files`, a `milan.data.reading.BadFiles`; by default a
     new one writing there). JPEG, PNG and WEBP files are then copied byte for byte (EXIF
     orientation included, applied when decoded); other formats (GIF's first frame, TIFF, BMP, ...)
     are re-encoded upright as PNG. Class names go to `classes.json` (index = label).
 
-    `max_size` bounds the short side (`milan.data.fast.reencode_jpeg`): larger images are resized to it
+    `max_size` bounds the short side (`reencode_jpeg`): larger images are resized to it
     and every image is stored as JPEG of `quality` (JPEGs already small enough are copied); `sizes.json`
     records `{"__meta__": {"max_size": ..., "quality": ...}}`.
     """
