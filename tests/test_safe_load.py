@@ -7,6 +7,7 @@ the user, and nothing in a file is ever run.
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from pathlib import Path
 
@@ -183,3 +184,22 @@ def test_encoder_weights_follow_the_bytes_too(tmp_path: Path) -> None:
     for name in ("enc.safetensors", "enc.pt"):
         loaded, _ = encoder_state_dict(tmp_path / name)
         assert torch.equal(loaded["cls_token"], state["cls_token"]), name
+
+
+def test_a_training_scripts_namespace_loads_and_nothing_else_gets_through(tmp_path: Path) -> None:
+    """MAE's, the MILAN authors' and SLIP's checkpoints keep their `args` as an argparse.Namespace:
+    allowed by name. The same file with any other object beside it is still refused unrun."""
+    args = argparse.Namespace(model="mae_vit_base_patch16", blr=1.5e-4, input_size=224, mask_ratio=0.75)
+    good = tmp_path / "checkpoint-399.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 399, "args": args}, good)
+    state = read_torch_file(good, subject="checkpoint", expected="a checkpoint")
+    assert isinstance(state["args"], argparse.Namespace) and state["args"].blr == 1.5e-4
+    assert torch.equal(state["model"]["w"], torch.ones(2))
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": args, "payload": Evil(str(marker))}, evil)
+    with pytest.raises(WeightsError, match=r"pickled Python objects \((io|builtins)\.open\)") as err:
+        read_torch_file(evil, subject="checkpoint", expected="a checkpoint")
+    assert "Namespace" not in str(err.value)
+    assert not marker.exists()

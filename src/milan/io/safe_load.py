@@ -15,6 +15,7 @@ advice to unpickle with `weights_only=False`) never reaches the user.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import io
 import pickle
@@ -123,8 +124,15 @@ _SAFE_GLOBAL = re.compile(
     r"^(torch\._utils\._rebuild_\w+|torch\._tensor\._rebuild_from_type_v2|torch\.\w*Storage|torch\.(Size|"
     r"device|dtype|storage\._load_from_bytes|serialization\._get_layout)|torch\.nn\.parameter\.Parameter|"
     r"torch\.(float|bfloat|half|double|int|uint|bool|long|short|complex|cfloat|cdouble)\w*|"
-    r"collections\.OrderedDict|_*builtins?_*\.(set|frozenset|slice|complex|bytearray)|_codecs\.encode)$"
+    r"collections\.OrderedDict|_*builtins?_*\.(set|frozenset|slice|complex|bytearray)|_codecs\.encode|"
+    r"argparse\.Namespace)$"
 )
+
+#: Plain-data classes a weights-only load may rebuild beyond torch's own list, allowed by name: the
+#: `args` (an `argparse.Namespace` of strings and numbers) that MAE's, the MILAN authors' and SLIP's
+#: training scripts save beside the weights. Rebuilding one sets attributes and runs no code; any
+#: other class in the same file is still refused.
+SAFE_CLASSES: tuple[type, ...] = (argparse.Namespace,)
 
 
 def _unsafe_globals(path: Path, kind: str) -> tuple[list[str], str]:
@@ -229,7 +237,8 @@ def read_torch_file(path: str | Path, *, subject: str, expected: str, error: typ
     if kind not in ("torch_zip", "pickle"):
         raise unreadable(path, kind, subject=subject, expected=expected, error=error, fix=fix)
     try:
-        with path.open("rb") as f:  # a file object: torch must not pick a reader by the file's name
+        with path.open("rb") as f, torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            # a file object: torch must not pick a reader by the file's name
             return torch.load(f, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types; its messages advise weights_only=False: never shown
         problem, unsafe = _torch_failure(path, kind, err)
