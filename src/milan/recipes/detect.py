@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
@@ -59,15 +59,14 @@ from milan.dense.detection import ENCODER_PREFIX, build_mask_rcnn
 from milan.errors import ConfigError, DataError, UserError
 from milan.io.weights import build_encoder
 from milan.train import distributed as distr
-from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
+from milan.train.checkpoint import check_resumable
 from milan.train.config import RunSection, save_config, to_dict
+from milan.train.hooks import BadFilesHook, Periodic
 from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.loop import Checkpoints, Every, Loop
+from milan.train.recover import non_finite_guard
 from milan.train.run import (
-    NonFiniteGuard,
     find_resume_last,
-    restore_rng,
-    rng_state,
-    set_lr,
     start_run,
 )
 
@@ -120,7 +119,8 @@ class OptimConfig:
     gamma: float = 0.1
     warmup_iters: int = 250  # linear warmup from warmup_factor × lr
     warmup_factor: float = 0.001
-    batch_size: int = 16  # total over all processes (A.1: 16)
+    batch_size: int = 16  # total over all processes (A.1: 16); per optimizer step × accum_steps
+    accum_steps: int = 1  # micro-batches per optimizer step (DDP syncs gradients on the last one only)
     lr: float = 2e-4
     weight_decay: float = 0.1
     layer_decay: float = 0.75  # 0.75 ViT-B, 0.85 ViT-L
@@ -277,7 +277,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         import pycocotools  # noqa: F401  (masks and COCO AP)
     except ImportError:
         raise UserError("needs pycocotools: pip install 'milan[dense]'") from None
-    info, run_dir, amp_dtype, _ = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
+    info, run_dir, amp_dtype, precision = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
     device = info.device
 
     # --- data ----------------------------------------------------------------------------------
@@ -308,29 +308,11 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                                 num_layers=model.backbone.num_layers, backbone=ENCODER_PREFIX)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
 
-    # --- resume --------------------------------------------------------------------------------
-    encoder_shape = {**meta["encoder"], "img_size": m.pad_to or meta["encoder"]["img_size"]}
-    identity = {"encoder": encoder_shape, "num_classes": num_classes, "pyramid": m.pyramid}
-    step, history, known_bad = 0, [], {}
-    found = find_resume_last(cfg.run.resume, run_dir, info=info)
-    if found is not None:
-        path, state = found
-        check_resumable(path, state, kind="detect", identity=identity, expected=model.state_dict(),
-                        fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history = int(state["step"]), list(state.get("history") or [])
-        known_bad = dict(state.get("bad_files") or {})
-        restore_rng(state.get("rng"), info)
-        if info.is_main:
-            log.info("resumed from %s at iteration %d", path, step)
-    if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
-        save_config(cfg, run_dir / "config.yaml")
-
     body = model.backbone.body
     unused = m.pyramid == "intermediate" and max(body.out_indices) < body.num_layers - 1
-    ddp: nn.Module = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                          find_unused_parameters=unused) if info.world_size > 1 else model)
+    ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+           if info.world_size > 1 else None)
+    net = ddp if ddp is not None else model
 
     try:
         sampler = EpochSampler(len(train_raw), rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
@@ -343,7 +325,10 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     loader = DataLoader(DetSamples(train_raw, hflip=d.hflip, seed=cfg.run.seed, bad="replace"), batch_size=per_rank,
                         sampler=sampler, drop_last=True, num_workers=d.num_workers, pin_memory=pin,
                         collate_fn=collate_lists, generator=torch.Generator())  # keeps the global RNG untouched
-    steps_per_epoch = sampler.per_rank // per_rank
+    steps_per_epoch = sampler.per_rank // per_rank // o.accum_steps
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train_raw)} training images are fewer than one optimizer step: optim.batch_size="
+                        f"{o.batch_size} (total) × optim.accum_steps={o.accum_steps}; lower them")
     total = o.epochs * steps_per_epoch
     milestones = [round(e * steps_per_epoch) for e in o.lr_steps]
     last_step = total if cfg.run.max_steps is None else min(total, cfg.run.max_steps)
@@ -352,23 +337,22 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                             sampler=list(range(info.rank, len(val_raw), info.world_size)), num_workers=d.num_workers,
                             collate_fn=collate_lists, generator=torch.Generator())
     # one registry of bad files per run: warned once each (rank 0), the same on every rank after each
-    # evaluation / checkpoint, listed in bad_images.txt; a resumed run starts from its checkpoint's list
+    # check point, listed in bad_images.txt; a resumed run starts from its checkpoint's list
     bad_files = BadFiles(max_fraction=d.max_bad_fraction, folder=run_dir if info.is_main else None,
                          verbose=info.is_main)
     bad_files.total = len(train_raw) + len(val_raw)
-    bad_files.bad.update(known_bad)
-    if found is None and info.is_main and (run_dir / BAD_IMAGES_FILE).is_file():
-        (run_dir / BAD_IMAGES_FILE).unlink()  # a fresh start: not an old run's list
     evaluated = False
+    history: list[dict[str, Any]] = []
 
-    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
-                            resume_from=step if found is not None else -1)
-    if info.is_main:
-        log.info("detect %s (%s): %d classes, %d train / %d val images, %d epochs × %d iterations, batch %d, "
-                 "lr %.3g (÷%g after epochs %s), layer decay %.2f, input %d–%d px (pad %s), %.1fM params",
-                 meta.get("preset") or "encoder", meta.get("format") or "random init", num_classes, len(train_raw),
-                 len(val_raw), o.epochs, steps_per_epoch, o.batch_size, o.lr, 1 / o.gamma, ", ".join(f"{e:g}" for e in o.lr_steps),
-                 o.layer_decay, m.min_size, m.max_size, m.pad_to, sum(p.numel() for p in model.parameters()) / 1e6)
+    def seen(loop: Loop) -> int:
+        """The distinct files read so far: the images of the steps done (capped at the training set)
+        and the val images once evaluated."""
+        return min(loop.step * o.batch_size * o.accum_steps, len(train_raw)) + (len(val_raw) if evaluated else 0)
+
+    def train_step(batch: tuple[Any, Any], *, step: int, micro: int) -> tuple[Tensor, dict[str, Tensor]]:
+        images = [img.to(device, non_blocking=pin) for img in batch[0]]
+        losses = net(images, _to_device(batch[1], device))  # autocast (bf16) inside the backbone only
+        return sum(v.float() for v in losses.values()), losses
 
     def run_eval(step: int, record: bool = True) -> dict[str, Any]:
         nonlocal evaluated
@@ -380,8 +364,9 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         for kind, found in result.pop("detections", {}).items():
             (run_dir / f"detections_{kind}.json").write_text(json.dumps(found))
         if record:  # not when re-evaluating a finished run: its log has this step already
-            metrics.log(step, epoch=epoch, box_AP=result["bbox"]["AP"], box_AP50=result["bbox"]["AP50"],
-                        mask_AP=result["segm"]["AP"], mask_AP50=result["segm"]["AP50"], val_images=result["images"])
+            loop.metrics.log(step, epoch=epoch, box_AP=result["bbox"]["AP"], box_AP50=result["bbox"]["AP50"],
+                             mask_AP=result["segm"]["AP"], mask_AP50=result["segm"]["AP50"],
+                             val_images=result["images"])
         if info.is_main:
             left_out = len(val_ids) - result["images"]
             note = f" ({left_out} unreadable image{'s' if left_out != 1 else ''} left out)" if left_out else ""
@@ -391,76 +376,73 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                      result["images"], note, result["bbox"]["summary"], result["segm"]["summary"])
         if record:
             history.append(_brief(result, step, round(epoch, 3)))
+        # every rank: the val images' bad files too, then the same threshold decision
+        bad_files.sync(device)
+        bad_files.check(seen=seen(loop))
         return result
 
-    def settle(step: int) -> None:
-        """Every rank, at the same steps: share the bad files, then the same threshold decision,
-        judged on the distinct files read so far (the images of `step` batches, capped at the
-        training set, and the val images once evaluated)."""
-        bad_files.sync(device)
-        bad_files.check(seen=min(step * o.batch_size, len(train_raw)) + (len(val_raw) if evaluated else 0))
-
-    def save_last(step: int) -> None:
-        rng = distr.all_gather_object(rng_state())
-        if info.is_main:
-            record = CheckpointRecord("detect", step, to_dict(cfg), identity, epoch=step / steps_per_epoch,
-                                      world_size=info.world_size, rng=rng)
-            save_checkpoint(record.state(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), preset=meta.get("preset"),
-                encoder=encoder_shape, num_classes=num_classes, classes=list(classes),
-                label_to_cat={int(k): int(v) for k, v in label_to_cat.items()}, history=history,
-                bad_files=dict(bad_files.bad),
-            ), run_dir / "checkpoint-last.pt")
-
-    finite = NonFiniteGuard(device, fix="Lower optim.lr or set optim.clip_grad=1.0, then rerun to resume from "
-                                        "checkpoint-last.pt.")
-
     result = None
-    bar = progress(last_step, initial=step, desc="detect", active=info.is_main)
-    ddp.train()
-    while step < last_step:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch=in_epoch, batch_size=per_rank)
-        # alone, the threshold is checked after every batch; under torchrun at the shared points (settle)
-        for images, targets in bad_files.track(loader, check=info.world_size == 1):
-            images = [img.to(device, non_blocking=pin) for img in images]
-            targets = _to_device(targets, device)
-            lr = warmup_step_lr(step, peak=o.lr, milestones=milestones, warmup=o.warmup_iters, gamma=o.gamma,
-                                warmup_factor=o.warmup_factor)
-            set_lr(optimizer, lr)  # times each group's layer-wise decay
-            losses = ddp(images, targets)  # autocast (bf16) inside the backbone only
-            loss = sum(v.float() for v in losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            optimizer.step()
-            finite.update(loss, step)
-            step += 1
-            bar.update(1)
-            epoch_end = step % steps_per_epoch == 0
-            log_now = step % cfg.run.log_every == 0 or step == last_step
-            eval_now = (epoch_end and (step // steps_per_epoch) % max(1, cfg.run.eval_every_epochs) == 0) \
-                or step == last_step
-            save_now = epoch_end or step % cfg.run.ckpt_every == 0 or step == last_step
-            if log_now or eval_now or save_now:
-                finite.check()  # every rank; no evaluation or checkpoint after a bad step
-            if log_now:
-                metrics.log(step, loss=loss.item(), lr=lr, **{k: v.item() for k, v in losses.items()})
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            if eval_now:
-                result = run_eval(step)
-            if eval_now or save_now:
-                settle(step)
-            if save_now:
-                save_last(step)
-            if step >= last_step:
-                break
-    bar.close()
+
+    def evaluate_now(loop: Loop) -> None:
+        nonlocal result
+        result = run_eval(loop.step)
+
+    # --- the loop and its hooks ----------------------------------------------------------------
+    encoder_shape = {**meta["encoder"], "img_size": m.pad_to or meta["encoder"]["img_size"]}
+    identity = {"encoder": encoder_shape, "num_classes": num_classes, "pyramid": m.pyramid}
+    loop = Loop(info=info, model=model, optimizer=optimizer, train_step=train_step, ddp=ddp,
+                # alone, the threshold is checked after every batch; under torchrun at the check points
+                data=Every(bad_files.track(loader, check=info.world_size == 1),
+                           lambda epoch, start: sampler.set_epoch(epoch, start_batch=start, batch_size=per_rank),
+                           steps_per_epoch),
+                schedule=lambda s: warmup_step_lr(s, peak=o.lr, milestones=milestones, warmup=o.warmup_iters,
+                                                  gamma=o.gamma, warmup_factor=o.warmup_factor),
+                total_steps=total, last_step=last_step,
+                checkpoints=Checkpoints(run_dir, "detect", to_dict(cfg), identity, every=cfg.run.ckpt_every,
+                                        name="checkpoint-last.pt", extra=lambda: {
+                                            "preset": meta.get("preset"), "encoder": encoder_shape,
+                                            "num_classes": num_classes, "classes": list(classes),
+                                            "label_to_cat": {int(k): int(v) for k, v in label_to_cat.items()},
+                                            "history": history}),
+                accum_steps=o.accum_steps, clip_grad=o.clip_grad, precision=precision, batch_size=per_rank,
+                log_every=cfg.run.log_every, log_throughput=False, desc="detect",
+                hooks=[BadFilesHook(bad_files, seen=seen),
+                       non_finite_guard(run_dir=run_dir, info=info, precision=precision,
+                                        fix="Lower optim.lr or set optim.clip_grad=1.0, then rerun to resume from "
+                                            "checkpoint-last.pt."),
+                       Periodic(evaluate_now, every=max(1, cfg.run.eval_every_epochs) * steps_per_epoch, check=True)])
+
+    found = find_resume_last(cfg.run.resume, run_dir, info=info)
+    if found is not None:
+        path, state = found
+        check_resumable(path, state, kind="detect", identity=identity, expected=model.state_dict(),
+                        fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir}")
+        loop.load_state_dict(state, path=path)
+        history[:] = list(state.get("history") or [])
+        if info.is_main:
+            log.info("resumed from %s at iteration %d", path, loop.step)
+    elif info.is_main and (run_dir / BAD_IMAGES_FILE).is_file():
+        (run_dir / BAD_IMAGES_FILE).unlink()  # a fresh start: not an old run's list
+    if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
+
+    loop.metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
+                                 resume_from=loop.step if found is not None else -1)
+    if info.is_main:
+        log.info("detect %s (%s): %d classes, %d train / %d val images, %d epochs × %d iterations, batch %d "
+                 "(× accum %d), lr %.3g (÷%g after epochs %s), layer decay %.2f, input %d–%d px (pad %s), "
+                 "%.1fM params", meta.get("preset") or "encoder", meta.get("format") or "random init", num_classes,
+                 len(train_raw), len(val_raw), o.epochs, steps_per_epoch, o.batch_size, o.accum_steps, o.lr,
+                 1 / o.gamma, ", ".join(f"{e:g}" for e in o.lr_steps), o.layer_decay, m.min_size, m.max_size,
+                 m.pad_to, sum(p.numel() for p in model.parameters()) / 1e6)
+    net.train()
+    try:
+        loop.run()
+    finally:
+        loop.metrics.close()
+    step = loop.step
     if result is None:  # resumed at (or past) the end: evaluate the loaded model
         result = run_eval(step, record=False)
-        settle(step)
-    metrics.close()
     last = _brief(result, step, round(step / steps_per_epoch, 3))
     summary = {"last": last, "history": history, "num_classes": num_classes, "classes": list(classes),
                "epochs": o.epochs, "steps_per_epoch": steps_per_epoch, "step": step, "num_val": len(val_ids),

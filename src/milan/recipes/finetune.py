@@ -51,15 +51,14 @@ from milan.train.classify import (
     keep_posterize_bits,
 )
 from milan.train.config import RunSection, save_config, to_dict
-from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.hooks import BadFilesHook, Periodic
+from milan.train.log import MetricsLogger, get_logger
+from milan.train.loop import Checkpoints, Every, Loop
 from milan.train.probe import remap_labels
+from milan.train.recover import non_finite_guard
 from milan.train.run import (
-    NonFiniteGuard,
     check_values,
     find_resume_last,
-    restore_rng,
-    rng_state,
-    set_lr,
     start_run,
 )
 from milan.train.schedule import scaled_lr, warmup_cosine
@@ -103,7 +102,8 @@ class MixupConfig:
 class OptimConfig:
     epochs: int = 100
     warmup_epochs: int = 5
-    batch_size: int = 64  # per process; effective = batch_size × world size
+    batch_size: int = 64  # per process; effective = batch_size × accum_steps × world size
+    accum_steps: int = 1  # micro-batches per optimizer step (DDP syncs gradients on the last one only)
     base_lr: float = 1e-4  # lr = base_lr × effective batch / 256 (A.1: 4e-4 at 1024)
     lr: float | None = None  # absolute lr; overrides base_lr scaling
     min_lr: float = 0.0
@@ -137,7 +137,8 @@ def _validate(cfg: FinetuneConfig) -> None:
     """Values the type check lets through but the run cannot use: one line naming the key."""
     o, r = cfg.optim, cfg.run
     check_values(at_least_one={
-        "optim.epochs": o.epochs, "optim.batch_size": o.batch_size, "run.log_every": r.log_every,
+        "optim.epochs": o.epochs, "optim.batch_size": o.batch_size, "optim.accum_steps": o.accum_steps,
+        "run.log_every": r.log_every,
         "run.max_epochs": r.max_epochs, "data.img_size": cfg.data.img_size,
     }, non_negative={"optim.warmup_epochs": o.warmup_epochs, "data.num_workers": cfg.data.num_workers})
     if o.warmup_epochs > o.epochs:
@@ -152,7 +153,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
 
     log = get_logger()
     _validate(cfg)
-    info, run_dir, amp_dtype, _ = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
+    info, run_dir, amp_dtype, precision = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
     device = info.device
 
     # --- encoder weights and shape -------------------------------------------------------------
@@ -201,9 +202,6 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     # Workers report bad files through the batch to this registry (one warning per file, bad_images.txt).
     loader = DataLoader(Checked(train_set, replace=True), batch_size=batch, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, collate_fn=collate)
-    if len(loader) == 0:
-        raise DataError(f"{len(train_set)} training images are fewer than one batch per process; "
-                        f"lower optim.batch_size={batch}")
     val_loader = DataLoader(Checked(val_set), batch_size=batch, num_workers=cfg.data.num_workers, collate_fn=collate)
     bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir if info.is_main else None,
                          verbose=info.is_main)
@@ -220,10 +218,15 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     torch.nn.init.zeros_(model.head.bias)
     model.to(device)
 
-    steps_per_epoch = len(loader)
+    accum = cfg.optim.accum_steps
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train_set)} training images are fewer than one optimizer step: optim.batch_size="
+                        f"{batch} × optim.accum_steps={accum} × {info.world_size} process(es); lower them")
     total = cfg.optim.epochs * steps_per_epoch
     warmup = cfg.optim.warmup_epochs * steps_per_epoch
-    peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, batch * info.world_size)
+    effective_batch = batch * accum * info.world_size
+    peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, effective_batch)
     optimizer = build_optimizer(model, peak, weight_decay=cfg.optim.weight_decay,
                                 layer_decay=cfg.optim.layer_decay, betas=cfg.optim.betas)
     mix = cfg.mixup
@@ -238,11 +241,60 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         criterion = LabelSmoothingCrossEntropy(smoothing=mix.label_smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.world_size > 1 else None
+    net = ddp if ddp is not None else model
+
+    def train_step(batch: tuple[torch.Tensor, Any], *, step: int, micro: int) -> torch.Tensor:
+        images, targets = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
+        if mixup is not None:
+            images, targets = mixup(images, targets)  # soft targets [B, C]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return criterion(net(images).float(), targets)
+
+    # --- evaluation after every epoch (rank 0), the best checkpoint, the bad-file decision ------
+    identity = {"encoder": asdict(config), "num_classes": num_classes}
+    best, last = {"top1": -1.0}, None
+
+    def payload() -> dict[str, Any]:
+        return {"model": model.state_dict(), "preset": preset, "encoder": asdict(config),
+                "num_classes": num_classes, "classes": classes, **(last or {})}
+
+    def evaluate_epoch(loop: Loop) -> None:
+        nonlocal best, last
+        epoch = loop.step // steps_per_epoch
+        if info.is_main:  # rank 0 evaluates the whole val set; the others wait at the next collective
+            result = evaluate(model, bad_files.track(val_loader, check=False), device, amp_dtype=amp_dtype,
+                              desc=f"val {epoch}")
+            loop.metrics.log(loop.step, epoch=epoch, top1=result["top1"], top5=result["top5"], val_loss=result["loss"])
+            last = {"top1": result["top1"], "top5": result["top5"]}
+            if result["top1"] > best["top1"]:
+                best = {**last, "epoch": epoch}
+                record = CheckpointRecord("finetune", loop.step, to_dict(cfg), identity, epoch=epoch,
+                                          world_size=info.world_size)
+                save_checkpoint(record.state(**payload()), run_dir / "checkpoint-best.pt")
+            log.info("epoch %d: top-1 %.2f%% top-5 %.2f%%", epoch, 100 * result["top1"], 100 * result["top5"])
+        # every rank: the same bad files (rank 0's val ones included), then the same threshold decision,
+        # judged on the whole dataset (each file has now been read)
+        bad_files.sync(device)
+        bad_files.check(seen=bad_files.total)
+
+    loop = Loop(info=info, model=model, optimizer=optimizer, train_step=train_step, ddp=ddp,
+                data=Every(bad_files.track(loader, check=False), lambda epoch, start: sampler.set_epoch(epoch),
+                           steps_per_epoch),
+                schedule=lambda s: warmup_cosine(s, total=total, warmup=warmup, peak=peak, final=cfg.optim.min_lr),
+                total_steps=total, last_step=min(cfg.optim.epochs, cfg.run.max_epochs or cfg.optim.epochs)
+                * steps_per_epoch, checkpoints=Checkpoints(run_dir, "finetune", to_dict(cfg), identity,
+                                                           name="checkpoint-last.pt",
+                                                           extra=lambda: {**payload(), "best": best}),
+                accum_steps=accum, clip_grad=cfg.optim.clip_grad, precision=precision, batch_size=batch,
+                log_every=cfg.run.log_every, log_throughput=False, desc="finetune",
+                hooks=[BadFilesHook(bad_files, seen=lambda loop: min(loop.meter.seen * info.world_size,
+                                                                     len(train_set))),
+                       non_finite_guard(run_dir=run_dir, info=info, precision=precision, fix="Lower optim.lr or optim.base_lr, or set "
+                                    "optim.clip_grad=1.0; then rerun to resume from checkpoint-last.pt."),
+                       Periodic(evaluate_epoch, at_epoch_end=True, check=True)])
 
     # --- resume --------------------------------------------------------------------------------
-    identity = {"encoder": asdict(config), "num_classes": num_classes}
-    start_epoch, step, best, last = 0, 0, {"top1": -1.0}, None
-    rng = None
     found = find_resume_last(cfg.run.resume, run_dir, info=info)
     if found is not None:
         path, state = found
@@ -251,37 +303,31 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                         fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
                             "(its checkpoint-best.pt would be replaced)")
         _warn_if_weights_changed(path, state, cfg)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
+        loop.load_state_dict(state, path=path)
         best = dict(state["best"]) if state.get("best") else _best_of(run_dir / "checkpoint-best.pt")
         last = {"top1": state["top1"], "top5": state["top5"]}
-        rng = state.get("rng")
         if info.is_main:
-            log.info("resumed from %s after epoch %d (step %d, best top-1 %.2f%%)", path, start_epoch, step,
+            log.info("resumed from %s after epoch %d (step %d, best top-1 %.2f%%)", path, state["epoch"], loop.step,
                      100 * best["top1"])
-            if step != start_epoch * steps_per_epoch:
+            if loop.step != int(state["epoch"]) * steps_per_epoch:
                 log.warning("the checkpoint has %d steps for %d epochs, this run %d per epoch (batch size, "
                             "processes or data changed): the schedule no longer matches one uninterrupted run",
-                            step, start_epoch, steps_per_epoch)
-            if rng is None:
+                            loop.step, state["epoch"], steps_per_epoch)
+            if state.get("rng") is None:
                 log.warning("%s holds no RNG state (an older milan): the resumed run is not exact", path)
     if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
         save_config(cfg, run_dir / "config.yaml")
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.world_size > 1 else model
-
-    last_epoch = cfg.optim.epochs if cfg.run.max_epochs is None else min(cfg.optim.epochs, cfg.run.max_epochs)
 
     def summary() -> dict[str, Any]:
-        out = {"best": best, "last": last, "epoch": epoch_done, "epochs": cfg.optim.epochs,
+        out = {"best": best, "last": last, "epoch": loop.step // steps_per_epoch, "epochs": cfg.optim.epochs,
                "num_classes": num_classes, "run_dir": str(run_dir)}
         if info.is_main:
             (run_dir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
         distr.barrier()
         return out
 
-    epoch_done = start_epoch
-    if start_epoch >= last_epoch:  # nothing left to train: report, do not retrain
+    start_epoch = loop.step // steps_per_epoch
+    if loop.step >= loop.last_step:  # nothing left to train: report, do not retrain
         if info.is_main:
             log.info("%s: %d of %d epochs done, best top-1 %.2f%% at epoch %s; nothing to train%s",
                      "finished" if start_epoch >= cfg.optim.epochs else "stopped", start_epoch, cfg.optim.epochs,
@@ -289,73 +335,21 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                      "" if start_epoch >= cfg.optim.epochs else " (raise run.max_epochs to continue)")
         return summary()
 
-    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
-                            resume_from=step if found is not None else -1)
+    loop.metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
+                                 resume_from=loop.step if found is not None else -1)
     if info.is_main:
-        log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, lr %.3g, layer decay %.2f",
-                 preset or "encoder", img_size, num_classes, len(train_set), cfg.optim.epochs, steps_per_epoch,
-                 peak, cfg.optim.layer_decay)
-    finite = NonFiniteGuard(device, fix="Lower optim.lr or optim.base_lr, or set optim.clip_grad=1.0; then "
-                                        "rerun to resume from checkpoint-last.pt.")
-    restore_rng(rng, info)  # last: building the model and data above drew from the RNGs
-    bar = progress(last_epoch * steps_per_epoch, initial=step, desc="finetune", active=info.is_main)
-    for epoch in range(start_epoch, last_epoch):
-        sampler.set_epoch(epoch)
-        ddp.train()
-        for images, targets in bad_files.track(loader, check=False):
-            images, targets = images.to(device), torch.as_tensor(targets).to(device)
-            if mixup is not None:
-                images, targets = mixup(images, targets)  # soft targets [B, C]
-            lr = warmup_cosine(step, total=total, warmup=warmup, peak=peak, final=cfg.optim.min_lr)
-            set_lr(optimizer, lr)  # times each group's layer-wise decay
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = criterion(ddp(images).float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            finite.update(loss, step)
-            step += 1
-            bar.update(1)
-            if step % cfg.run.log_every == 0:
-                finite.check()
-                metrics.log(step, loss=loss.item(), lr=lr)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        finite.check()  # every rank, before the evaluation and the checkpoints of this epoch
-        if info.is_main:  # rank 0 evaluates the whole val set; others wait at the RNG gather
-            result = evaluate(model, bad_files.track(val_loader, check=False), device, amp_dtype=amp_dtype,
-                              desc=f"val {epoch + 1}")
-            metrics.log(step, epoch=epoch + 1, loss=loss.item(), top1=result["top1"], top5=result["top5"],
-                        val_loss=result["loss"])
-            last = {"top1": result["top1"], "top5": result["top5"]}
-            payload = {"model": model.state_dict(), "preset": preset, "encoder": asdict(config),
-                       "num_classes": num_classes, "classes": classes, **last}
-            if result["top1"] > best["top1"]:
-                best = {**last, "epoch": epoch + 1}
-                record = CheckpointRecord("finetune", step, to_dict(cfg), identity, epoch=epoch + 1,
-                                          world_size=info.world_size)
-                save_checkpoint(record.state(**payload), run_dir / "checkpoint-best.pt")
-            log.info("epoch %d: top-1 %.2f%% top-5 %.2f%%", epoch + 1, 100 * result["top1"], 100 * result["top5"])
-        # every rank: the same bad files (rank 0's val ones included), then the same threshold decision,
-        # judged on the whole dataset (each file has now been read)
-        bad_files.sync(device)
-        bad_files.check(seen=bad_files.total)
-        # every rank's RNG states after the epoch (and rank 0's evaluation): the next epoch's
-        # dropout, drop path, mixup, augmentation and worker seeds all follow from them
-        rngs = distr.all_gather_object(rng_state())
-        if info.is_main:
-            record = CheckpointRecord("finetune", step, to_dict(cfg), identity, epoch=epoch + 1,
-                                      world_size=info.world_size, rng=rngs)
-            save_checkpoint(record.state(**payload, optimizer=optimizer.state_dict(), best=best),
-                            run_dir / "checkpoint-last.pt")
-        epoch_done = epoch + 1
-        distr.barrier()
-    bar.close()
-    metrics.close()
-    if epoch_done < cfg.optim.epochs and info.is_main:
+        log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, effective batch %d, lr %.3g, "
+                 "layer decay %.2f", preset or "encoder", img_size, num_classes, len(train_set), cfg.optim.epochs,
+                 steps_per_epoch, effective_batch, peak, cfg.optim.layer_decay)
+    net.train()
+    try:
+        loop.run()
+    finally:
+        loop.metrics.close()
+    epochs_done = loop.step // steps_per_epoch
+    if epochs_done < cfg.optim.epochs and info.is_main:
         log.info("stopped after epoch %d of %d (run.max_epochs): rerun to resume from checkpoint-last.pt",
-                 epoch_done, cfg.optim.epochs)
+                 epochs_done, cfg.optim.epochs)
     bad_files.log_summary()
     return summary()
 

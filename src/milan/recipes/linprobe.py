@@ -48,7 +48,9 @@ from milan.io.weights import build_encoder
 from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
 from milan.train.config import RunSection, save_config, to_dict
-from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.hooks import Periodic
+from milan.train.log import MetricsLogger, get_logger
+from milan.train.loop import Checkpoints, Loop
 from milan.train.probe import (
     beats_chance,
     extract_features,
@@ -60,9 +62,6 @@ from milan.train.probe import (
 from milan.train.run import (
     check_values,
     find_resume_last,
-    restore_rng,
-    rng_state,
-    set_lr,
     start_run,
 )
 from milan.train.schedule import scaled_lr, warmup_cosine
@@ -257,29 +256,64 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
                     "semantic_topk": topk}
     identity = {"encoder": encoder_meta["encoder"], "semantic_topk": topk, "num_classes": num_classes}
 
+    def payload() -> dict[str, Any]:
+        return {**encoder_meta, **({"top1": last["top1"], "top5": last["top5"]} if last else {}),
+                "num_classes": num_classes, "best": best,
+                "loader_rng": None if cfg.optim.cache_features else loader.generator.get_state()}
+
+    best, last, loader, train_x, train_y = {"top1": -1.0}, None, None, None, None
+
+    class Batches:  # the loop's `Data`: epoch e of cached features in a seeded order, or of the loader
+        def __init__(self) -> None:
+            self.steps_per_epoch = steps_per_epoch
+
+        def epoch(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+            if cfg.optim.cache_features:
+                order = torch.randperm(num_train, generator=torch.Generator().manual_seed(cfg.run.seed + epoch))
+                for i in range(start, steps_per_epoch):
+                    idx = order[i * batch:(i + 1) * batch]
+                    yield train_x[idx].to(device), train_y[idx].to(device)
+            else:
+                for images, targets in bad_files.track(loader):
+                    yield features(images.to(device)), torch.as_tensor(targets).to(device)
+
+    epoch_loss = torch.zeros((), device=device)  # the epoch's summed loss (the chance warning), no sync per step
+
+    def train_step(batch: tuple[Tensor, Tensor], *, step: int, micro: int) -> Tensor:
+        nonlocal epoch_loss
+        loss = F.cross_entropy(head(batch[0]), batch[1])
+        epoch_loss = epoch_loss + loss.detach()
+        return loss
+
+    # rank 0 alone (world size 1 for the loop: no collective)
+    loop = Loop(info=distr.DistInfo(rank=0, world_size=1, local_rank=0, device=device), model=head,
+                optimizer=optimizer, train_step=train_step, data=Batches(),
+                schedule=lambda s: warmup_cosine(s, total=total, warmup=warmup, peak=peak),
+                total_steps=total, last_step=min(cfg.optim.epochs, cfg.run.max_epochs or cfg.optim.epochs)
+                * steps_per_epoch, log_every=0, batch_size=batch, desc="linprobe",
+                checkpoints=Checkpoints(run_dir, "linprobe", to_dict(cfg), identity, name="head-last.pt",
+                                        model_key="head", extra=payload))
+
     # --- resume (before the features: a finished or refused run costs no encoder pass) ----------
-    start_epoch, step, best, last, saved = 0, 0, {"top1": -1.0}, None, None
     found = find_resume_last(cfg.run.resume, run_dir, "head-last.pt")
+    saved = found[1] if found is not None else None
     if found is not None:
-        path, saved = found
+        path = found[0]
         check_resumable(path, saved, kind="linprobe", identity=identity, expected=head.state_dict(),
                         weights_key="head", needs=("optimizer", "epoch", "best"),
                         fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
                             "(its head-best.pt would be replaced)")
         _warn_if_weights_changed(path, saved, cfg)
-        head.load_state_dict(saved["head"])
-        optimizer.load_state_dict(saved["optimizer"])
-        start_epoch, step, best = int(saved["epoch"]), int(saved["step"]), dict(saved["best"])
-        last = {"top1": saved["top1"], "top5": saved["top5"], "epoch": start_epoch}
-        log.info("resumed from %s after epoch %d (step %d, best top-1 %.2f%%)", path, start_epoch, step,
+        loop.load_state_dict(saved, path=path)
+        best = dict(saved["best"])
+        last = {"top1": saved["top1"], "top5": saved["top5"], "epoch": int(saved["epoch"])}
+        log.info("resumed from %s after epoch %d (step %d, best top-1 %.2f%%)", path, saved["epoch"], loop.step,
                  100 * best["top1"])
-        if step != start_epoch * steps_per_epoch:
+        if loop.step != int(saved["epoch"]) * steps_per_epoch:
             log.warning("the checkpoint has %d steps for %d epochs, this run %d per epoch (batch size or data "
                         "changed): the schedule no longer matches one uninterrupted run",
-                        step, start_epoch, steps_per_epoch)
+                        loop.step, saved["epoch"], steps_per_epoch)
     save_config(cfg, run_dir / "config.yaml")  # only now: a refused resume leaves the folder as it was
-
-    last_epoch = cfg.optim.epochs if cfg.run.max_epochs is None else min(cfg.optim.epochs, cfg.run.max_epochs)
 
     def finish(epochs_done: int) -> dict[str, Any]:
         result = {"best": best, "last": last, "epoch": epochs_done, "epochs": cfg.optim.epochs,
@@ -287,7 +321,8 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
 
-    if start_epoch >= last_epoch:  # nothing left to train: report, do not retrain
+    start_epoch = loop.step // steps_per_epoch
+    if loop.step >= loop.last_step:  # nothing left to train: report, do not retrain
         done = start_epoch >= cfg.optim.epochs
         log.info("%s: %d of %d epochs done, best top-1 %.2f%% at epoch %s; nothing to train%s",
                  "finished" if done else "stopped", start_epoch, cfg.optim.epochs, 100 * best["top1"],
@@ -310,65 +345,44 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         if saved is not None and saved.get("loader_rng") is not None:
             loader.generator.set_state(saved["loader_rng"])
 
-    def train_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        if cfg.optim.cache_features:
-            order = torch.randperm(num_train, generator=torch.Generator().manual_seed(cfg.run.seed + epoch))
-            for i in range(steps_per_epoch):
-                idx = order[i * batch:(i + 1) * batch]
-                yield train_x[idx].to(device), train_y[idx].to(device)
-        else:
-            for images, targets in bad_files.track(loader):
-                yield features(images.to(device)), torch.as_tensor(targets).to(device)
+    chance_loss = label_entropy(train_y if cfg.optim.cache_features else torch.tensor(_targets(train_set)))
+    warned = False
 
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, resume_from=step if found is not None else -1)
-    log.info("linear probe: %d train / %d val images, %d classes, %d epochs × %d steps, lr %.4g%s",
-             num_train, len(val_x), num_classes, cfg.optim.epochs, steps_per_epoch, peak,
-             f", semantic top-{topk:.0%} patches" if topk is not None else "")
-    if saved is not None:  # last: building the head and extracting features above drew from the RNGs
-        restore_rng(saved.get("rng"), distr.DistInfo(rank=0, world_size=1, local_rank=0, device=device))
-    bar = progress(last_epoch * steps_per_epoch, initial=step, desc="linprobe")
-    chance_loss, warned = None, False
-    for epoch in range(start_epoch, last_epoch):
-        head.train()
-        epoch_loss, epoch_steps = 0.0, 0
-        for x, y in train_batches(epoch):
-            lr = warmup_cosine(step, total=total, warmup=warmup, peak=peak)
-            set_lr(optimizer, lr)
-            loss = F.cross_entropy(head(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-            epoch_loss, epoch_steps = epoch_loss + loss.item(), epoch_steps + 1
-            if chance_loss is None:
-                chance_loss = label_entropy(train_y if cfg.optim.cache_features else torch.tensor(_targets(train_set)))
-        if not warned and epoch + 1 >= max(1, cfg.optim.warmup_epochs) and epoch_steps:
-            warned = _warn_if_at_chance(epoch_loss / epoch_steps, chance_loss, epoch + 1, peak)
+    def evaluate_epoch(loop: Loop) -> None:
+        nonlocal best, last, warned, epoch_loss
+        epoch = loop.step // steps_per_epoch
+        mean_loss = float(epoch_loss) / steps_per_epoch
+        epoch_loss = torch.zeros((), device=device)
+        if not warned and epoch >= max(1, cfg.optim.warmup_epochs):
+            warned = _warn_if_at_chance(mean_loss, chance_loss, epoch, peak)
         head.eval()
         with torch.no_grad():
             logits = torch.cat([head(val_x[i:i + 1024].to(device)).cpu() for i in range(0, len(val_x), 1024)])
+        head.train()
         top1, top5 = topk_accuracy(logits, val_y)
-        metrics.log(step, epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5, lr=lr)
-        last = {"top1": top1, "top5": top5, "epoch": epoch + 1}
-        payload = {"head": head.state_dict(), **encoder_meta, "top1": top1, "top5": top5,
-                   "num_classes": num_classes}
+        loop.metrics.log(loop.step, epoch=epoch, loss=mean_loss, top1=top1, top5=top5, lr=loop.lr)
+        last = {"top1": top1, "top5": top5, "epoch": epoch}
         if top1 > best["top1"]:
-            best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
-            record = CheckpointRecord("linprobe", step, to_dict(cfg), identity, epoch=epoch + 1)
-            save_checkpoint(record.state(**payload), run_dir / "head-best.pt")
-        # everything the next epoch draws from: a resumed run continues exactly
-        record = CheckpointRecord("linprobe", step, to_dict(cfg), identity, epoch=epoch + 1, rng=[rng_state()])
-        save_checkpoint(record.state(**payload, optimizer=optimizer.state_dict(), best=best,
-                                     loader_rng=None if cfg.optim.cache_features else loader.generator.get_state()),
-                        run_dir / "head-last.pt")
-    bar.close()
-    metrics.close()
+            best = {"top1": top1, "top5": top5, "epoch": epoch}
+            record = CheckpointRecord("linprobe", loop.step, to_dict(cfg), identity, epoch=epoch)
+            save_checkpoint(record.state(head=head.state_dict(), **payload()), run_dir / "head-best.pt")
+
+    loop.hooks.append(Periodic(evaluate_epoch, at_epoch_end=True))
+    loop.metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard,
+                                 resume_from=loop.step if found is not None else -1)
+    log.info("linear probe: %d train / %d val images, %d classes, %d epochs × %d steps, lr %.4g%s",
+             num_train, len(val_x), num_classes, cfg.optim.epochs, steps_per_epoch, peak,
+             f", semantic top-{topk:.0%} patches" if topk is not None else "")
+    head.train()
+    try:
+        loop.run()  # puts back the checkpoint's RNG first (building the head and the features drew from it)
+    finally:
+        loop.metrics.close()
     if last["epoch"] < cfg.optim.epochs:
         log.info("stopped after epoch %d of %d (run.max_epochs): rerun to resume from head-last.pt",
                  last["epoch"], cfg.optim.epochs)
-    log.info("linear probe top-1 %.2f%% (best %.2f%% at epoch %d)", 100 * top1, 100 * best["top1"], best["epoch"])
+    log.info("linear probe top-1 %.2f%% (best %.2f%% at epoch %d)", 100 * last["top1"], 100 * best["top1"],
+             best["epoch"])
     bad_files.log_summary()
     _warn_if_no_better_than_chance(best["top1"], val_y, "lars")
     return finish(last["epoch"])

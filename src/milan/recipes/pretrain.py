@@ -12,8 +12,6 @@ snapshot, skips batches, lowers the lr for a while and retries.
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,43 +26,23 @@ from milan.data.fast import CudaJpegPlan, collate_plans, pretrain_input, to_devi
 from milan.data.folder import Samples
 from milan.data.reading import BadFiles, collate
 from milan.data.sampler import EpochSampler
-from milan.errors import CheckpointError, ConfigError, DataError, TrainingError
+from milan.errors import CheckpointError, ConfigError, DataError
 from milan.model import ModelSpec, build_model
 from milan.pretraining import MILAN
 from milan.train import distributed as distr
 from milan.train.checkpoint import (
-    CheckpointRecord,
     check_resumable,
     checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
     step_checkpoints,
 )
 from milan.train.config import RunSection, save_config, to_dict
-from milan.train.log import MetricsLogger, get_logger, progress
-from milan.train.recover import (
-    Detector,
-    Recovery,
-    append_event,
-    describe,
-    restore_snapshot,
-    snapshot_from_payload,
-    snapshot_payload,
-    take_snapshot,
-    write_events,
-)
-from milan.train.run import (
-    AMP_DTYPES,
-    agree_on_checkpoint,
-    check_values,
-    grad_norm,
-    resolve_precision,
-    rng_state,
-    set_lr,
-    start_run,
-)
+from milan.train.hooks import BadFilesHook, Periodic
+from milan.train.log import MetricsLogger, get_logger
+from milan.train.loop import Checkpoints, Every, Hook, Loop
+from milan.train.recover import DebugConfig, RecoverConfig, RecoveryHook
+from milan.train.run import agree_on_checkpoint, check_values, resolve_precision, start_run
 from milan.train.schedule import scaled_lr, warmup_cosine
 
 __all__ = ["PretrainConfig", "CONFIG", "main", "param_groups", "build_step", "mask_noise"]
@@ -168,43 +146,6 @@ class MonitorConfig:
     label: str = "shape"  # for shapes: shape, colour, count, position, shape_colour
     train_size: int = 5000
     val_size: int = 1000
-
-
-@dataclass
-class RecoverConfig:
-    """Automatic recovery from instability (docs/RECOVERY.md). At check points (a sync the run pays
-    anyway) every rank agrees on the first bad step; the run then rolls back to the newest in-memory
-    snapshot taken at a step verified good, skips batches, scales the lr down for a while and goes
-    on; more than `max_retries` failures within `retry_window` steps stop it with a TrainingError.
-    No checkpoint is ever written after a bad step. A run without bad steps is bit-identical with
-    `enabled` true or false."""
-
-    enabled: bool = True  # false: the first bad step stops the run (TrainingError), as before
-    check_every: int | None = None  # steps between checks (one all-reduce + host sync); None: run.log_every
-    snapshot_every: int = 100  # steps between snapshots (CPU copy of model, optimizer, scaler; also at checkpoints)
-    skip_batches: int | None = None  # batches skipped after a rollback; None: the snapshot's through the first bad one
-    lr_scale: float = 0.5  # lr × this after a rollback (compounding if a step inside the window fails again)
-    lr_scale_steps: int = 100  # for this many steps from the snapshot rolled back to (0: never scale)
-    fallback_precision: Literal["bf16", "fp32"] | None = None  # switch to it at the first rollback (e.g. from fp16)
-    max_retries: int = 3  # rollbacks allowed within retry_window steps; the next failure stops the run
-    retry_window: int = 1000  # steps
-    loss_spike_z: float | None = None  # flag a loss above mean + z·std of the last spike_window steps (None: off)
-    grad_spike_z: float | None = None  # the same test on the pre-clip gradient norm (None: off)
-    spike_window: int = 100  # steps in the running mean/std of the spike tests
-    spike_warmup: int = 100  # steps seen before the spike tests start
-
-
-@dataclass
-class DebugConfig:
-    """Fault injection, to test a recovery set-up (docs/RECOVERY.md); leave empty for real runs. Steps
-    count from 0 like the lr schedule: step k is the optimizer step logged as step k + 1."""
-
-    nan_at_steps: list[int] = field(default_factory=list)  # multiply the loss by NaN at these optimizer steps
-    nan_rank: int | None = None  # only on this rank (None: every rank)
-    spike_at_steps: list[int] = field(default_factory=list)  # multiply the loss by spike_factor at these steps
-    spike_factor: float = 1000.0
-    repeat: bool = False  # false: a listed step fires once (its replay after a rollback is clean); true: every time
-    skip_batches: list[int] = field(default_factory=list)  # global batches the data order passes over
 
 
 @dataclass
@@ -312,6 +253,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     spec = cfg.model.spec()
     if cfg.recover.fallback_precision is not None:  # a rollback must not switch a CPU run to bf16 either
         resolve_precision(cfg.recover.fallback_precision, device, key="recover.fallback_precision")
+    if cfg.debug.nan_rank is not None and cfg.debug.nan_rank >= info.world_size:
+        raise ConfigError(f"debug.nan_rank={cfg.debug.nan_rank} but the run has {info.world_size} process(es)")
 
     # --- the step: frozen teacher (never in the optimizer, DDP or the checkpoint) + student ------
     step_fn = build_step(cfg, device, amp_dtype=amp_dtype)
@@ -328,31 +271,62 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     transform = pretrain_input(img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip, decode=decode,
                                draft=cfg.data.draft, exif_transpose=cfg.data.exif_transpose)
     loader, set_epoch, per_rank, num_images = _train_loader(cfg, info, transform)
-    micro_per_epoch = per_rank // batch
-    steps_per_epoch = micro_per_epoch // accum
+    steps_per_epoch = per_rank // batch // accum
     total_steps = cfg.optim.steps if cfg.optim.steps is not None else cfg.optim.epochs * steps_per_epoch
     warmup_steps = (cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None
                     else cfg.optim.warmup_epochs * steps_per_epoch)
     effective_batch = batch * accum * info.world_size
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, effective_batch)
-
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr,
                                   betas=cfg.optim.betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    # The teacher stays outside DDP: it has no gradients to synchronise.
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.world_size > 1 else None
+    net: torch.nn.Module = ddp if ddp is not None else model
+    if cfg.run.compile:
+        net = torch.compile(net)
 
-    # --- recovery: on-device detection, decisions shared by every rank (docs/RECOVERY.md) --------
-    rc = cfg.recover
-    if cfg.debug.nan_rank is not None and cfg.debug.nan_rank >= info.world_size:
-        raise ConfigError(f"debug.nan_rank={cfg.debug.nan_rank} but the run has {info.world_size} process(es)")
-    recovery = Recovery(rc, cfg.debug, precision=precision, rank=info.rank)
-    detector = Detector(device, loss_z=rc.loss_spike_z, grad_z=rc.grad_spike_z, window=rc.spike_window,
-                        warmup=rc.spike_warmup)
-    snapshot = None  # the newest in-memory snapshot: where a rollback returns to
-    last_ckpt: str | None = None  # the newest checkpoint of this run (named when recovery gives up)
+    # one registry of bad files per run: warned once each (rank 0), the same on every rank after
+    # each check point, listed in bad_images.txt; a resumed run starts from its checkpoint's list
+    bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir if info.is_main else None,
+                         verbose=info.is_main)
+    bad_files.total = num_images
 
-    # --- resume --------------------------------------------------------------------------------
+    def train_step(batch: tuple[torch.Tensor, Any], *, step: int, micro: int) -> torch.Tensor:
+        images = to_device(batch[0], device, img_size=img_size)  # uint8 → normalised float32 there
+        noise = mask_noise(cfg.run.seed, step, micro, (images.shape[0], model.num_patches),
+                           rank=info.rank, world_size=info.world_size, device=device)
+        return step_fn(images, noise=noise, net=net, check_values=device.type == "cpu").loss
+
+    def set_precision(dtype: torch.dtype | None) -> None:
+        step_fn.amp_dtype = dtype
+
+    # --- the loop and its hooks ----------------------------------------------------------------
     identity = {"model": spec.name, "variant": "/".join((spec.target, spec.decoder, spec.masking))}
-    step, resumed_window = 0, None
+    last_step = total_steps if cfg.run.max_steps is None else min(total_steps, cfg.run.max_steps)
+    recovery = RecoveryHook(cfg.recover, cfg.debug, run_dir=run_dir, precision=precision, info=info,
+                            fix="Lower optim.lr or base_lr, set optim.clip_grad=1.0, or use run.precision=bf16/fp32; "
+                                "then resume from the last checkpoint.")
+    hooks: list[Hook] = [BadFilesHook(bad_files, seen=lambda loop: loop.meter.seen * info.world_size), recovery]
+    if cfg.monitor.every and info.is_main:
+        knn = _knn_monitor(cfg, img_size, device, bad_files)
+
+        def monitor(loop: Loop) -> None:
+            acc = knn(model.encoder)
+            loop.metrics.log(loop.step, knn_acc=acc)
+            log.info("step %d: kNN %s accuracy %.3f", loop.step, cfg.monitor.label, acc)
+        hooks.append(Periodic(monitor, every=cfg.monitor.every))
+    checkpoints = Checkpoints(run_dir, "pretrain", to_dict(cfg), identity, every=cfg.run.ckpt_every,
+                              keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every,
+                              extra=lambda: {"spec": asdict(spec), "variant": [spec.target, spec.decoder, spec.masking]})
+    loop = Loop(info=info, model=model, optimizer=optimizer, train_step=train_step, ddp=ddp,
+                data=Every(bad_files.track(loader, check=False), set_epoch, steps_per_epoch),
+                schedule=lambda s: warmup_cosine(s, total=total_steps, warmup=warmup_steps, peak=peak_lr,
+                                                 final=cfg.optim.min_lr),
+                total_steps=total_steps, last_step=last_step, checkpoints=checkpoints,
+                accum_steps=accum, clip_grad=cfg.optim.clip_grad, precision=precision, batch_size=batch,
+                log_every=cfg.run.log_every, hooks=hooks, on_precision=set_precision, desc="pretrain",
+                log_epoch=True)
+
     found = _find_resume(cfg.run.resume, run_dir, info)
     if found is not None:
         path, state = found
@@ -361,313 +335,51 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                         fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
                             "(its checkpoints would be pruned)")
         _warn_if_batch_changed(state, cfg, world_size=info.world_size)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        saved = state.get("recover") or {}
-        recovery.load_state_dict(saved.get("state"))  # events, data offset, lr window, retries, precision
-        if recovery.precision != precision:  # a rollback before the checkpoint fell back from fp16
-            precision = recovery.precision
-            step_fn.amp_dtype = AMP_DTYPES[precision]
-            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        windows = state.get("log_window") or []
-        resumed_window = windows[info.rank] if len(windows) == info.world_size else None
-        detectors = saved.get("detector") or []
-        if len(detectors) == info.world_size:
-            detector.load_state_dict(detectors[info.rank])
-        if rc.enabled:  # a checkpoint between snapshot points carries the snapshot a rollback would use
-            snapshot = snapshot_from_payload(saved.get("snapshot"), info.rank, info.world_size)
-        last_ckpt = str(path)
-        if info.is_main:
-            log.info("resumed from %s at step %d", path, step)
-    if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
-        save_config(cfg, run_dir / "config.yaml")
-
-    # The teacher stays outside DDP: it has no gradients to synchronise.
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.world_size > 1 else None
-    net: torch.nn.Module = ddp if ddp is not None else model
-    if cfg.run.compile:
-        net = torch.compile(net)
-
-    last_step = total_steps if cfg.run.max_steps is None else min(total_steps, cfg.run.max_steps)
-    if found is not None and info.is_main:
-        saved_total = found[1].get("total_steps")
-        if saved_total is not None and saved_total != total_steps:
-            log.warning("the schedule now spans %d steps (the checkpoint's run: %d): from step %d the lr "
-                        "follows the new warmup/cosine; use run.max_steps to pause a run without changing it",
-                        total_steps, saved_total, step)
-    if step >= last_step:
-        if info.is_main:
-            log.info("nothing to do: %s is at step %d, the run stops at %d (optim.steps / optim.epochs / "
-                     "run.max_steps); raise it to continue", run_dir, step, last_step)
-        distr.cleanup()
-        return {"step": step, "loss": float("nan"), "run_dir": str(run_dir), "bad_images": 0, **recovery.summary()}
-    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
-                            resume_from=step if found is not None else -1)
-    # one registry of bad files per run: warned once each (rank 0), the same on every rank after
-    # each check point, listed in bad_images.txt; a resumed run starts from its checkpoint's list
-    bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir if info.is_main else None,
-                         verbose=info.is_main)
-    bad_files.total = num_images
-    if found is not None:  # the checkpoint's list (every rank: the same), or an older run's file
-        if "bad_files" in found[1]:
-            bad_files.bad.update(found[1]["bad_files"])  # counted (the logged bad_images continue exactly)
-            bad_files.elsewhere.update(found[1].get("bad_files_all", {}))  # the monitor's: listed, not warned again
-        else:
+        loop.load_state_dict(state, path=path)
+        if "bad_files" not in state:  # an older checkpoint: the folder's list
             bad_files.load(run_dir)
+        if info.is_main:
+            log.info("resumed from %s at step %d", path, loop.step)
+            if state.get("total_steps") not in (None, total_steps):
+                log.warning("the schedule now spans %d steps (the checkpoint's run: %d): from step %d the lr "
+                            "follows the new warmup/cosine; use run.max_steps to pause a run without changing it",
+                            total_steps, state["total_steps"], loop.step)
     elif info.is_main and (run_dir / "bad_images.txt").is_file():
         (run_dir / "bad_images.txt").unlink()  # a fresh start: not the old run's list
+    if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
+    if loop.step >= last_step:
+        if info.is_main:
+            log.info("nothing to do: %s is at step %d, the run stops at %d (optim.steps / optim.epochs / "
+                     "run.max_steps); raise it to continue", run_dir, loop.step, last_step)
+        distr.cleanup()
+        return {"step": loop.step, "loss": float("nan"), "run_dir": str(run_dir), "bad_images": 0,
+                **recovery.recovery.summary()}
+
+    loop.metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
+                                 resume_from=loop.step if found is not None else -1)
     if info.is_main:
         log.info(
             "%s | %d params | teacher %s | %d images | effective batch %d | lr %.3g | %d steps (%d/epoch)",
             cfg.model.name, sum(p.numel() for p in model.parameters()), cfg.teacher.spec if teacher else "-",
             num_images, effective_batch, peak_lr, total_steps, steps_per_epoch,
         )
-        if rc.enabled or (run_dir / "events.jsonl").is_file():
-            # a resumed run's file: its checkpoint's events, then its own (none on a fresh start, even
-            # with recovery off: an earlier attempt's file in this folder is not this run's)
-            write_events(run_dir, recovery.events)
         if cfg.debug != DebugConfig():
             log.warning("debug: fault injection is on (%s)", to_dict(cfg.debug))
-
-    # Check points: where every rank agrees whether a step since the last one was bad (one all-reduce
-    # and host sync). Log and checkpoint steps always (no checkpoint follows a bad step); with
-    # recovery also every recover.check_every steps and at snapshot points.
-    check_every = rc.check_every or cfg.run.log_every
-
-    def regular_checkpoint(s: int) -> bool:  # a checkpoint every run writes at s, paused or not
-        return s % cfg.run.ckpt_every == 0 or s % steps_per_epoch == 0
-
-    def is_log(s: int) -> bool:
-        return s % cfg.run.log_every == 0 or s == last_step
-
-    def is_checkpoint(s: int) -> bool:
-        return regular_checkpoint(s) or s == last_step
-
-    def is_snapshot_point(s: int) -> bool:  # a function of the step: a resumed run snapshots where the first did
-        return s % rc.snapshot_every == 0 or regular_checkpoint(s)
-
-    def is_check(s: int) -> bool:
-        return is_log(s) or is_checkpoint(s) or (rc.enabled and (s % check_every == 0 or is_snapshot_point(s)))
-
-    def open_window() -> dict[str, Any]:
-        return {"loss_sum": loss_sum, "grad_sum": grad_sum, "grad_count": grad_count, "steps": window_steps,
-                "seen": seen, "bad_images": len(bad_files)}
-
-    def checkpoint(step: int, epoch: int) -> str:
-        # every rank's RNG state, open log window (so that a resumed run logs the same averages) and
-        # spike windows; a checkpoint between snapshot points (a pause) carries the newest snapshot,
-        # so that a resumed run rolls back where an uninterrupted one would
-        carry = snapshot is not None and snapshot.step != step
-        window = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in open_window().items()}
-        ranks = distr.all_gather_object((rng_state(), window, detector.state_dict(),
-                                         (snapshot.window, snapshot.detector) if carry else None))
-        path = run_dir / f"checkpoint-{step:08d}.pt"
-        if not info.is_main:
-            return str(path)
-        rng, windows = [r[0] for r in ranks], [r[1] for r in ranks]
-        recover_state = {
-            "state": recovery.state_dict(), "detector": [r[2] for r in ranks],
-            "snapshot": snapshot_payload(snapshot, [r[3][0] for r in ranks], [r[3][1] for r in ranks]) if carry else None,
-        }
-        record = CheckpointRecord("pretrain", step, to_dict(cfg), identity, epoch=epoch,
-                                  world_size=info.world_size, rng=rng)
-        save_checkpoint(record.state(
-            model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-            spec=asdict(spec), variant=[spec.target, spec.decoder, spec.masking], log_window=windows,
-            total_steps=total_steps, recover=recover_state, bad_files=dict(bad_files.bad),
-            bad_files_all=bad_files.all_bad(),
-        ), path)
-        prune_checkpoints(run_dir, keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every)
-        bad_files.write()
-        return str(path)
-
-    fix = ("Lower optim.lr or base_lr, set optim.clip_grad=1.0, or use run.precision=bf16/fp32; then resume from "
-           "the last checkpoint.")
-    loss_sum = torch.zeros((), device=device)
-    grad_sum = torch.zeros((), device=device)  # pre-clip gradient norms of the window's steps (finite ones)
-    grad_count = torch.zeros((), device=device)
-    window_steps, window_start = 0, time.perf_counter()
-    timed_steps = 0  # steps of the window run by this process (a resumed window's first part is not)
-    seen = 0  # images this rank trained on (with those of the open log window: resumed exactly)
-    if resumed_window is not None:
-        loss_sum.copy_(resumed_window["loss_sum"])
-        if "grad_sum" in resumed_window:
-            grad_sum.copy_(resumed_window["grad_sum"])
-            grad_count.copy_(resumed_window["grad_count"])
-        window_steps, seen = resumed_window["steps"], resumed_window["seen"]
-    if rc.enabled and snapshot is None:  # the state the run starts from is the first rollback target
-        snapshot = take_snapshot(step, model=model, optimizer=optimizer, scaler=scaler, window=open_window(),
-                                 detector=detector)
-    snapshot_cost_logged = False
-    last_loss = float("nan")
-    bar = progress(last_step, initial=step, desc="pretrain", active=info.is_main)
-    knn = _knn_monitor(cfg, img_size, device, bad_files) if cfg.monitor.every and info.is_main else None
     net.train()
-
     try:
-        while step < last_step:
-            position = recovery.position(step)  # the global batch this step trains on
-            epoch, batch_in_epoch = divmod(position, steps_per_epoch)
-            set_epoch(epoch, batch_in_epoch * accum)  # skips the batches done before a resume or rollback
-            micro, step_loss = 0, None
-            for images, _, reports in loader:
-                images = to_device(images, device, img_size=img_size)  # uint8 → normalised float32 there
-                seen += images.shape[0]
-                bad_files.add(reports)  # bad files passed over for this batch (each warned once per run)
-
-                noise = mask_noise(cfg.run.seed, step, micro, (images.shape[0], model.num_patches),
-                                   rank=info.rank, world_size=info.world_size, device=device)
-                sync = micro == accum - 1
-                inject = recovery.injection(step)  # debug.nan_at_steps / spike_at_steps
-                with (ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()):
-                    loss = step_fn(images, noise=noise, net=net, check_values=device.type == "cpu").loss
-                    if inject is not None:
-                        if micro == 0:
-                            log.warning("debug: step %d: loss × %g on rank %d", step, inject, info.rank)
-                        loss = loss * inject
-                    scaler.scale(loss / accum).backward()
-                loss_sum += loss.detach() / accum
-                step_loss = loss.detach() / accum if step_loss is None else step_loss + loss.detach() / accum
-                micro += 1
-                if not sync:
-                    continue
-
-                # --- optimizer step ---------------------------------------------------------------
-                micro = 0
-                lr = warmup_cosine(step, total=total_steps, warmup=warmup_steps, peak=peak_lr,
-                                   final=cfg.optim.min_lr)
-                lr_scale = recovery.lr_scale(step)
-                if lr_scale != 1.0:  # the window after a rollback
-                    lr = lr * lr_scale
-                set_lr(optimizer, lr)
-                scaler.unscale_(optimizer)  # (what scaler.step would do; a no-op without fp16)
-                if cfg.optim.clip_grad is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                else:
-                    norm = grad_norm(model.parameters())
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                finite_norm = torch.isfinite(norm)  # not a scaler's overflow step
-                grad_sum += torch.where(finite_norm, norm, torch.zeros_like(norm))
-                grad_count += finite_norm
-                detector.update(step, step_loss, norm, scaler_active=scaler.is_enabled())
-                recovery.ran(step)
-                step_loss = None
-                step += 1
-                window_steps += 1
-                timed_steps += 1
-                bar.update(1)
-
-                checked = is_check(step)
-                if checked:
-                    # every rank: the same registry, then the same threshold decision (one line, no traceback)
-                    bad_files.sync(device)
-                    bad_files.check(seen=seen * info.world_size)
-                    bad_step = detector.agree()  # the same answer on every rank
-                    if bad_step is not None:
-                        first, cause = bad_step
-                        if not rc.enabled:
-                            raise TrainingError(f"{describe(cause, loss_z=rc.loss_spike_z, grad_z=rc.grad_spike_z)} "
-                                                f"at step {first}; no checkpoint was written after it. {fix}")
-                        event = recovery.fail(first, cause, detected_at=step, snapshot_step=snapshot.step,
-                                              last_checkpoint=last_ckpt)
-                        if info.is_main:
-                            metrics.log(first, **{k: v for k, v in event.items() if k not in ("step", "time")})
-                            append_event(run_dir, event)
-                        if event["action"] == "stop":
-                            raise TrainingError(event["message"])
-                        if recovery.precision != precision:  # recover.fallback_precision
-                            precision = recovery.precision
-                            step_fn.amp_dtype = AMP_DTYPES[precision]
-                            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-                        restore_snapshot(snapshot, model=model, optimizer=optimizer, scaler=scaler)
-                        detector.reset()
-                        detector.load_state_dict(snapshot.detector)
-                        kept = snapshot.window
-                        loss_sum.copy_(kept["loss_sum"])
-                        grad_sum.copy_(kept["grad_sum"])
-                        grad_count.copy_(kept["grad_count"])
-                        window_steps, seen = kept["steps"], kept["seen"]
-                        step = snapshot.step
-                        timed_steps, window_start = 0, time.perf_counter()
-                        bar.n = step
-                        bar.refresh()
-                        if info.is_main:
-                            lr_note = (f", lr × {event['lr_scale']:g} until step {event['lr_scale_until']}"
-                                       if event["lr_scale"] != 1.0 else "")
-                            if "precision" in event:
-                                lr_note += f", precision {' → '.join(event['precision'])}"
-                            log.warning("step %d: %s (found at step %d); rolled back to step %d, skipped %d "
-                                        "batch(es) %s%s (retry %d of %d)", first,
-                                        describe(cause, loss_z=rc.loss_spike_z, grad_z=rc.grad_spike_z),
-                                        event["detected_at"], step, len(event["batches_skipped"]),
-                                        _spans(event["batches_skipped"]), lr_note, event["retry"], rc.max_retries)
-                        break  # restart the data at the new position
-
-                if is_log(step):
-                    stats = distr.all_reduce_mean(torch.stack([loss_sum / window_steps, grad_sum, grad_count]))
-                    mean_loss, norm_sum, norm_count = (float(v) for v in stats)
-                    norm_mean = norm_sum / norm_count if norm_count > 0 else None  # pre-clip, this window
-                    elapsed = time.perf_counter() - window_start
-                    img_s = timed_steps * effective_batch / max(elapsed, 1e-9)
-                    last_loss = mean_loss
-                    metrics.log(step, loss=mean_loss, lr=lr, img_per_s=img_s, epoch=epoch,
-                                bad_images=len(bad_files), grad_norm=norm_mean)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
-                                    gnorm="-" if norm_mean is None else f"{norm_mean:.3g}", img_s=f"{img_s:.1f}")
-                    loss_sum.zero_()
-                    grad_sum.zero_()
-                    grad_count.zero_()
-                    window_steps, timed_steps, window_start = 0, 0, time.perf_counter()
-                paused = time.perf_counter()  # snapshot, monitor and checkpoint time is not training throughput
-                if rc.enabled and checked and is_snapshot_point(step):  # verified good; the state a checkpoint has
-                    snapshot = take_snapshot(step, model=model, optimizer=optimizer, scaler=scaler,
-                                             window=open_window(), detector=detector, reuse=snapshot)
-                    if info.is_main and not snapshot_cost_logged:
-                        snapshot_cost_logged = True
-                        log.info("recover: a snapshot holds %.1f MiB of CPU memory per process and took %.1f ms "
-                                 "(every %d steps and at checkpoints)", snapshot.nbytes() / 2**20,
-                                 1e3 * (time.perf_counter() - paused), rc.snapshot_every)
-                if knn is not None and (step % cfg.monitor.every == 0 or step == last_step):
-                    acc = knn(model.encoder)
-                    metrics.log(step, knn_acc=acc)
-                    log.info("step %d: kNN %s accuracy %.3f", step, cfg.monitor.label, acc)
-                if is_checkpoint(step):
-                    last_ckpt = checkpoint(step, step // steps_per_epoch)
-                window_start += time.perf_counter() - paused
-                if step >= last_step:
-                    break
-                position += 1
-                if recovery.position(step) != position:  # debug.skip_batches passes over the next batch
-                    break
+        loop.run()
     finally:
-        bar.close()
-        metrics.close()
-        if info.is_main:
-            bad_files.write()
-    summary = recovery.summary()
+        loop.metrics.close()
+    summary = recovery.recovery.summary()
     if info.is_main:
         log.info("done: step %d, loss %.4f, %d recovery event(s) (%d rollback(s), %d batch(es) skipped), "
-                 "checkpoints in %s", step, last_loss, summary["events"], summary["rollbacks"],
+                 "checkpoints in %s", loop.step, loop.last_loss, summary["events"], summary["rollbacks"],
                  summary["batches_skipped"], run_dir)
         bad_files.log_summary()
     distr.cleanup()
-    return {"step": step, "loss": last_loss, "run_dir": str(run_dir), "bad_images": len(bad_files),
+    return {"step": loop.step, "loss": loop.last_loss, "run_dir": str(run_dir), "bad_images": len(bad_files),
             "bad_files": list(bad_files.bad), **summary}
-
-
-def _spans(batches: list[int]) -> str:
-    """[3, 4, 5, 9] → "3–5, 9" (for one log line)."""
-    spans: list[list[int]] = []
-    for b in batches:
-        if spans and b == spans[-1][1] + 1:
-            spans[-1][1] = b
-        else:
-            spans.append([b, b])
-    return "[" + ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans) + "]"
 
 
 def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):

@@ -56,13 +56,12 @@ from milan.io.weights import build_encoder
 from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
 from milan.train.config import RunSection, save_config, to_dict
+from milan.train.hooks import BadFilesHook, Periodic
 from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.loop import Checkpoints, Every, Loop
+from milan.train.recover import non_finite_guard
 from milan.train.run import (
-    NonFiniteGuard,
     find_resume_last,
-    restore_rng,
-    rng_state,
-    set_lr,
     start_run,
 )
 from milan.train.schedule import warmup_poly
@@ -110,7 +109,8 @@ class DataConfig:
 class OptimConfig:
     iters: int = 160_000
     warmup_iters: int = 1500
-    batch_size: int = 16  # total over all processes (A.1: 16 = 8 GPUs × 2)
+    batch_size: int = 16  # total over all processes (A.1: 16 = 8 GPUs × 2); per optimizer step × accum_steps
+    accum_steps: int = 1  # micro-batches per optimizer step (DDP syncs gradients on the last one only)
     lr: float = 3e-5
     min_lr: float = 0.0
     power: float = 1.0  # poly exponent
@@ -252,7 +252,7 @@ def _brief(result: dict[str, Any], step: int) -> dict[str, Any]:
 def main(cfg: SegmentConfig) -> dict[str, Any]:
     """Train (or resume) and evaluate; returns the summary written to results.json (on every rank)."""
     log = get_logger()
-    info, run_dir, amp_dtype, _ = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
+    info, run_dir, amp_dtype, precision = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
     device = info.device
 
     # --- data ----------------------------------------------------------------------------------
@@ -288,29 +288,10 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                                 num_layers=model.backbone.num_layers)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
 
-    # --- resume --------------------------------------------------------------------------------
-    encoder_shape = {**meta["encoder"], "img_size": d.crop_size}
-    identity = {"encoder": encoder_shape, "num_classes": num_classes, "pyramid": m.pyramid}
-    step, best, known_bad = 0, None, {}
-    found = find_resume_last(cfg.run.resume, run_dir, info=info)
-    if found is not None:
-        path, state = found
-        check_resumable(path, state, kind="segment", identity=identity, expected=model.state_dict(),
-                        fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
-                            "(its checkpoint-best.pt would be replaced)")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best = int(state["step"]), state.get("best")
-        known_bad = dict(state.get("bad_files") or {})
-        restore_rng(state.get("rng"), info)
-        if info.is_main:
-            log.info("resumed from %s at iteration %d", path, step)
-    if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
-        save_config(cfg, run_dir / "config.yaml")
-
     unused = m.pyramid == "intermediate" and max(model.backbone.out_indices) < model.backbone.num_layers - 1
-    ddp: nn.Module = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                          find_unused_parameters=unused) if info.world_size > 1 else model)
+    ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+           if info.world_size > 1 else None)
+    net = ddp if ddp is not None else model
 
     train_tf = SegTrainTransform(d.crop_size, scale=d.scale, ratio_range=d.ratio_range,
                                  cat_max_ratio=d.cat_max_ratio, hflip=d.hflip)
@@ -326,30 +307,34 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                         sampler=sampler, drop_last=True, num_workers=d.num_workers, pin_memory=pin,
                         collate_fn=collate,
                         generator=torch.Generator())  # keeps the global RNG (dropout, drop path) untouched
-    steps_per_epoch = sampler.per_rank // per_rank
+    steps_per_epoch = sampler.per_rank // per_rank // o.accum_steps
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train_raw)} training images are fewer than one optimizer step: optim.batch_size="
+                        f"{o.batch_size} (total) × optim.accum_steps={o.accum_steps}; lower them")
     num_val = len(val_raw) if d.val_limit is None else min(d.val_limit, len(val_raw))
     val_loader = DataLoader(SegSamples(val_raw, SegEvalTransform(d.scale), bad="drop"), batch_size=d.eval_batch_size,
                             sampler=list(range(info.rank, num_val, info.world_size)), num_workers=d.num_workers,
                             collate_fn=collate_lists, generator=torch.Generator())
     # one registry of bad files per run: warned once each (rank 0), the same on every rank after each
-    # evaluation / checkpoint, listed in bad_images.txt; a resumed run starts from its checkpoint's list
+    # check point, listed in bad_images.txt; a resumed run starts from its checkpoint's list
     bad_files = BadFiles(max_fraction=d.max_bad_fraction, folder=run_dir if info.is_main else None,
                          verbose=info.is_main)
     bad_files.total = len(train_raw) + num_val
-    bad_files.bad.update(known_bad)
-    if found is None and info.is_main and (run_dir / BAD_IMAGES_FILE).is_file():
-        (run_dir / BAD_IMAGES_FILE).unlink()  # a fresh start: not an old run's list
     evaluated = False
     stride = d.eval_stride or max(patch, d.crop_size * 2 // 3)
 
-    last_step = o.iters if cfg.run.max_iters is None else min(o.iters, cfg.run.max_iters)
-    metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
-                            resume_from=step if found is not None else -1)
-    if info.is_main:
-        log.info("segment %s (%s) at %dpx: %d classes, %d train / %d val images, %d iterations, batch %d, "
-                 "lr %.3g, layer decay %.2f, %d params", meta.get("preset") or "encoder", meta.get("format") or
-                 "random init", d.crop_size, num_classes, len(train_raw), num_val, o.iters, o.batch_size, o.lr,
-                 o.layer_decay, sum(p.numel() for p in model.parameters()))
+    def seen(loop: Loop) -> int:
+        """The distinct files read so far: the images of the steps done (capped at the training set)
+        and the val images once evaluated."""
+        return min(loop.step * o.batch_size * o.accum_steps, len(train_raw)) + (num_val if evaluated else 0)
+
+    def train_step(batch: tuple[Any, Any], *, step: int, micro: int) -> tuple[Tensor, dict[str, Tensor]]:
+        images, targets = batch[0].to(device, non_blocking=pin), batch[1].to(device, non_blocking=pin)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits, aux = net(images, with_aux=True)
+        main_loss = seg_loss(logits, targets)
+        loss = main_loss + m.aux_weight * seg_loss(aux, targets) if aux is not None else main_loss
+        return loss, {"seg_loss": main_loss}
 
     def run_eval(step: int, record: bool = True) -> dict[str, Any]:
         nonlocal evaluated
@@ -358,86 +343,87 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                           class_names=classes, desc=f"val @{step}")
         evaluated = True
         if record:  # not when re-evaluating a finished run: its log has this step already
-            metrics.log(step, mIoU=result["mIoU"], mAcc=result["mAcc"], aAcc=result["aAcc"], val_images=result["images"])
+            loop.metrics.log(step, mIoU=result["mIoU"], mAcc=result["mAcc"], aAcc=result["aAcc"],
+                             val_images=result["images"])
         if info.is_main:
             left_out = num_val - result["images"]
             note = f" ({left_out} unreadable image{'s' if left_out != 1 else ''} left out)" if left_out else ""
             log.info("iteration %d: mIoU %.2f  mAcc %.2f  aAcc %.2f on %d val images%s", step,
                      100 * result["mIoU"], 100 * result["mAcc"], 100 * result["aAcc"], result["images"], note)
+        # every rank: the val images' bad files too, then the same threshold decision
+        bad_files.sync(device)
+        bad_files.check(seen=seen(loop))
         return result
 
-    def settle(step: int) -> None:
-        """Every rank, at the same steps: share the bad files, then the same threshold decision,
-        judged on the distinct files read so far (the images of `step` batches, capped at the
-        training set, and the val images once evaluated)."""
-        bad_files.sync(device)
-        bad_files.check(seen=min(step * o.batch_size, len(train_raw)) + (num_val if evaluated else 0))
+    def checkpoint(step: int, **payload: Any) -> dict[str, Any]:
+        return {"model": model.state_dict(), "preset": meta.get("preset"), "encoder": encoder_shape,
+                "num_classes": num_classes, "classes": list(classes) if classes else None, **payload}
 
-    def checkpoint(step: int, *, rng: list[dict[str, Any]] | None = None, **payload: Any) -> dict[str, Any]:
-        record = CheckpointRecord("segment", step, to_dict(cfg), identity, world_size=info.world_size, rng=rng)
-        return record.state(model=model.state_dict(), preset=meta.get("preset"), encoder=encoder_shape,
-                            num_classes=num_classes, classes=list(classes) if classes else None, **payload)
+    result, best = None, None
 
-    def save_last(step: int) -> None:
-        rng = distr.all_gather_object(rng_state())
+    def eval_and_keep_best(loop: Loop) -> None:
+        nonlocal result, best
+        result = run_eval(loop.step)
+        if best is None or result["mIoU"] > best["mIoU"]:
+            best = _brief(result, loop.step)
+            if info.is_main:
+                record = CheckpointRecord("segment", loop.step, to_dict(cfg), identity, world_size=info.world_size)
+                save_checkpoint(record.state(**checkpoint(loop.step, mIoU=result["mIoU"], aAcc=result["aAcc"])),
+                                run_dir / "checkpoint-best.pt")
+
+    # --- the loop and its hooks ----------------------------------------------------------------
+    encoder_shape = {**meta["encoder"], "img_size": d.crop_size}
+    identity = {"encoder": encoder_shape, "num_classes": num_classes, "pyramid": m.pyramid}
+    last_step = o.iters if cfg.run.max_iters is None else min(o.iters, cfg.run.max_iters)
+    loop = Loop(info=info, model=model, optimizer=optimizer, train_step=train_step, ddp=ddp,
+                # alone, the threshold is checked after every batch; under torchrun at the check points
+                data=Every(bad_files.track(loader, check=info.world_size == 1),
+                           lambda epoch, start: sampler.set_epoch(epoch, start_batch=start, batch_size=per_rank),
+                           steps_per_epoch),
+                schedule=lambda s: warmup_poly(s, total=o.iters, warmup=o.warmup_iters, peak=o.lr, power=o.power,
+                                               final=o.min_lr),
+                total_steps=o.iters, last_step=last_step,
+                checkpoints=Checkpoints(run_dir, "segment", to_dict(cfg), identity, every=cfg.run.ckpt_every,
+                                        at_epoch_end=False, name="checkpoint-last.pt",
+                                        extra=lambda: {**checkpoint(loop.step), "best": best}),
+                accum_steps=o.accum_steps, clip_grad=o.clip_grad, precision=precision, batch_size=per_rank,
+                log_every=cfg.run.log_every, log_throughput=False, desc="segment",
+                hooks=[BadFilesHook(bad_files, seen=seen),
+                       non_finite_guard(run_dir=run_dir, info=info, precision=precision, fix="Lower optim.lr or set optim.clip_grad=1.0, then rerun "
+                                    "to resume from checkpoint-last.pt."),
+                       Periodic(eval_and_keep_best, every=cfg.run.eval_every, check=True)])
+
+    found = find_resume_last(cfg.run.resume, run_dir, info=info)
+    if found is not None:
+        path, state = found
+        check_resumable(path, state, kind="segment", identity=identity, expected=model.state_dict(),
+                        fix=f"Use a new run.out_dir, or run.resume=none to start over in {cfg.run.out_dir} "
+                            "(its checkpoint-best.pt would be replaced)")
+        loop.load_state_dict(state, path=path)
+        best = state.get("best")
         if info.is_main:
-            save_checkpoint(checkpoint(step, rng=rng, optimizer=optimizer.state_dict(), best=best,
-                                       bad_files=dict(bad_files.bad)), run_dir / "checkpoint-last.pt")
-
-    finite = NonFiniteGuard(device, fix="Lower optim.lr or set optim.clip_grad=1.0, then rerun to resume from "
-                                        "checkpoint-last.pt.")
-
-    result = None
-    bar = progress(last_step, initial=step, desc="segment", active=info.is_main)
-    ddp.train()
-    while step < last_step:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch=in_epoch, batch_size=per_rank)
-        # alone, the threshold is checked after every batch; under torchrun at the shared points (settle)
-        for images, targets in bad_files.track(loader, check=info.world_size == 1):
-            images, targets = images.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
-            lr = warmup_poly(step, total=o.iters, warmup=o.warmup_iters, peak=o.lr, power=o.power, final=o.min_lr)
-            set_lr(optimizer, lr)  # times each group's layer-wise decay
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits, aux = ddp(images, with_aux=True)
-            main_loss = seg_loss(logits, targets)
-            loss = main_loss + m.aux_weight * seg_loss(aux, targets) if aux is not None else main_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            optimizer.step()
-            finite.update(loss, step)
-            step += 1
-            bar.update(1)
-            log_now = step % cfg.run.log_every == 0 or step == last_step
-            eval_now = (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == last_step
-            save_now = step % cfg.run.ckpt_every == 0 or step == last_step
-            if log_now or eval_now or save_now:
-                finite.check()  # every rank; no evaluation or checkpoint after a bad step
-            if log_now:
-                metrics.log(step, loss=loss.item(), seg_loss=main_loss.item(), lr=lr)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            if eval_now:
-                result = run_eval(step)
-                if best is None or result["mIoU"] > best["mIoU"]:
-                    best = _brief(result, step)
-                    if info.is_main:
-                        save_checkpoint(checkpoint(step, mIoU=result["mIoU"], aAcc=result["aAcc"]),
-                                        run_dir / "checkpoint-best.pt")
-            if eval_now or save_now:
-                settle(step)
-            if save_now:
-                save_last(step)
-            if step >= last_step:
-                break
-    bar.close()
+            log.info("resumed from %s at iteration %d", path, loop.step)
+    elif info.is_main and (run_dir / BAD_IMAGES_FILE).is_file():
+        (run_dir / BAD_IMAGES_FILE).unlink()  # a fresh start: not an old run's list
+    if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
+    loop.metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
+                                 resume_from=loop.step if found is not None else -1)
+    if info.is_main:
+        log.info("segment %s (%s) at %dpx: %d classes, %d train / %d val images, %d iterations, batch %d "
+                 "(× accum %d), lr %.3g, layer decay %.2f, %d params", meta.get("preset") or "encoder",
+                 meta.get("format") or "random init", d.crop_size, num_classes, len(train_raw), num_val, o.iters,
+                 o.batch_size, o.accum_steps, o.lr, o.layer_decay, sum(p.numel() for p in model.parameters()))
+    net.train()
+    try:
+        loop.run()
+    finally:
+        loop.metrics.close()
+    step = loop.step
     if result is None:  # resumed at (or past) the end: evaluate the loaded model
         result = run_eval(step, record=False)
-        settle(step)
         if best is None:
             best = _brief(result, step)
-    metrics.close()
     last = _brief(result, step)
     if classes:
         last["IoU"] = dict(zip(classes, result["IoU"]))

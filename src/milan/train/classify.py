@@ -55,13 +55,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float, l
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, *,
              class_index: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None,
              desc: str = "eval") -> dict[str, float]:
-    """Top-1/top-5 and mean CE of `model` over `loader` (in eval mode; it is left there).
+    """Top-1/top-5 and mean CE of `model` over `loader`, in eval mode (the mode it had is put back).
 
     Args:
         class_index: restrict the logits to these output classes (e.g. the 200 ImageNet-R
             classes among the 1000); targets index into it.
         amp_dtype: autocast dtype (None: fp32).
     """
+    was_training = model.training
     model.eval()
     hits1 = hits5 = loss = 0.0
     count = 0
@@ -78,6 +79,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, *
         hits1, hits5, count = hits1 + top1 * n, hits5 + top5 * n, count + n
         loss += float(F.cross_entropy(logits, targets, reduction="sum"))
     bar.close()
+    model.train(was_training)
     return {"top1": hits1 / count, "top5": hits5 / count, "loss": loss / count, "count": count}
 
 

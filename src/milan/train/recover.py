@@ -24,17 +24,22 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from milan.errors import TrainingError
 from milan.train import distributed as distr
+from milan.train.loop import Hook, Loop
 
-__all__ = ["CAUSES", "Detector", "Snapshot", "take_snapshot", "restore_snapshot", "snapshot_payload",
+_log = logging.getLogger("milan")
+
+__all__ = ["RecoverConfig", "DebugConfig", "RecoveryHook", "non_finite_guard", "CAUSES", "Detector", "Snapshot", "take_snapshot", "restore_snapshot", "snapshot_payload",
            "snapshot_from_payload", "Recovery", "write_events", "append_event", "describe"]
 
 #: Detector cause codes; a larger code wins when two causes hit the same step.
@@ -387,3 +392,197 @@ def write_events(run_dir: str | Path, events: list[dict[str, Any]]) -> Path:
 def append_event(run_dir: str | Path, event: dict[str, Any]) -> None:
     with (Path(run_dir) / "events.jsonl").open("a") as f:
         f.write(json.dumps(event) + "\n")
+
+
+# --- the config sections (pretrain's `recover` and `debug`) ----------------------------------------
+
+
+@dataclass
+class RecoverConfig:
+    """Automatic recovery from instability (docs/RECOVERY.md). At check points (a sync the run pays
+    anyway) every rank agrees on the first bad step; the run then rolls back to the newest in-memory
+    snapshot taken at a step verified good, skips batches, scales the lr down for a while and goes
+    on; more than `max_retries` failures within `retry_window` steps stop it with a TrainingError.
+    No checkpoint is ever written after a bad step. A run without bad steps is bit-identical with
+    `enabled` true or false."""
+
+    enabled: bool = True  # false: the first bad step stops the run (TrainingError), as before
+    check_every: int | None = None  # steps between checks (one all-reduce + host sync); None: run.log_every
+    snapshot_every: int = 100  # steps between snapshots (CPU copy of model, optimizer, scaler; also at checkpoints)
+    skip_batches: int | None = None  # batches skipped after a rollback; None: the snapshot's through the first bad one
+    lr_scale: float = 0.5  # lr × this after a rollback (compounding if a step inside the window fails again)
+    lr_scale_steps: int = 100  # for this many steps from the snapshot rolled back to (0: never scale)
+    fallback_precision: Literal["bf16", "fp32"] | None = None  # switch to it at the first rollback (e.g. from fp16)
+    max_retries: int = 3  # rollbacks allowed within retry_window steps; the next failure stops the run
+    retry_window: int = 1000  # steps
+    loss_spike_z: float | None = None  # flag a loss above mean + z·std of the last spike_window steps (None: off)
+    grad_spike_z: float | None = None  # the same test on the pre-clip gradient norm (None: off)
+    spike_window: int = 100  # steps in the running mean/std of the spike tests
+    spike_warmup: int = 100  # steps seen before the spike tests start
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection, to test a recovery set-up (docs/RECOVERY.md); leave empty for real runs. Steps
+    count from 0 like the lr schedule: step k is the optimizer step logged as step k + 1."""
+
+    nan_at_steps: list[int] = field(default_factory=list)  # multiply the loss by NaN at these optimizer steps
+    nan_rank: int | None = None  # only on this rank (None: every rank)
+    spike_at_steps: list[int] = field(default_factory=list)  # multiply the loss by spike_factor at these steps
+    spike_factor: float = 1000.0
+    repeat: bool = False  # false: a listed step fires once (its replay after a rollback is clean); true: every time
+    skip_batches: list[int] = field(default_factory=list)  # global batches the data order passes over
+
+
+
+# --- the loop's hook -------------------------------------------------------------------------------
+
+
+class RecoveryHook(Hook):
+    """Instability recovery (and fault injection) as a hook of the training loop.
+
+    on_loss: `debug.*` injections · lr_scale: the window after a rollback · on_step: the detector
+    (device only) · on_check: every rank agrees on the first bad step → roll back (or stop) ·
+    on_verified: snapshots · checkpoint entry "recover": decisions, detectors, the carried snapshot.
+    With `recover.enabled=false` it is the plain non-finite guard: the first bad step raises a
+    `TrainingError` naming `fix`, and no checkpoint is ever written after a bad step.
+
+    Args:
+        recover: the `recover` config section (`RecoverConfig`).
+        debug: the `debug` config section (`DebugConfig`).
+        run_dir: the run folder (events.jsonl).
+        fix: what the stop message advises.
+    """
+
+    def __init__(self, recover: Any, debug: Any, *, run_dir: Path, fix: str, precision: str,
+                 info: distr.DistInfo) -> None:
+        self.cfg, self.run_dir, self.fix, self.info = recover, Path(run_dir), fix, info
+        self.recovery = Recovery(recover, debug, precision=precision, rank=info.rank)
+        self.detector = Detector(info.device, loss_z=recover.loss_spike_z, grad_z=recover.grad_spike_z,
+                                 window=recover.spike_window, warmup=recover.spike_warmup)
+        self.snapshot: Snapshot | None = None  # the newest in-memory snapshot: where a rollback returns to
+        self.check_every = recover.check_every or 0
+        self._cost_logged = False
+
+    def _is_snapshot_point(self, loop: Loop, step: int) -> bool:  # a function of the step: resumes snapshot alike
+        return step % self.cfg.snapshot_every == 0 or loop.checkpoints.regular(step, loop.data.steps_per_epoch)
+
+    def on_start(self, loop: Loop) -> None:
+        loop.position = self.recovery.position  # rollbacks and debug.skip_batches move the data order
+        if self.info.is_main and (self.cfg.enabled or (self.run_dir / "events.jsonl").is_file()):
+            # a resumed run's file: its checkpoint's events, then its own (none on a fresh start, even
+            # with recovery off: an earlier attempt's file in this folder is not this run's)
+            write_events(self.run_dir, self.recovery.events)
+        if self.cfg.enabled and self.snapshot is None:  # the state the run starts from: the first target
+            self.snapshot = take_snapshot(loop.step, model=loop.model, optimizer=loop.optimizer, scaler=loop.scaler,
+                                          window=loop.meter.state_dict(), detector=self.detector)
+
+    def on_loss(self, loop: Loop, loss: torch.Tensor, micro: int) -> torch.Tensor:
+        inject = self.recovery.injection(loop.step)  # debug.nan_at_steps / spike_at_steps
+        if inject is None:
+            return loss
+        if micro == 0:
+            _log.warning("debug: step %d: loss × %g on rank %d", loop.step, inject, self.info.rank)
+        return loss * inject
+
+    def lr_scale(self, step: int) -> float:
+        return self.recovery.lr_scale(step)
+
+    def on_step(self, loop: Loop, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        self.detector.update(loop.step, loss, norm, scaler_active=loop.scaler.is_enabled())
+        self.recovery.ran(loop.step)
+
+    def wants_check(self, loop: Loop, step: int) -> bool:
+        # (snapshot points are regular checkpoints or multiples of snapshot_every: see on_verified)
+        return self.cfg.enabled and ((self.check_every and step % self.check_every == 0)
+                                     or step % self.cfg.snapshot_every == 0)
+
+    def on_check(self, loop: Loop) -> None:
+        bad_step = self.detector.agree()  # the same answer on every rank
+        if bad_step is None:
+            return
+        first, cause = bad_step
+        rc = self.cfg
+        what = describe(cause, loss_z=rc.loss_spike_z, grad_z=rc.grad_spike_z)
+        if not rc.enabled:
+            raise TrainingError(f"{what} at step {first}; no checkpoint was written after it. {self.fix}")
+        snapshot = self.snapshot
+        event = self.recovery.fail(first, cause, detected_at=loop.step, snapshot_step=snapshot.step,
+                                   last_checkpoint=loop.last_checkpoint)
+        if self.info.is_main:
+            loop.metrics.log(first, **{k: v for k, v in event.items() if k not in ("step", "time")})
+            append_event(self.run_dir, event)
+        if event["action"] == "stop":
+            raise TrainingError(event["message"])
+        loop.set_precision(self.recovery.precision)  # recover.fallback_precision
+        restore_snapshot(snapshot, model=loop.model, optimizer=loop.optimizer, scaler=loop.scaler)
+        self.detector.reset()
+        self.detector.load_state_dict(snapshot.detector)
+        loop.rewind(snapshot.step, snapshot.window)
+        if self.info.is_main:
+            lr_note = (f", lr × {event['lr_scale']:g} until step {event['lr_scale_until']}"
+                       if event["lr_scale"] != 1.0 else "")
+            if "precision" in event:
+                lr_note += f", precision {' → '.join(event['precision'])}"
+            _log.warning("step %d: %s (found at step %d); rolled back to step %d, skipped %d batch(es) %s%s "
+                         "(retry %d of %d)", first, what, event["detected_at"], snapshot.step,
+                         len(event["batches_skipped"]), _spans(event["batches_skipped"]), lr_note, event["retry"],
+                         rc.max_retries)
+
+    def on_verified(self, loop: Loop) -> None:
+        if not (self.cfg.enabled and self._is_snapshot_point(loop, loop.step)):
+            return
+        start = time.perf_counter()  # verified good: the state a checkpoint has
+        self.snapshot = take_snapshot(loop.step, model=loop.model, optimizer=loop.optimizer, scaler=loop.scaler,
+                                      window=loop.meter.state_dict(), detector=self.detector, reuse=self.snapshot)
+        if self.info.is_main and not self._cost_logged:
+            self._cost_logged = True
+            _log.info("recover: a snapshot holds %.1f MiB of CPU memory per process and took %.1f ms (every %d "
+                      "steps and at checkpoints)", self.snapshot.nbytes() / 2**20,
+                      1e3 * (time.perf_counter() - start), self.cfg.snapshot_every)
+
+    def _carry(self, loop: Loop) -> bool:
+        # a checkpoint between snapshot points (a pause) carries the newest snapshot, so that a
+        # resumed run rolls back where an uninterrupted one would
+        return self.snapshot is not None and self.snapshot.step != loop.step
+
+    def rank_state(self, loop: Loop) -> Any:
+        snap = self.snapshot
+        return self.detector.state_dict(), ((snap.window, snap.detector) if self._carry(loop) else None)
+
+    def state_dict(self, loop: Loop, ranks: list[Any]) -> dict[str, Any]:
+        carried = self._carry(loop)
+        return {"recover": {
+            "state": self.recovery.state_dict(), "detector": [r[0] for r in ranks],
+            "snapshot": snapshot_payload(self.snapshot, [r[1][0] for r in ranks], [r[1][1] for r in ranks])
+            if carried else None,
+        }}
+
+    def load_state_dict(self, loop: Loop, checkpoint: dict[str, Any]) -> None:
+        rank, world_size = loop.info.rank, loop.info.world_size
+        saved = checkpoint.get("recover") or {}
+        self.recovery.load_state_dict(saved.get("state"))  # events, data offset, lr window, retries, precision
+        loop.set_precision(self.recovery.precision)  # a rollback before the checkpoint fell back from fp16
+        detectors = saved.get("detector") or []
+        if len(detectors) == world_size:
+            self.detector.load_state_dict(detectors[rank])
+        if self.cfg.enabled:  # a checkpoint between snapshot points carries the snapshot a rollback would use
+            self.snapshot = snapshot_from_payload(saved.get("snapshot"), rank, world_size)
+
+
+def _spans(batches: list[int]) -> str:
+    """[3, 4, 5, 9] → "3–5, 9" (for one log line)."""
+    spans: list[list[int]] = []
+    for b in batches:
+        if spans and b == spans[-1][1] + 1:
+            spans[-1][1] = b
+        else:
+            spans.append([b, b])
+    return "[" + ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans) + "]"
+
+
+def non_finite_guard(*, run_dir: Path, info: distr.DistInfo, precision: str, fix: str) -> RecoveryHook:
+    """The hook of a recipe without recovery: the first NaN/inf loss or gradient stops the run at the
+    next check point (`TrainingError` naming `fix`), before any checkpoint of a later step."""
+    return RecoveryHook(RecoverConfig(enabled=False), DebugConfig(), run_dir=run_dir, info=info,
+                        precision=precision, fix=fix)
