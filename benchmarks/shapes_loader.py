@@ -15,8 +15,7 @@ from torch.utils.data import DataLoader
 
 from milan.data import build_dataset
 from milan.data.fast import pretrain_input, to_device
-from milan.data.folder import Samples
-from milan.data.reading import collate
+from milan.data.reading import Samples, collate
 from milan.data.sampler import EpochSampler
 from milan.data.transforms import pretrain_transform
 

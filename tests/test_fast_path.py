@@ -23,7 +23,8 @@ from milan.data.fast import (
     pretrain_input,
     to_device,
 )
-from milan.data.folder import ImageFolderDataset, Samples
+from milan.data.folder import ImageFolderDataset
+from milan.data.reading import Samples
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
 from milan.data.wds import META_KEY, ShardStream, count_samples, folder_to_shards
 from milan.errors import ConfigError

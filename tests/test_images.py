@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from milan.data.folder import BadImage, ImageFolderDataset, Samples, load_rgb
+from milan.data.folder import BadImage, ImageFolderDataset, load_rgb
+from milan.data.reading import Samples
 from milan.errors import DataError
 
 

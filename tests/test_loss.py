@@ -1,4 +1,4 @@
-"""Tests for milan.loss: eq. 1 (feature loss) and MAE's pixel loss."""
+"""Tests for milan.loss: eq. 1 (feature loss) and MAE's pixel loss (as `PixelObjective` takes it)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from milan.loss import feature_loss, patchify, pixel_loss, unpatchify
+from _mae_reference import mae_patchify, mae_pixel_loss
+from milan.loss import feature_loss, patchify, pixel_errors
 from milan.masking import random_masking
+from milan.model import PixelObjective
 
 # ---------------------------------------------------------------- feature loss (eq. 1)
 
@@ -98,22 +100,13 @@ def test_feature_loss_shape_mismatch_raises(a, b):
 # ---------------------------------------------------------------- patchify / pixel loss
 
 
-def _mae_patchify(imgs, p):
-    """MAE's models_mae.patchify."""
-    n, c, h, w = imgs.shape
-    x = imgs.reshape(n, c, h // p, p, w // p, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(n, (h // p) * (w // p), p * p * c)
-
-
 @pytest.mark.parametrize(("size", "p"), [(16, 4), (32, 8), (12, 3)])
-def test_patchify_round_trip_and_layout(size, p):
+def test_patchify_layout(size, p):
     imgs = torch.randn(2, 3, size, size)
     patches = patchify(imgs, p)
     grid = size // p
     assert patches.shape == (2, grid * grid, p * p * 3)
-    assert torch.equal(patches, _mae_patchify(imgs, p))
-    assert torch.equal(unpatchify(patches, p), imgs)
+    assert torch.equal(patches, mae_patchify(imgs, p))
     # patch j is the crop at row j // grid, col j % grid; pixels (row, col, channel) inside
     j = grid + 1 if grid > 1 else 0
     r, c = divmod(j, grid)
@@ -126,15 +119,10 @@ def test_patchify_rejects_indivisible_images():
         patchify(torch.randn(1, 3, 10, 10), 4)
 
 
-def _mae_pixel_loss(imgs, pred, mask_flags, p):
-    """MAE's forward_loss with norm_pix_loss=True; mask_flags: [B, N], 1 where removed."""
-    target = _mae_patchify(imgs, p)
-    mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True)
-    target = (target - mean) / (var + 1.0e-6) ** 0.5
-    loss = (pred - target) ** 2
-    loss = loss.mean(dim=-1)
-    return (loss * mask_flags).sum() / mask_flags.sum()
+def _pixel_loss(pred, imgs, mask, p):
+    """The pixel objective's loss as the model takes it; pred: `[B, N, p·p·3]` (a CLS row is added)."""
+    with_cls = torch.cat([torch.randn(pred.shape[0], 1, pred.shape[-1]), pred], dim=1)  # [B, 1+N, P]
+    return PixelObjective(patch_size=p)(with_cls, imgs, mask, None).loss
 
 
 def test_pixel_loss_matches_mae():
@@ -142,42 +130,43 @@ def test_pixel_loss_matches_mae():
     imgs = torch.randn(3, 3, 16, 16, generator=g)
     pred = torch.randn(3, 16, 48, generator=g)
     mask = random_masking(3, 16, 0.75, generator=g)
-    ours = pixel_loss(pred, imgs, mask.masked, patch_size=4)
-    ref = _mae_pixel_loss(imgs, pred, mask.is_masked().float(), 4)
-    torch.testing.assert_close(ours, ref)
+    ref = mae_pixel_loss(imgs, pred, mask.is_masked().float(), 4)
+    torch.testing.assert_close(_pixel_loss(pred, imgs, mask, 4), ref)
 
 
-def test_pixel_loss_without_norm_pix():
+def test_pixel_errors_without_norm_pix():
     g = torch.Generator().manual_seed(4)
     imgs = torch.randn(2, 3, 8, 8, generator=g)
     pred = torch.randn(2, 4, 48, generator=g)
     masked = torch.tensor([[0, 3], [2, 1]])
-    ours = pixel_loss(pred, imgs, masked, patch_size=4, norm_pix=False)
-    target = _mae_patchify(imgs, 4)
-    terms = [((pred[b, i] - target[b, i]) ** 2).mean() for b in range(2) for i in masked[b]]
-    assert ours.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
+    errors, target = pixel_errors(pred, imgs, masked, patch_size=4, norm_pix=False)
+    raw = mae_patchify(imgs, 4)
+    assert torch.equal(target, torch.stack([raw[b, masked[b]] for b in range(2)]))
+    terms = [((pred[b, i] - raw[b, i]) ** 2).mean() for b in range(2) for i in masked[b]]
+    assert errors.mean().item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
 
 
-def test_pixel_loss_ignores_visible_patches():
+def test_pixel_loss_ignores_visible_patches_and_cls():
     g = torch.Generator().manual_seed(5)
     imgs = torch.randn(2, 3, 16, 16, generator=g)
-    pred = torch.randn(2, 16, 48, generator=g)
+    pred = torch.randn(2, 17, 48, generator=g)  # [B, 1+N, P]: CLS first
     mask = random_masking(2, 16, 0.75, generator=g)
-    base = pixel_loss(pred, imgs, mask.masked, patch_size=4)
+    objective = PixelObjective(patch_size=4)
+    base = objective(pred, imgs, mask, None).loss
     changed = pred.clone()
-    visible = ~mask.is_masked()
+    visible = torch.cat([torch.ones(2, 1, dtype=torch.bool), ~mask.is_masked()], dim=1)  # CLS + visible
     changed[visible] = torch.randn(int(visible.sum()), 48, generator=g) * 100
-    assert torch.equal(pixel_loss(changed, imgs, mask.masked, patch_size=4), base)
+    assert torch.equal(objective(changed, imgs, mask, None).loss, base)
     # and it does see the masked ones
     changed = pred.clone()
-    changed[0, mask.masked[0, 0]] += 1.0
-    assert not torch.equal(pixel_loss(changed, imgs, mask.masked, patch_size=4), base)
+    changed[0, 1 + mask.masked[0, 0]] += 1.0
+    assert not torch.equal(objective(changed, imgs, mask, None).loss, base)
 
 
 def test_pixel_loss_zero_at_normalised_target():
     imgs = torch.randn(2, 3, 8, 8)
-    target = _mae_patchify(imgs, 4)
+    target = mae_patchify(imgs, 4)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    masked = torch.tensor([[1, 2, 3], [0, 1, 3]])
-    assert pixel_loss(target, imgs, masked, patch_size=4).item() == pytest.approx(0.0, abs=1e-10)
-    assert math.isfinite(pixel_loss(target + 1, imgs, masked, patch_size=4).item())
+    mask = random_masking(2, 4, 0.75)
+    assert _pixel_loss(target, imgs, mask, 4).item() == pytest.approx(0.0, abs=1e-10)
+    assert math.isfinite(_pixel_loss(target + 1, imgs, mask, 4).item())

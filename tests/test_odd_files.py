@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 
 import milan.data.folder as folder_module
 from _pretrain_cli import pretrain_args
-from milan.data.folder import ImageFolderDataset, Samples, load_rgb
-from milan.data.reading import BadFiles, Checked, Tolerant, collate, too_many_bad
+from milan.data.folder import ImageFolderDataset, load_rgb
+from milan.data.reading import BadFiles, Checked, Samples, Tolerant, collate, too_many_bad
 from milan.data.sampler import EpochSampler
 from milan.errors import DataError
 from milan.tools.cli import main as cli

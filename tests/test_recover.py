@@ -64,7 +64,7 @@ def test_nan_rolls_back_and_skips_exactly_the_recorded_batches(shapes_root: Path
     """NaN at step 3 (checks and snapshots every 2 steps): found at step 4, rolled back to the
     snapshot of step 2, global batches 2 and 3 skipped (the snapshot's through the first bad one).
     The run ends with the weights of a run that never saw a NaN and was told to skip batches 2, 3."""
-    from milan.data.folder import Samples
+    from milan.data.reading import Samples
 
     loaded: list[tuple[int, int]] = []
     getitem = Samples.__getitem__

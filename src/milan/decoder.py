@@ -78,38 +78,14 @@ class PromptingBlock(nn.Module):
 
 
 class _DecoderBase(nn.Module):
-    """Shared input/output parts: embedding, mask token, fixed pos-embed, final norm, head."""
-
-    def __init__(
-        self, *, encoder_dim: int, num_patches: int, out_dim: int, dim: int
-    ) -> None:
-        super().__init__()
-        grid = int(round(num_patches**0.5))
-        if grid * grid != num_patches:
-            raise ValueError(f"decoder needs a square patch grid, got {num_patches} patches")
-        self.embed = nn.Linear(encoder_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid))  # [1, 1+N, Dd]
-        self.norm = _LayerNorm(dim)
-        self.head = nn.Linear(dim, out_dim)
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-
-class PromptingDecoder(_DecoderBase):
-    """MILAN's prompting decoder (default width 512, depth 8, 16 heads, as MAE's decoder).
+    """What both decoders share: embedding, mask token, fixed pos-embed, `depth` blocks (each
+    decoder's own, from `build_blocks`), final norm and head.
 
     Args:
         encoder_dim: width of the encoder tokens.
         num_patches: N, patches per image (square grid).
         out_dim: target width (the teacher's projection dim, or p²·3 for pixels).
-        dim, depth, num_heads, mlp_ratio: decoder shape.
+        dim, depth, num_heads, mlp_ratio: decoder shape (default: MAE's decoder, 512 wide, 8 deep, 16 heads).
     """
 
     def __init__(
@@ -123,11 +99,37 @@ class PromptingDecoder(_DecoderBase):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
     ) -> None:
-        super().__init__(encoder_dim=encoder_dim, num_patches=num_patches, out_dim=out_dim, dim=dim)
-        self.blocks = nn.ModuleList(
-            PromptingBlock(dim, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)
-        )
+        super().__init__()
+        grid = int(round(num_patches**0.5))
+        if grid * grid != num_patches:
+            raise ValueError(f"decoder needs a square patch grid, got {num_patches} patches")
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid))  # [1, 1+N, Dd]
+        self.norm = _LayerNorm(dim)
+        self.head = nn.Linear(dim, out_dim)
+        self.blocks = self.build_blocks(dim, depth, num_heads, mlp_ratio)
         self.reset_parameters()
+
+    def build_blocks(self, dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.Module:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+
+class PromptingDecoder(_DecoderBase):
+    """MILAN's prompting decoder: the encoder's tokens become fixed prompts; only the mask tokens
+    go through the `PromptingBlock`s. Arguments as `_DecoderBase` (encoder_dim, num_patches, out_dim;
+    dim=512, depth=8, num_heads=16, mlp_ratio=4, as MAE's decoder)."""
+
+    def build_blocks(self, dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.Module:
+        return nn.ModuleList(PromptingBlock(dim, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -156,25 +158,13 @@ class PromptingDecoder(_DecoderBase):
 
 
 class MAEDecoder(_DecoderBase):
-    """MAE's decoder: self-attention over CLS + all patches (visible ones re-inserted)."""
+    """MAE's decoder: self-attention over CLS + all patches (visible ones re-inserted).
+    Arguments as `_DecoderBase`."""
 
-    def __init__(
-        self,
-        *,
-        encoder_dim: int,
-        num_patches: int,
-        out_dim: int,
-        dim: int = 512,
-        depth: int = 8,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-    ) -> None:
-        super().__init__(encoder_dim=encoder_dim, num_patches=num_patches, out_dim=out_dim, dim=dim)
-        self.blocks = nn.Sequential(
-            *(Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_LayerNorm)
-              for _ in range(depth))
+    def build_blocks(self, dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.Module:
+        return nn.Sequential(
+            *(Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_LayerNorm) for _ in range(depth))
         )
-        self.reset_parameters()
 
     def forward(self, latent: Tensor, mask: Mask) -> Tensor:
         """latent: `[B, 1+K, De]` encoder output → predictions `[B, 1+N, out_dim]`."""

@@ -1,4 +1,5 @@
-"""Reconstruction losses: MILAN's feature loss (eq. 1) and MAE's pixel loss (the baseline)."""
+"""Reconstruction losses: MILAN's feature loss (eq. 1) and MAE's pixel loss (the baseline; the mean of
+`pixel_errors`, taken by `milan.model.PixelObjective`, which keeps the errors for per-patch losses)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from milan.masking import gather_tokens
 
-__all__ = ["feature_loss", "patchify", "unpatchify", "pixel_targets", "pixel_errors", "pixel_loss"]
+__all__ = ["feature_loss", "patchify", "pixel_targets", "pixel_errors"]
 
 
 def feature_loss(pred: Tensor, target: Tensor, *, reduction: Literal["mean", "none"] = "mean") -> Tensor:
@@ -42,15 +43,6 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     return x.reshape(batch, gh * gw, patch_size * patch_size * channels)
 
 
-def unpatchify(patches: Tensor, patch_size: int, channels: int = 3) -> Tensor:
-    """Inverse of `patchify` for a square grid: `[B, N, p·p·C]` → `[B, C, H, W]`."""
-    batch, num, _ = patches.shape
-    grid = int(round(num**0.5))
-    x = patches.reshape(batch, grid, grid, patch_size, patch_size, channels)
-    x = x.permute(0, 5, 1, 3, 2, 4)  # [B, C, gh, p, gw, p]
-    return x.reshape(batch, channels, grid * patch_size, grid * patch_size)
-
-
 def pixel_targets(images: Tensor, patch_size: int, *, norm_pix: bool = True) -> Tensor:
     """MAE's targets: `[B, C, H, W]` → patches `[B, N, p·p·C]`, each normalised to zero mean and
     unit variance when `norm_pix` (MAE's default); computed in fp32."""
@@ -78,16 +70,3 @@ def pixel_errors(
     pred_m = gather_tokens(pred.float(), masked)  # [B, M, P]
     return (pred_m - target_m).pow(2), target_m
 
-
-def pixel_loss(
-    pred: Tensor, images: Tensor, masked: Tensor, *, patch_size: int, norm_pix: bool = True,
-    reduction: Literal["mean", "none"] = "mean",
-) -> Tensor:
-    """MAE's loss: MSE to (per-patch normalised) pixels, on masked patches only.
-
-    Args:
-        pred, images, masked, patch_size, norm_pix: as `pixel_errors`.
-        reduction: "mean" (MAE's loss) or "none" (the MSE of each masked patch, `[B, M]`).
-    """
-    errors, _ = pixel_errors(pred, images, masked, patch_size=patch_size, norm_pix=norm_pix)  # [B, M, P]
-    return errors.mean() if reduction == "mean" else errors.mean(-1)

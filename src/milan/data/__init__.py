@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def build_dataset(
             on rank 0.
 
     Bad files are only found when read: wrap the dataset for a DataLoader with
-    `milan.data.folder.Samples` (pretraining) or `milan.data.reading.Checked` (elsewhere).
+    `milan.data.reading.Samples` (pretraining) or `milan.data.reading.Checked` (elsewhere).
     """
     if kind == "imagefolder":
         from milan.data.folder import ImageFolderDataset
@@ -54,9 +55,8 @@ def build_dataset(
             root = root / split
         dataset = ImageFolderDataset(root, transform, min_size=min_size, exif_transpose=exif_transpose)
         if log and _is_main():
-            from milan.train.log import get_logger
-
-            get_logger().info("%s: %s", root, dataset.describe())
+            # the `milan` logger, which each command sets up (milan.train.log.get_logger)
+            logging.getLogger("milan").info("%s: %s", root, dataset.describe())
         return dataset
     if kind == "shapes":
         from milan.data.shapes import ShapesDataset, default_shapes_root, generate_shapes

@@ -110,13 +110,12 @@ def _draft_size(stored: tuple[int, int], box: tuple[int, int, int, int], out: in
     return draft_request(stored, min(h, w) / out)
 
 
-class PretrainCrop:
-    """RandomResizedCrop (PIL bicubic) + optional horizontal flip → `uint8 [S, S, 3]` (channels last).
+class _Crop:
+    """What both CPU crops share: their settings, and `decode` (a file → `read` → `finish`).
 
-    For the same global RNG state it draws the same box and flip as
-    `T.Compose([T.RandomResizedCrop(S, scale, BICUBIC), T.RandomHorizontalFlip()])`; without
-    `draft` the pixels are identical too. As a transform that decodes itself (`decode`), datasets
-    hand it the file; called on a PIL image it is an ordinary transform.
+    A subclass supplies `read(source, *, name, min_size) -> (image, plan)`, which decodes (at
+    reduced size where `draft` and the crop allow) and may draw the box from the header into the
+    plan, and `finish(image, plan) -> uint8 pixels`, which crops, resizes and flips.
     """
 
     def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
@@ -130,6 +129,22 @@ class PretrainCrop:
 
     def decode(self, source: str | Path | BinaryIO, *, name: str, min_size: int = 1) -> Tensor:
         return self.finish(*self.read(source, name=name, min_size=min_size))
+
+    def read(self, source: str | Path | BinaryIO, *, name: str, min_size: int = 1) -> tuple[Any, dict[str, Any]]:
+        raise NotImplementedError
+
+    def finish(self, image: Any, plan: dict[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+
+class PretrainCrop(_Crop):
+    """RandomResizedCrop (PIL bicubic) + optional horizontal flip → `uint8 [S, S, 3]` (channels last).
+
+    For the same global RNG state it draws the same box and flip as
+    `T.Compose([T.RandomResizedCrop(S, scale, BICUBIC), T.RandomHorizontalFlip()])`; without
+    `draft` the pixels are identical too. As a transform that decodes itself (`decode`), datasets
+    hand it the file; called on a PIL image it is an ordinary transform.
+    """
 
     def read(self, source: str | Path | BinaryIO, *, name: str,
              min_size: int = 1) -> tuple[Image.Image, dict[str, Any]]:
@@ -285,7 +300,7 @@ class _FullSize(Exception):
     """Raised by TensorCrop's header hook: no reduced-size decode, torchvision decodes instead."""
 
 
-class TensorCrop:
+class TensorCrop(_Crop):
     """uint8 tensors end to end: torchvision decode, `resized_crop_uint8` (bicubic, antialias), flip.
 
     The same box and flip draws as `PretrainCrop` for the same RNG state; pixels differ from PIL's
@@ -294,18 +309,6 @@ class TensorCrop:
     from its header, as `PretrainCrop(draft=True)` does; rounded to whole pixels of the smaller image).
     Returns `uint8 [3, S, S]`.
     """
-
-    def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True,
-                 draft: bool = False, exif_transpose: bool = True) -> None:
-        self.img_size, self.scale, self.hflip, self.draft = img_size, tuple(scale), hflip, draft
-        self.exif_transpose = exif_transpose
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, hflip={self.hflip}, "
-                f"draft={self.draft}, exif_transpose={self.exif_transpose})")
-
-    def decode(self, source: str | Path | BinaryIO, *, name: str, min_size: int = 1) -> Tensor:
-        return self.finish(*self.read(source, name=name, min_size=min_size))
 
     def read(self, source: str | Path | BinaryIO, *, name: str,
              min_size: int = 1) -> tuple[Tensor, dict[str, Any]]:

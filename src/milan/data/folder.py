@@ -1,29 +1,23 @@
-"""Image folders that survive real-world files, and sample-level determinism for exact resume.
+"""Image folders that survive real-world files.
 
 `ImageFolderDataset` reads an ImageFolder tree (`root/<class>/<image>`) or a flat folder of
 images. Every image is converted to RGB (CMYK, grayscale, palette and alpha images included);
-corrupt, truncated or too-small files raise `BadImage`.
-
-`Samples` wraps any dataset for training: it seeds the augmentation of sample i in epoch e from
-(seed, epoch, i) alone, so a resumed run sees exactly the crops of an uninterrupted one whatever
-the worker count; and it replaces a bad image by the next good one, reporting the files passed over
-so that the main process (`milan.data.reading.BadFiles`) warns once per file, lists them in
-`bad_images.txt` and stops when too many are bad. A folder that cannot be used (missing, no
-images, nothing but bad images) raises `milan.errors.DataError`.
+corrupt, truncated or too-small files raise `BadImage`, for `milan.data.reading` to skip (its
+`Samples` wraps a dataset for pretraining: per-sample seeded crops, bad images replaced). A
+folder that cannot be used (missing, no images, nothing but bad images) raises
+`milan.errors.DataError`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -32,7 +26,7 @@ from milan.errors import DataError
 
 _log = logging.getLogger("milan")
 
-__all__ = ["BadImage", "ImageFolderDataset", "Samples", "UnreadableImages", "load_rgb", "IMAGE_EXTENSIONS"]
+__all__ = ["BadImage", "ImageFolderDataset", "UnreadableImages", "load_rgb", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -248,43 +242,3 @@ def _files(folder: Path) -> list[Path]:
 def _listing(names: list[str], show: int = 5) -> str:
     more = f", … ({len(names) - show} more)" if len(names) > show else ""
     return f"{len(names)} file{'s' if len(names) != 1 else ''}: {', '.join(names[:show])}{more}"
-
-
-class Samples(Dataset):
-    """Training view of a dataset: per-sample seeded augmentation and bad-image replacement.
-
-    `__getitem__((epoch, i))` returns `(image, label, reports)`: `reports` is a tuple of
-    `(file, reason, bad)` for the bad files passed over to produce it (and `bad=False` notes on the
-    image used), for `milan.data.reading.BadFiles` in the main process (collate with
-    `milan.data.reading.collate`). A bad image is replaced by the next good one, deterministically.
-    Call `set_epoch` before each epoch (the loader's workers see it through the sampler, which
-    passes `(epoch, index)` pairs).
-    """
-
-    def __init__(self, dataset: Dataset, *, seed: int, max_tries: int = 16) -> None:
-        self.dataset, self.seed, self.max_tries = dataset, seed, max_tries
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int, tuple[tuple[str, str, bool], ...]]:
-        from milan.data.reading import read_sample
-
-        epoch, index = key
-        reports: list[tuple[str, str, bool]] = []
-        for tries in range(self.max_tries):
-            i = (index + tries) % len(self.dataset)
-            # Global RNGs are per worker process; seeding them here makes the crop of (epoch, i)
-            # independent of which worker (or the main process) draws it.
-            seed = hash((self.seed, epoch, i)) & 0x7FFF_FFFF
-            torch.manual_seed(seed)
-            random.seed(seed)
-            image, label, found = read_sample(self.dataset, i)
-            reports += found
-            if image is not None:
-                return image, label, tuple(reports)
-        last = reports[-1]
-        raise UnreadableImages(
-            f"{self.max_tries} consecutive unreadable or too small images from index {index} "
-            f"(last: {last[0]}: {last[1]}); check that the data path holds readable images"
-        )

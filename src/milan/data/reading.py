@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,8 @@ from torch.utils.data._utils.collate import default_collate
 from milan.data.folder import BadImage, UnreadableImages
 from milan.errors import DataError
 
-__all__ = ["BAD_IMAGES_FILE", "BadFiles", "Checked", "Tolerant", "collate", "collate_lists", "first_readable",
-           "read_sample", "too_many_bad", "MIN_FILES"]
+__all__ = ["BAD_IMAGES_FILE", "BadFiles", "Checked", "Samples", "Tolerant", "collate", "collate_lists",
+           "first_readable", "read_sample", "too_many_bad", "MIN_FILES"]
 
 _log = logging.getLogger("milan")
 
@@ -79,6 +80,46 @@ def read_sample(dataset: Dataset, index: int) -> tuple[Any, Any, list[Report]]:
         name = err.name or (base.name(i) if hasattr(base, "name") else f"{type(base).__name__}[{i}]")
         label = base.samples[i][1] if hasattr(base, "samples") else None
         return None, label, [(name, err.reason, True)]
+
+
+class Samples(Dataset):
+    """Training view of a dataset: per-sample seeded augmentation and bad-image replacement.
+
+    The augmentation of sample i in epoch e is seeded from (seed, epoch, i) alone, so a resumed run
+    sees exactly the crops of an uninterrupted one whatever the worker count.
+
+    `__getitem__((epoch, i))` returns `(image, label, reports)`: `reports` is a tuple of
+    `(file, reason, bad)` for the bad files passed over to produce it (and `bad=False` notes on the
+    image used), for `BadFiles` in the main process (collate with `collate`). A bad image is
+    replaced by the next good one, deterministically. Call `set_epoch` before each epoch (the
+    loader's workers see it through the sampler, which passes `(epoch, index)` pairs).
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int, max_tries: int = 16) -> None:
+        self.dataset, self.seed, self.max_tries = dataset, seed, max_tries
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int, tuple[tuple[str, str, bool], ...]]:
+        epoch, index = key
+        reports: list[tuple[str, str, bool]] = []
+        for tries in range(self.max_tries):
+            i = (index + tries) % len(self.dataset)
+            # Global RNGs are per worker process; seeding them here makes the crop of (epoch, i)
+            # independent of which worker (or the main process) draws it.
+            seed = hash((self.seed, epoch, i)) & 0x7FFF_FFFF
+            torch.manual_seed(seed)
+            random.seed(seed)
+            image, label, found = read_sample(self.dataset, i)
+            reports += found
+            if image is not None:
+                return image, label, tuple(reports)
+        last = reports[-1]
+        raise UnreadableImages(
+            f"{self.max_tries} consecutive unreadable or too small images from index {index} "
+            f"(last: {last[0]}: {last[1]}); check that the data path holds readable images"
+        )
 
 
 class Checked(Dataset):

@@ -15,6 +15,7 @@ Keys come out in timm's `VisionTransformer` naming.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,6 @@ from torch import Tensor, nn
 
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
 from milan.errors import WeightsError
-from milan.train.log import get_logger
 
 if TYPE_CHECKING:
     from milan.model import ModelSpec
@@ -44,7 +44,7 @@ def _is_encoder_key(key: str) -> bool:
 def _resolve_file(path: Path) -> Path:
     """A pretraining run folder stands for its newest `checkpoint-<step>.pt`."""
     if path.is_dir():
-        from milan.train.checkpoint import step_checkpoints
+        from milan.io.checkpoint_files import step_checkpoints
 
         found = step_checkpoints(path)
         if not found:
@@ -197,7 +197,7 @@ def load_encoder(
         grid = int(round(new**0.5))
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"].float(), new_size=[grid, grid],
                                                     num_prefix_tokens=1)
-        get_logger().info("resampled pos_embed from %d to %d patches (%dx%d grid)", old, new, grid, grid)
+        logging.getLogger("milan").info("resampled pos_embed from %d to %d patches (%dx%d grid)", old, new, grid, grid)
     missing = sorted(k for k in target if k not in state and not k.startswith(allow_missing))
     unexpected = sorted(k for k in state if k not in target)
     wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"

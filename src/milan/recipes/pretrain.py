@@ -23,8 +23,7 @@ from torch.utils.data import DataLoader
 import milan
 from milan.data import build_dataset
 from milan.data.fast import CudaJpegPlan, collate_plans, pretrain_input, to_device
-from milan.data.folder import Samples
-from milan.data.reading import BadFiles, collate
+from milan.data.reading import BadFiles, Samples, collate
 from milan.data.sampler import EpochSampler
 from milan.errors import CheckpointError, ConfigError, DataError
 from milan.model import ModelSpec, build_model

@@ -148,6 +148,7 @@ def _dataset(args: argparse.Namespace, img_size: int, cfg: dict[str, Any] | None
     from milan.data.transforms import eval_transform
     from milan.train.log import get_logger
 
+    log = get_logger()  # set up before build_dataset, which logs the folder's start line to it
     trained = (cfg or {}).get("data") or {}
     kind = args.data
     if kind is None:
@@ -166,7 +167,7 @@ def _dataset(args: argparse.Namespace, img_size: int, cfg: dict[str, Any] | None
     dataset = build_dataset(kind, path, split=args.split, transform=tf, label=label)
     where = getattr(dataset, "root", None) or path or "the shapes cache"
     args.data_used = f"{kind} {where} ({args.split})"
-    get_logger().info("drawing images from %s", args.data_used)
+    log.info("drawing images from %s", args.data_used)
     # an unreadable image is replaced by the next good one, warned about once; no run folder to list them in
     args.bad_files = getattr(args, "bad_files", None) or BadFiles(max_fraction=None)
     return Tolerant(dataset, args.bad_files)

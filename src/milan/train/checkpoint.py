@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,13 +19,10 @@ from typing import Any
 import torch
 
 from milan.errors import CheckpointError
+from milan.io.checkpoint_files import checkpoint_step, step_checkpoints
 
 __all__ = ["CheckpointRecord", "check_resumable", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "prune_checkpoints", "state_mismatch", "checkpoint_step", "step_checkpoints", "CheckpointError"]
-
-_STEP_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
-
-
 
 
 @dataclass(frozen=True)
@@ -134,20 +130,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                            expected="a checkpoint written by milan (checkpoint-<step>.pt or checkpoint-last.pt)",
                            fix="Resume from another checkpoint (run.resume=PATH), from the newest readable one "
                                "in the run folder (run.resume=auto), or start over (run.resume=none)")
-
-
-def checkpoint_step(path: str | Path) -> int | None:
-    """The step in a `checkpoint-<step>.pt` name, None for other names."""
-    m = _STEP_FILE.match(Path(path).name)
-    return int(m.group(1)) if m else None
-
-
-def step_checkpoints(run_dir: str | Path) -> list[Path]:
-    """`checkpoint-<step>.pt` files in `run_dir`, oldest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    return sorted((p for p in run_dir.iterdir() if checkpoint_step(p) is not None), key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
