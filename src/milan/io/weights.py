@@ -36,7 +36,14 @@ from torch import Tensor, nn
 
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
 from milan.errors import WeightsError
-from milan.io.formats import Mapped, is_mae_layout, is_mmpretrain, map_state, mmpretrain_classes
+from milan.io.formats import (
+    MAE_DECODER_KEYS,
+    Mapped,
+    is_mae_layout,
+    is_mmpretrain,
+    map_state,
+    mmpretrain_classes,
+)
 
 if TYPE_CHECKING:
     from milan.model import MaskedAutoencoder, ModelSpec
@@ -308,9 +315,10 @@ def _recognise(obj: dict[str, Any], header: dict[str, str], path: Path) -> tuple
     meta["global_pool"] = "avg" if "fc_norm.weight" in state else "token"
     kept = "encoder" + (f" + {mapped.decoder_kind} decoder" if mapped.decoder_kind else "") + (
         f" + {meta['num_classes']}-class head" if meta["num_classes"] else "")
-    dropped = "; ".join(mapped.notes) or (", ".join(mapped.dropped[:4]) + (" ..." if len(mapped.dropped) > 4 else ""))
-    _log().info("weights: %s is %s: %s%s", path, source, kept,
-                f"; dropped {len(mapped.dropped)} key(s): {dropped}" if mapped.dropped else "")
+    # the decoder's keys are accounted for above (model.init uses them; encoder readers leave them)
+    other = [k for k in mapped.dropped if not (mapped.decoder and k.startswith(("decoder.", "neck.", *MAE_DECODER_KEYS)))]
+    dropped = "; ".join(mapped.notes) or (", ".join(other[:4]) + (" ..." if len(other) > 4 else ""))
+    _log().info("weights: %s is %s: %s%s", path, source, kept, f"; dropped {len(other)} key(s): {dropped}" if other else "")
     return state, meta, mapped
 
 
