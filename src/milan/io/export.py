@@ -219,11 +219,12 @@ def model_card(pretrained: Any, hf_config: dict[str, Any], *, source: str) -> st
     config, spec, meta = pretrained.config or {}, pretrained.spec, pretrained.meta
     enc = pretrained.encoder_config
     pre = hf_config["pretrained_cfg"]
+    clip = (spec.target if spec is not None else meta.get("target")) == "clip"  # MILAN-style, not MAE / timm
     lines = ["---", "library_name: timm", "tags:", "- image-feature-extraction", "- timm", "- milan", "---", "",
              f"# MILAN ViT ({meta['preset'] or f'{enc.embed_dim}-wide, {enc.depth} blocks'})", "",
-             "A ViT encoder pretrained with MILAN (masked image pretraining on language-assisted representation: "
-             "the masked student reconstructs a frozen CLIP model's features through a prompting decoder), "
-             f"exported by `milan export --to hf` from `{source}` ({meta['source']}).", "",
+             ("A ViT encoder pretrained with MILAN (masked image pretraining on language-assisted representation: "
+              "the masked student reconstructs a frozen CLIP model's features), " if clip else "A ViT encoder, ")
+             + f"exported by `milan export --to hf` from `{source}` ({meta['source']}).", "",
              "## Pretraining", ""]
     if spec is not None:
         lines.append(f"- model: `{spec.name}`, target {spec.target}, decoder {spec.decoder}"
@@ -292,6 +293,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
+    import logging
+    import sys
+
+    log = logging.getLogger("milan")
+    if not log.handlers:  # the reader's lines (which file a folder stood for, its format, what was dropped)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     if args.to == "hf":
         config = export_hf(args.checkpoint, args.out, head=not args.no_head)
         pre = config["pretrained_cfg"]
