@@ -41,7 +41,7 @@ def test_run_folder_means_its_newest_checkpoint(tmp_path: Path) -> None:
     state, _ = encoder_state_dict(tmp_path)
     assert torch.equal(state["cls_token"], newest.encoder.state_dict()["cls_token"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(WeightsError, match="folder without checkpoint"):
+    with pytest.raises(WeightsError, match="folder without weights"):
         encoder_state_dict(tmp_path / "empty")
 
 

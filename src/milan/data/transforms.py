@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "pretrain_transform", "eval_transform", "PilToUint8", "pil_to_uint8"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EVAL_CROP_PCT", "pretrain_transform", "eval_transform", "PilToUint8", "pil_to_uint8"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Evaluation crop ratio (kNN, linear probe, finetune, eval default): resize to img_size / 0.875, centre-crop.
+EVAL_CROP_PCT = 0.875
 
 
 def pil_to_uint8(img: Image.Image, *, channels_last: bool = False) -> torch.Tensor:
@@ -50,7 +52,7 @@ def pretrain_transform(img_size: int, *, scale: tuple[float, float] = (0.2, 1.0)
     return T.Compose(steps)
 
 
-def eval_transform(img_size: int, *, crop_pct: float = 0.875) -> T.Compose:
+def eval_transform(img_size: int, *, crop_pct: float = EVAL_CROP_PCT) -> T.Compose:
     """Resize the short side to img_size / crop_pct, centre-crop, normalise."""
     resize = int(round(img_size / crop_pct))
     return T.Compose([

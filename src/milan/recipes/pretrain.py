@@ -26,6 +26,7 @@ from milan.data.fast import CudaJpegPlan, collate_plans, pretrain_input, to_devi
 from milan.data.reading import BadFiles, Samples, collate
 from milan.data.sampler import EpochSampler
 from milan.errors import CheckpointError, ConfigError, DataError
+from milan.io.weights import init_model
 from milan.model import ModelSpec, build_model
 from milan.pretraining import MILAN
 from milan.train import distributed as distr
@@ -63,6 +64,10 @@ class ModelConfig:
     decoder_dim: int | None = None  # None: the preset's (512 × 8 × 16 for ViT-B/L, as MAE)
     decoder_depth: int | None = None
     decoder_heads: int | None = None
+    # Published weights to start a NEW run from (step 0, fresh optimizer): a run folder or checkpoint of
+    # ours, the MILAN authors' / MAE / mmpretrain checkpoints, a timm folder (README: Published weights).
+    init: str | None = None
+    init_decoder: bool = True  # also the file's decoder, where it has one that fits; false: a fresh decoder
 
     def __post_init__(self) -> None:
         spec = self.spec()
@@ -257,6 +262,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
 
     # --- the step: frozen teacher (never in the optimizer, DDP or the checkpoint) + student ------
     step_fn = build_step(cfg, device, amp_dtype=amp_dtype)
+    if cfg.model.init is not None:  # a resumed run then loads its own checkpoint over it, below
+        loaded = init_model(step_fn.model, cfg.model.init, init_decoder=cfg.model.init_decoder)
+        if info.is_main:
+            log.info("model.init: %s", loaded)
     model, teacher = step_fn.model, step_fn.teacher
     img_size = spec.encoder.img_size
 

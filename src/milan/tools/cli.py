@@ -138,9 +138,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                    "(COCO json or shapes)", "milan.recipes.detect", "optim.epochs=2 model.weights=runs/pretrain")
 
     _tool_parser(sub, "export", "milan.io.export",
-                 "export encoder (or finetuned classifier) weights for timm (.safetensors + .json)",
-                 "Write a checkpoint's encoder as timm-named safetensors plus a JSON sidecar with the "
-                 "timm model name and kwargs; prints the timm.create_model call that loads it.",
+                 "export encoder (or finetuned classifier) weights for timm (.safetensors + .json) or as a "
+                 "timm / Hugging Face model folder (--to hf)",
+                 "Write a checkpoint's encoder as timm-named safetensors plus a JSON sidecar with the timm model "
+                 "name, kwargs and milan's evaluation preprocessing (--to timm), or a model folder that "
+                 "timm.create_model('local-dir:DIR') and the Hub load (--to hf); prints the call that loads it.",
                  load=wanted("export"), formatter=argparse.HelpFormatter)
 
     _tool_parser(sub, "demo", "milan.tools.demo",
