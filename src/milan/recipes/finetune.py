@@ -51,7 +51,7 @@ from milan.train.classify import (
     keep_posterize_bits,
 )
 from milan.train.config import RunSection, save_config, to_dict
-from milan.train.hooks import BadFilesHook, Periodic
+from milan.train.hooks import BadFilesHook, Periodic, Preemption
 from milan.train.log import MetricsLogger, get_logger
 from milan.train.loop import Checkpoints, Every, Loop
 from milan.train.probe import remap_labels
@@ -292,7 +292,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                                                                      len(train_set))),
                        non_finite_guard(run_dir=run_dir, info=info, precision=precision, fix="Lower optim.lr or optim.base_lr, or set "
                                     "optim.clip_grad=1.0; then rerun to resume from checkpoint-last.pt."),
-                       Periodic(evaluate_epoch, at_epoch_end=True, check=True)])
+                       Periodic(evaluate_epoch, at_epoch_end=True, check=True),
+                       Preemption.of_run(cfg.run, run_dir)])
 
     # --- resume --------------------------------------------------------------------------------
     found = find_resume_last(cfg.run.resume, run_dir, info=info)

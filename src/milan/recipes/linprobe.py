@@ -48,7 +48,7 @@ from milan.io.weights import build_encoder
 from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
 from milan.train.config import RunSection, save_config, to_dict
-from milan.train.hooks import Periodic
+from milan.train.hooks import Periodic, Preemption
 from milan.train.log import MetricsLogger, get_logger
 from milan.train.loop import Checkpoints, Loop
 from milan.train.probe import (
@@ -367,7 +367,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
             record = CheckpointRecord("linprobe", loop.step, to_dict(cfg), identity, epoch=epoch)
             save_checkpoint(record.state(head=head.state_dict(), **payload()), run_dir / "head-best.pt")
 
-    loop.hooks.append(Periodic(evaluate_epoch, at_epoch_end=True))
+    loop.hooks += [Periodic(evaluate_epoch, at_epoch_end=True), Preemption.of_run(cfg.run, run_dir)]
     loop.metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard,
                                  resume_from=loop.step if found is not None else -1)
     log.info("linear probe: %d train / %d val images, %d classes, %d epochs × %d steps, lr %.4g%s",

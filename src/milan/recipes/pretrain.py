@@ -38,7 +38,7 @@ from milan.train.checkpoint import (
     step_checkpoints,
 )
 from milan.train.config import RunSection, save_config, to_dict
-from milan.train.hooks import BadFilesHook, Periodic
+from milan.train.hooks import BadFilesHook, Periodic, Preemption
 from milan.train.log import MetricsLogger, get_logger
 from milan.train.loop import Checkpoints, Every, Hook, Loop
 from milan.train.recover import DebugConfig, RecoverConfig, RecoveryHook
@@ -314,7 +314,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     recovery = RecoveryHook(cfg.recover, cfg.debug, run_dir=run_dir, precision=precision, info=info,
                             fix="Lower optim.lr or base_lr, set optim.clip_grad=1.0, or use run.precision=bf16/fp32; "
                                 "then resume from the last checkpoint.")
-    hooks: list[Hook] = [BadFilesHook(bad_files, seen=lambda loop: loop.meter.seen * info.world_size), recovery]
+    hooks: list[Hook] = [BadFilesHook(bad_files, seen=lambda loop: loop.meter.seen * info.world_size), recovery,
+                         Preemption.of_run(cfg.run, run_dir)]
     if cfg.monitor.every and info.is_main:
         knn = _knn_monitor(cfg, img_size, device, bad_files)
 

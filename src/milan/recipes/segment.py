@@ -56,7 +56,7 @@ from milan.io.weights import build_encoder
 from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointRecord, check_resumable, save_checkpoint
 from milan.train.config import RunSection, save_config, to_dict
-from milan.train.hooks import BadFilesHook, Periodic
+from milan.train.hooks import BadFilesHook, Periodic, Preemption
 from milan.train.log import MetricsLogger, get_logger, progress
 from milan.train.loop import Checkpoints, Every, Loop
 from milan.train.recover import non_finite_guard
@@ -391,7 +391,8 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                 hooks=[BadFilesHook(bad_files, seen=seen),
                        non_finite_guard(run_dir=run_dir, info=info, precision=precision, fix="Lower optim.lr or set optim.clip_grad=1.0, then rerun "
                                     "to resume from checkpoint-last.pt."),
-                       Periodic(eval_and_keep_best, every=cfg.run.eval_every, check=True)])
+                       Periodic(eval_and_keep_best, every=cfg.run.eval_every, check=True),
+                       Preemption.of_run(cfg.run, run_dir)])
 
     found = find_resume_last(cfg.run.resume, run_dir, info=info)
     if found is not None:

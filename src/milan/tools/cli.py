@@ -220,7 +220,8 @@ def run(argv: Sequence[str] | None = None) -> None:
     """The `milan` executable: `main`, with a `milan.errors.UserError` (a bad config value, a missing
     file, an unreadable checkpoint: anything the user can fix) printed as one line and exit status 2.
     Every other exception keeps its traceback (it may be a bug); MILAN_TRACEBACK=1 shows the
-    traceback of user errors too."""
+    traceback of user errors too. A preempted run (checkpointed, resumable) prints one line and exits
+    with status 75 (`milan.train.loop.EXIT_PREEMPTED`)."""
     import os
 
     from milan.errors import UserError
@@ -234,6 +235,12 @@ def run(argv: Sequence[str] | None = None) -> None:
         command = " ".join(a for a in args[:2] if not a.startswith("-") and "=" not in a)
         print(f"milan {command}: error: {err}\n(MILAN_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as err:
+        if type(err).__name__ != "Preempted":  # (milan.train.loop.Preempted; --help imports no torch)
+            raise
+        # preempted after its checkpoint: resumable, and said so by the exit status (the SLURM script requeues)
+        print(f"milan: {err} (exit status {err.exit_status})", file=sys.stderr)
+        raise SystemExit(err.exit_status) from None
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ class RunSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: str = "auto"  # auto: the run folder's newest good checkpoint, if any; none; or a path
     tensorboard: bool = True
+    # Preemption (README "Running on a cluster"): on one of these signals, or when <out_dir>/PREEMPT
+    # appears, every process finishes its step, rank 0 checkpoints, and the command exits with 75.
+    preempt_signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    preempt_every: int = 10  # under torchrun: steps between the ranks' agreement on a stop (one all-reduce)
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -48,9 +48,26 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         # Rank 0 alone evaluates (finetune's val set, kNN, the probe) while the others wait in a
         # collective: allow that much longer than NCCL's 10-minute default before calling it a hang.
-        minutes = float(os.environ.get("MILAN_DIST_TIMEOUT_MIN", 120))
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=minutes))
+        timeout = timedelta(minutes=float(os.environ.get("MILAN_DIST_TIMEOUT_MIN", 120)))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=_store(timeout),
+                                rank=rank, world_size=world, timeout=timeout)
     return DistInfo(rank, world, local, dev)
+
+
+def _store(timeout: timedelta) -> dist.Store:
+    """torchrun's store, with the keys of this restart round apart from the previous rounds'.
+
+    Under `torchrun --max-restarts N` every round's workers share the agent's one TCPStore, and
+    the default process group writes the same keys each round (each rank's address under
+    "default_pg/..."). A restarted worker that reads a key before its new peer has rewritten it
+    gets the dead round's address and fails in `init_process_group` ("Gloo connectFullMesh failed
+    ... Connection refused" to a port of the previous round; seen with torch 2.14 on CPU, where it
+    depends on which worker starts first). Prefixing the keys with the restart count
+    (TORCHELASTIC_RESTART_COUNT) gives each round a clean namespace.
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    return dist.PrefixStore(f"milan/round_{restart}", store) if restart else store
 
 
 def is_main() -> bool:

@@ -42,7 +42,22 @@ from milan.train.checkpoint import CheckpointRecord, prune_checkpoints, save_che
 from milan.train.log import MetricsLogger, progress
 from milan.train.run import AMP_DTYPES, grad_norm, restore_rng, rng_state, set_lr
 
-__all__ = ["Hook", "Data", "Checkpoints", "Meter", "Loop", "Every"]
+__all__ = ["Hook", "Data", "Checkpoints", "Meter", "Loop", "Every", "Preempted", "EXIT_PREEMPTED"]
+
+#: The exit status of a command stopped by preemption after its checkpoint: rerun it to resume
+#: (EX_TEMPFAIL: "try again later"; the SLURM script requeues on it).
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):  # noqa: N818 (not an error: the run stopped on request, resumable)
+    """The loop stopped on request (a preemption signal) after writing the checkpoint of `step`."""
+
+    exit_status = EXIT_PREEMPTED
+
+    def __init__(self, step: int, checkpoint: str, reason: str) -> None:
+        super().__init__(f"{reason}: stopped at step {step} after writing {checkpoint}; rerun the same command to "
+                         "resume from it")
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
 
 
 class Hook:
@@ -301,6 +316,7 @@ class Loop:
         self.resumed = False
         self._rng: list[dict[str, Any]] | None = None  # a resumed checkpoint's RNG states, put back at run()
         self._restart = False
+        self._stop: str | None = None  # why the loop must stop after this step (a preemption)
         self.position: Callable[[int], int] = lambda step: step  # the data position of optimizer step s
 
     # --- precision -------------------------------------------------------------------------------------------
@@ -391,6 +407,16 @@ class Loop:
         self.bar.n = step
         self.bar.refresh()
         self._restart = True
+
+    @property
+    def stopping(self) -> str | None:
+        """Why the loop stops after this step (a requested stop), or None."""
+        return self._stop
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current step's checks: write its checkpoint, then raise `Preempted` (every
+        rank must request it at the same step)."""
+        self._stop = reason
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -496,6 +522,9 @@ class Loop:
                     return
         if self.is_log(step):
             self._log()
+        if self._stop is not None:  # checked and good: save it and leave (no evaluation, no epoch end)
+            path = self.save()
+            raise Preempted(step, str(path), self._stop)
         resume_clock = self.meter.pause()  # evaluation and checkpoint time is not training throughput
         if checked:
             for hook in self.hooks:
