@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
+from milan.data import loader_workers
 from milan.data.reading import BadFiles, Checked, collate
 from milan.data.split import classifier_sets
 from milan.data.transforms import eval_transform
@@ -150,7 +151,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         restrict = {"auto": len(index) < num_classes, "always": True, "never": False}[cfg.data.restrict_logits]
         if not restrict:
             dataset = Relabel(dataset, index)  # targets become model output indices
-        loader = DataLoader(Checked(dataset), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+        loader = DataLoader(Checked(dataset), batch_size=cfg.data.batch_size, num_workers=loader_workers(cfg.data.num_workers),
                             collate_fn=collate)
         name = Path(path).name if Path(path).name not in ("val", "train") else Path(path).parent.name + "/val"
         result = evaluate(model, bad_files.track(loader), device, class_index=index if restrict else None,

@@ -29,6 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
+from milan.data import loader_workers
 from milan.data.reading import BadFiles, Checked, collate
 from milan.data.split import eval_sets
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -200,11 +201,11 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     # training: a bad image is replaced by the next good one (full batches); val: a bad one is left out.
     # Workers report bad files through the batch to this registry (one warning per file, bad_images.txt).
     loader = DataLoader(Checked(train_set, replace=True), batch_size=batch, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, collate_fn=collate)
+                        num_workers=loader_workers(cfg.data.num_workers), collate_fn=collate)
     if len(loader) == 0:
-        raise DataError(f"{len(train_set)} training images are fewer than one batch per process; "
-                        f"lower optim.batch_size={batch}")
-    val_loader = DataLoader(Checked(val_set), batch_size=batch, num_workers=cfg.data.num_workers, collate_fn=collate)
+        raise DataError(f"{len(train_set)} training images are fewer than optim.batch_size={batch} × "
+                        f"{info.world_size} process(es) = {batch * info.world_size}; lower optim.batch_size")
+    val_loader = DataLoader(Checked(val_set), batch_size=batch, num_workers=loader_workers(cfg.data.num_workers), collate_fn=collate)
     bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir if info.is_main else None,
                          verbose=info.is_main)
     bad_files.total = len(train_set) + len(val_set)

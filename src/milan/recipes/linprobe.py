@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 import milan
+from milan.data import loader_workers
 from milan.data.reading import BadFiles, Checked, collate
 from milan.data.split import EvalSets, eval_sets
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -305,7 +306,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         # its own generator (shuffle order, worker seeds): its state is part of head-last.pt
         # a bad image is replaced by the next good one (batches stay full)
         loader = DataLoader(Checked(train_set, replace=True), batch_size=batch, shuffle=True,
-                            drop_last=len(train_set) >= batch, num_workers=cfg.data.num_workers,
+                            drop_last=len(train_set) >= batch, num_workers=loader_workers(cfg.data.num_workers),
                             generator=torch.Generator().manual_seed(cfg.run.seed), collate_fn=collate)
         if saved is not None and saved.get("loader_rng") is not None:
             loader.generator.set_state(saved["loader_rng"])

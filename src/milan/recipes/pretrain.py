@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import milan
-from milan.data import build_dataset
+from milan.data import build_dataset, loader_workers
 from milan.data.fast import CudaJpegPlan, collate_plans, pretrain_input, to_device
 from milan.data.folder import Samples
 from milan.data.reading import BadFiles, collate
@@ -680,7 +680,7 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
     # Workers, prefetching and pinning change when a batch is ready, never which batch or crop it is: the
     # sampler / stream fixes the order and each sample's seed (exact resume). persistent_workers stays off:
     # set_epoch must reach the workers' copies of the dataset at every iter(loader).
-    workers = cfg.data.num_workers
+    workers = loader_workers(cfg.data.num_workers)
     extra: dict[str, Any] = {"prefetch_factor": cfg.data.prefetch_factor} if workers > 0 else {}
     # the bad files each sample passed over travel with the batch (milan.data.reading.collate)
     extra["collate_fn"] = collate
@@ -695,12 +695,13 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
         per_rank = (num_images // info.world_size) // (batch * accum) * (batch * accum)
         if per_rank == 0:
             raise DataError(f"{num_images} images are too few for batch_size={batch} × accum_steps={accum} "
-                            f"× {info.world_size} process(es); lower the batch size or add data")
+                            f"× {info.world_size} process(es) = {batch * accum * info.world_size} images per step; "
+                            "lower the batch size or add data")
         stream = ShardStream(cfg.data.path, transform=transform, rank=info.rank, world_size=info.world_size,
                              seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                              min_size=cfg.data.min_size, samples_per_rank=per_rank, batch_size=batch,
                              exif_transpose=cfg.data.exif_transpose)
-        stream.check_workers(cfg.data.num_workers)
+        stream.check_workers(workers)
         loader = DataLoader(stream, batch_size=batch, num_workers=workers, pin_memory=pin,
                             drop_last=True, persistent_workers=False, **extra)
         return loader, lambda epoch, start: stream.set_epoch(epoch, skip=start * batch), per_rank, num_images
@@ -708,7 +709,7 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
     dataset = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=transform,
                             min_size=cfg.data.min_size, exif_transpose=cfg.data.exif_transpose)
     sampler = EpochSampler(len(dataset), rank=info.rank, world_size=info.world_size,
-                           seed=cfg.run.seed, batch_size=batch * accum)
+                           seed=cfg.run.seed, batch_size=batch, accum_steps=accum)
     loader = DataLoader(Samples(dataset, seed=cfg.run.seed), batch_size=batch, sampler=sampler,
                         num_workers=workers, pin_memory=pin, drop_last=True,
                         persistent_workers=False, **extra)
