@@ -28,6 +28,7 @@ from milan.data.fast import CudaJpegPlan, collate_plans, pretrain_input, to_devi
 from milan.data.folder import Samples
 from milan.data.reading import BadFiles, collate
 from milan.data.sampler import EpochSampler
+from milan.data.split import eval_sets
 from milan.errors import CheckpointError, ConfigError, DataError, TrainingError
 from milan.model import ModelSpec, build_model
 from milan.pretraining import MILAN
@@ -164,7 +165,8 @@ class MonitorConfig:
     every: int = 0  # optimizer steps between evaluations; 0 turns the monitor off
     kind: Literal["imagefolder", "shapes"] = "imagefolder"
     train_path: str | None = None  # labelled reference images (ImageFolder: root/<class>/...)
-    val_path: str | None = None  # labelled query images
+    val_path: str | None = None  # labelled query images; unset (or the same folder): a part held out of train_path
+    val_fraction: float = 0.2  # that held-out part, as the evaluation commands' data.val_fraction (0: refuse)
     label: str = "shape"  # for shapes: shape, colour, count, position, shape_colour
     train_size: int = 5000
     val_size: int = 1000
@@ -758,11 +760,14 @@ def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device, run_
     paths = {"train": cfg.train_path, "val": cfg.val_path}
     if cfg.kind == "shapes" and full.data.kind == "shapes":
         paths = {split: path or full.data.path for split, path in paths.items()}
-    if cfg.kind == "imagefolder" and not all(paths.values()):
-        raise ConfigError("monitor.every > 0 needs monitor.train_path and monitor.val_path (labelled ImageFolders)")
-    sets = {split: build_dataset(cfg.kind, paths[split] or paths["train"], split=split, transform=tf,
-                                 label=cfg.label, exif_transpose=full.data.exif_transpose)
-            for split in ("train", "val")}
+    if cfg.kind == "imagefolder" and not paths["train"]:
+        raise ConfigError("monitor.every > 0 needs monitor.train_path (a labelled ImageFolder; monitor.val_path "
+                          "for separate query images, else a part is held out)")
+    # never queries that are also references: a separate val folder, or a held-out part (milan.data.split)
+    parts = eval_sets(cfg.kind, paths["train"], val_path=paths["val"], val_fraction=cfg.val_fraction,
+                      train_transform=tf, val_transform=tf, label=cfg.label,
+                      exif_transpose=full.data.exif_transpose)
+    sets = {"train": parts.train, "val": parts.val}
     # the monitor's own registry (its own threshold), listed in the run's bad_images.txt
     bad_files = BadFiles(max_fraction=full.data.max_bad_fraction, key="data.max_bad_fraction (kNN monitor sets)")
     bad_files.total = sum(min(len(sets[s]), limit) for s, limit in (("train", cfg.train_size), ("val", cfg.val_size)))
