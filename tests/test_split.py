@@ -105,7 +105,8 @@ def test_a_train_folder_without_val_is_split_not_scored_as_its_parent(tmp_path: 
 
 def test_val_fraction_zero_refuses_a_folder_without_val(tmp_path: Path) -> None:
     root = _folder(tmp_path / "photos")
-    with pytest.raises(ConfigError, match=r"no separate val folder and data.val_fraction=0.*data.val_fraction=0.2"):
+    with pytest.raises(ConfigError, match=r"no separate val folder and data.val_fraction=0.*train/ and val/.*"
+                                          r"data.val_fraction=0.2"):
         eval_sets("imagefolder", root, val_fraction=0.0, train_transform=None, val_transform=None)
 
 

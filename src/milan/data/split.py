@@ -29,7 +29,8 @@ from torch.utils.data import Dataset, Subset
 
 from milan.errors import ConfigError
 
-__all__ = ["EvalSets", "HeldOut", "SPLIT_KEY", "eval_sets", "held_out_mask", "resolve_roots", "split_source"]
+__all__ = ["EvalSets", "HeldOut", "SPLIT_KEY", "classifier_sets", "eval_sets", "held_out_mask", "resolve_roots",
+           "split_source"]
 
 #: The hash key of the held-out split; fixed so that every command splits a folder the same way.
 SPLIT_KEY = b"milan-val-split-v1"
@@ -41,7 +42,8 @@ def _rank(rel: str) -> bytes:
     return hashlib.blake2b(rel.encode(), key=SPLIT_KEY, digest_size=16).digest()
 
 
-def held_out_mask(files: Sequence[str], labels: Sequence[int], fraction: float) -> list[bool]:
+def held_out_mask(files: Sequence[str], labels: Sequence[int], fraction: float, *,
+                  key: str = "data.val_fraction") -> list[bool]:
     """For each file (its path relative to the root), whether it is held out for evaluation.
 
     Stratified: of each label's `n` files, `round(fraction × n)` clipped to [1, n − 1] are held out
@@ -49,7 +51,7 @@ def held_out_mask(files: Sequence[str], labels: Sequence[int], fraction: float) 
     does not depend on the order of `files` or on any seed.
     """
     if not 0 < fraction < 1:
-        raise ConfigError(f"data.val_fraction={fraction} must be in (0, 1), e.g. 0.2")
+        raise ConfigError(f"{key}={fraction} must be in (0, 1), e.g. 0.2")
     by_label: dict[int, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
         by_label[int(label)].append(i)
@@ -125,14 +127,14 @@ def resolve_roots(path: str | Path, *, val_path: str | Path | None = None) -> tu
     return train, val
 
 
-def split_source(root: Path, fraction: float) -> str:
+def split_source(root: Path, fraction: float, *, key: str = "data.val_fraction") -> str:
     """The scored set's description for a held-out split (start line, results.json, figure titles)."""
-    return f"held out from {root} (data.val_fraction={fraction:g})"
+    return f"held out from {root} ({key}={fraction:g})"
 
 
 def eval_sets(kind: str, path: str | Path | None, *, val_fraction: float, train_transform: Callable | None,
               val_transform: Callable | None, label: str = "shape", exif_transpose: bool = True,
-              val_path: str | Path | None = None, log: bool = True) -> EvalSets:
+              val_path: str | Path | None = None, log: bool = True, key: str = "data.val_fraction") -> EvalSets:
     """Open the train and scored sets of an evaluation command (kNN, linprobe, finetune).
 
     Args:
@@ -144,6 +146,7 @@ def eval_sets(kind: str, path: str | Path | None, *, val_fraction: float, train_
         label, exif_transpose: as `milan.data.build_dataset`.
         val_path: a separate val folder (kNN's `data.val_path`).
         log: log where the scored images come from (rank 0).
+        key: the config key of `val_fraction`, for messages.
     """
     from milan.data import _is_main, build_dataset
 
@@ -174,17 +177,16 @@ def eval_sets(kind: str, path: str | Path | None, *, val_fraction: float, train_
         return sets
     if val_fraction <= 0:
         raise ConfigError(
-            f"{train_root} has no separate val folder and data.val_fraction=0, so the scored images would be "
-            f"training images; add {Path(path).expanduser() / 'val'} (ImageFolder train/ + val/) or set "
-            "data.val_fraction=0.2 to hold out a stratified part")
+            f"{train_root} has no separate val folder and {key}=0, so the scored images would be training "
+            f"images; give a root with train/ and val/ folders, or set {key}=0.2 to hold out a stratified part")
     full = folder(train_root, train_transform)
     scored_view = copy.copy(full)  # the same file list, its own transform
     scored_view.transform = val_transform
     files = [p.relative_to(full.root).as_posix() for p, _ in full.samples]
-    held = held_out_mask(files, [lbl for _, lbl in full.samples], val_fraction)
+    held = held_out_mask(files, [lbl for _, lbl in full.samples], val_fraction, key=key)
     train = HeldOut(full, [i for i, h in enumerate(held) if not h])
     val = HeldOut(scored_view, [i for i, h in enumerate(held) if h])
-    source = split_source(train_root, val_fraction)
+    source = split_source(train_root, val_fraction, key=key)
     if log:
         _log.info("no separate val folder: scoring %d images %s, stratified per class; the other %d are the "
                   "train / reference set (the same split in every command; a %s folder is used instead when "

@@ -766,7 +766,7 @@ def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device, run_
     # never queries that are also references: a separate val folder, or a held-out part (milan.data.split)
     parts = eval_sets(cfg.kind, paths["train"], val_path=paths["val"], val_fraction=cfg.val_fraction,
                       train_transform=tf, val_transform=tf, label=cfg.label,
-                      exif_transpose=full.data.exif_transpose)
+                      exif_transpose=full.data.exif_transpose, key="monitor.val_fraction")
     sets = {"train": parts.train, "val": parts.val}
     # the monitor's own registry (its own threshold), listed in the run's bad_images.txt
     bad_files = BadFiles(max_fraction=full.data.max_bad_fraction, key="data.max_bad_fraction (kNN monitor sets)")
