@@ -341,9 +341,11 @@ def test_knn_and_linprobe_with_workers(odd: Path, random_pretrain_checkpoint: Pa
         cli(["knn", *common, "data.batch_size=16", f"run.out_dir={tmp_path / 'knn'}"])
     result = json.loads((tmp_path / "knn" / "results.json").read_text())
     assert sorted(bad_names(tmp_path / "knn")) == sorted(ALWAYS_BAD)
-    assert result["num_val"] == n - len(ALWAYS_BAD) and result["num_train"] == n - len(ALWAYS_BAD)
+    # no odd/val: a held-out part is scored against the rest; every file is read by one of them
+    assert result["num_val"] + result["num_train"] == n - len(ALWAYS_BAD)
+    assert result["scored"]["source"].startswith("held out from")
     for name in ALWAYS_BAD:
-        assert _warned(lines, name) == 1, name  # train and val read the same folder: warned once
+        assert _warned(lines, name) == 1, name
     with captured() as lines:
         cli(["linprobe", *common, "optim.batch_size=16", "optim.epochs=2", "optim.warmup_epochs=1",
              "optim.cache_features=false", "run.tensorboard=false", f"run.out_dir={tmp_path / 'lp'}"])
@@ -357,8 +359,8 @@ def test_finetune_then_eval(odd: Path, random_pretrain_checkpoint: Path, tmp_pat
         cli(["finetune", f"model.weights={random_pretrain_checkpoint}", "data.kind=imagefolder", f"data.path={odd}",
              "data.crop_pct=1.0", "data.num_workers=0", "data.auto_augment=null", "data.reprob=0.0",
              "data.max_bad_fraction=0.5",
-             "mixup.mixup=0", "mixup.cutmix=0", "optim.batch_size=16", "optim.epochs=1", "optim.warmup_epochs=0",
-             f"run.out_dir={tmp_path / 'ft'}", "run.device=cpu", "run.tensorboard=false"])
+             "mixup.mixup=0", "mixup.cutmix=0", "optim.batch_size=2", "optim.epochs=1", "optim.warmup_epochs=0",
+             f"run.out_dir={tmp_path / 'ft'}", "run.device=cpu", "run.tensorboard=false"])  # batch 2: reads every file
     assert sorted(bad_names(tmp_path / "ft")) == sorted(ALWAYS_BAD)
     assert all(_warned(lines, name) == 1 for name in ALWAYS_BAD)
     assert phones and all(_is_upright_phone(img) for img in phones)
@@ -366,9 +368,14 @@ def test_finetune_then_eval(odd: Path, random_pretrain_checkpoint: Path, tmp_pat
         cli(["eval", f"model.weights={tmp_path / 'ft' / 'checkpoint-best.pt'}", f"data.paths=[{odd}]",
                        "data.crop_pct=1.0", "data.num_workers=0", "run.device=cpu", f"run.out_dir={tmp_path / 'ev'}",
                        "data.max_bad_fraction=0.5"])
-    assert sorted(bad_names(tmp_path / "ev")) == sorted(ALWAYS_BAD)
+    # the folder it was finetuned on: only the part finetune held out is scored
+    from milan.data.split import eval_sets
+
+    held = {p.name for p, _ in eval_sets("imagefolder", odd, val_fraction=0.2, train_transform=None,
+                                         val_transform=None, log=False).val.samples}
+    assert sorted(bad_names(tmp_path / "ev")) == sorted(ALWAYS_BAD & held)
     (result,) = json.loads((tmp_path / "ev" / "results.json").read_text()).values()
-    assert result["count"] == len(ImageFolderDataset(odd)) - len(ALWAYS_BAD)
+    assert result["count"] == len(held - ALWAYS_BAD) and result["scored"]["source"].startswith("held out from")
 
 
 def test_viz_masks(odd: Path, pretrained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

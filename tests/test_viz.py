@@ -210,9 +210,9 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> list:
     figures: list = []
     real = viz._save_fixed
 
-    def keep(fig, path, title):
+    def keep(fig, path, title, **kwargs):
         figures.append((fig, title))
-        return real(fig, path, title)
+        return real(fig, path, title, **kwargs)
     monkeypatch.setattr(viz, "_save_fixed", keep)
     return figures
 

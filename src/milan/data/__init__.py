@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch.utils.data import Dataset
 
 from milan.errors import ConfigError, DataNotFound
 
-__all__ = ["build_dataset", "DATASET_KINDS", "DataNotFound"]
+__all__ = ["build_dataset", "DATASET_KINDS", "DataNotFound", "loader_workers", "usable_cpus"]
 
 DATASET_KINDS = ("imagefolder", "shapes")  # webdataset streams: milan.data.wds
 
@@ -66,6 +67,34 @@ def build_dataset(
             generate_shapes(root)
         return ShapesDataset(root, split=split, transform=transform, label=label)
     raise ConfigError(f"unknown data.kind {kind!r}; choose one of: {', '.join(DATASET_KINDS)}")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or a job's share, not the
+    machine's count), as torch's DataLoader counts them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+_capped: set[tuple[int, int]] = set()
+
+
+def loader_workers(requested: int, *, key: str = "data.num_workers") -> int:
+    """`requested` DataLoader workers, at most the CPUs this process may use (`usable_cpus`).
+
+    The configs ask for 8–16 workers, sized for a GPU node; on a laptop or a 2-core job more workers
+    than CPUs only add processes (and torch warns on every loader). Logged once per process and value.
+    """
+    cpus = usable_cpus()
+    if requested <= cpus:
+        return requested
+    if (requested, cpus) not in _capped and _is_main():
+        _capped.add((requested, cpus))
+        logging.getLogger("milan").info("%s=%d capped at %d: this process may use %d CPU%s", key, requested, cpus,
+                                        cpus, "" if cpus == 1 else "s")
+    return cpus
 
 
 def _is_main() -> bool:

@@ -23,19 +23,23 @@ class EpochSampler(Sampler[tuple[int, int]]):
         size: dataset length.
         rank, world_size: this process and how many there are.
         seed: shuffling seed shared by all ranks.
-        batch_size: per-rank batch; the per-rank count is a multiple of it (drop_last).
+        batch_size: per-rank batch; the per-rank count is a multiple of it × `accum_steps` (drop_last).
+        accum_steps: micro-batches per optimizer step (the count covers whole steps).
         shuffle: False keeps dataset order (evaluation).
     """
 
     def __init__(self, size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 batch_size: int = 1, shuffle: bool = True) -> None:
+                 batch_size: int = 1, accum_steps: int = 1, shuffle: bool = True) -> None:
         self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
         self.shuffle = shuffle
-        self.per_rank = (size // world_size) // batch_size * batch_size
+        step = batch_size * accum_steps
+        self.per_rank = (size // world_size) // step * step
         if self.per_rank == 0:
+            # the factors as the config states them, not their product (batch_size=512 when the config said 128)
+            accum = f" × accum_steps={accum_steps}" if accum_steps > 1 else ""
             raise DataError(
-                f"dataset of {size} images is too small for batch_size={batch_size} × "
-                f"{world_size} process(es); lower the batch size or add data"
+                f"dataset of {size} images is too small for batch_size={batch_size}{accum} × {world_size} "
+                f"process(es) = {step * world_size} images per step; lower the batch size or add data"
             )
         self.epoch, self.start = 0, 0
 

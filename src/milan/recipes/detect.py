@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
+from milan.data import loader_workers
 from milan.data.reading import BAD_IMAGES_FILE, BadFiles, collate_lists
 from milan.data.sampler import EpochSampler
 from milan.dense.backbone import layer_decay_groups
@@ -323,7 +324,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     # training: an unreadable image is replaced by the next readable sample (full batches, exact resume);
     # evaluation: it is left out with its annotations. Workers report the files through the batch.
     loader = DataLoader(DetSamples(train_raw, hflip=d.hflip, seed=cfg.run.seed, bad="replace"), batch_size=per_rank,
-                        sampler=sampler, drop_last=True, num_workers=d.num_workers, pin_memory=pin,
+                        sampler=sampler, drop_last=True, num_workers=loader_workers(d.num_workers), pin_memory=pin,
                         collate_fn=collate_lists, generator=torch.Generator())  # keeps the global RNG untouched
     steps_per_epoch = sampler.per_rank // per_rank // o.accum_steps
     if steps_per_epoch == 0:
@@ -334,7 +335,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     last_step = total if cfg.run.max_steps is None else min(total, cfg.run.max_steps)
     val_ids = list(val_raw.ids)
     val_loader = DataLoader(DetSamples(val_raw, bad="drop"), batch_size=d.eval_batch_size,
-                            sampler=list(range(info.rank, len(val_raw), info.world_size)), num_workers=d.num_workers,
+                            sampler=list(range(info.rank, len(val_raw), info.world_size)), num_workers=loader_workers(d.num_workers),
                             collate_fn=collate_lists, generator=torch.Generator())
     # one registry of bad files per run: warned once each (rank 0), the same on every rank after each
     # check point, listed in bad_images.txt; a resumed run starts from its checkpoint's list

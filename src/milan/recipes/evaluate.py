@@ -17,8 +17,9 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
-from milan.data import build_dataset
+from milan.data import loader_workers
 from milan.data.reading import BadFiles, Checked, collate
+from milan.data.split import classifier_sets
 from milan.data.transforms import eval_transform
 from milan.encoder import EncoderConfig
 from milan.errors import ConfigError, DataError, WeightsError
@@ -90,6 +91,16 @@ def class_index(folder_classes: list[str], model_classes: list[str]) -> torch.Te
     return torch.tensor([index[c] for c in folder_classes], dtype=torch.long)
 
 
+def _finetune_config(weights: str) -> dict[str, Any] | None:
+    """The config a `milan finetune` checkpoint records (None for an export or other weights)."""
+    if Path(weights).suffix != ".pt":
+        return None
+    from milan.train.checkpoint import load_checkpoint
+
+    config = load_checkpoint(weights).get("config")
+    return config if isinstance(config, dict) else None
+
+
 def main(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate the checkpoint on every set in data.paths; returns {set name: metrics} on rank 0."""
     log = get_logger()
@@ -121,9 +132,11 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     # unreadable images are left out of the scores, warned about once each and listed in bad_images.txt
     bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir)
+    trained = _finetune_config(cfg.model.weights)  # which images it was trained on: never scored
     for path in cfg.data.paths:
-        dataset = build_dataset("imagefolder", path, split="val", transform=transform,
-                                exif_transpose=cfg.data.exif_transpose)
+        dataset, source = classifier_sets(path, trained=trained, transform=transform,
+                                          exif_transpose=cfg.data.exif_transpose, weights=cfg.model.weights)
+        log.info("%s: %d images in %d classes (%s)", path, len(dataset), len(dataset.classes), source)
         bad_files.expect(dataset)
         if model_classes:
             try:
@@ -138,12 +151,13 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         restrict = {"auto": len(index) < num_classes, "always": True, "never": False}[cfg.data.restrict_logits]
         if not restrict:
             dataset = Relabel(dataset, index)  # targets become model output indices
-        loader = DataLoader(Checked(dataset), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+        loader = DataLoader(Checked(dataset), batch_size=cfg.data.batch_size, num_workers=loader_workers(cfg.data.num_workers),
                             collate_fn=collate)
         name = Path(path).name if Path(path).name not in ("val", "train") else Path(path).parent.name + "/val"
         result = evaluate(model, bad_files.track(loader), device, class_index=index if restrict else None,
                           amp_dtype=amp_dtype, desc=name)
-        result.update(num_classes=len(index), restricted=restrict, path=str(path))
+        result.update(num_classes=len(index), restricted=restrict, path=str(path),
+                      scored={"count": result["count"], "source": source})
         results[name] = result
         metrics.log(0, set=name, top1=result["top1"], top5=result["top5"])
         log.info("%s: top-1 %.2f%% top-5 %.2f%% (%d images, %d classes%s)", name, 100 * result["top1"],

@@ -29,8 +29,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from milan.data import build_dataset
+from milan.data import loader_workers
 from milan.data.reading import BadFiles, Checked, collate
+from milan.data.split import eval_sets
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.encoder import ENCODER_PRESETS, EncoderConfig
 from milan.errors import ConfigError, DataError
@@ -77,6 +78,7 @@ class ModelConfig:
 class DataConfig:
     kind: Literal["imagefolder", "shapes"] = "imagefolder"
     path: str | None = None  # root with train/ and val/ (imagefolder) or the shapes folder
+    val_fraction: float = 0.2  # no separate val folder: score this stratified part held out of it (0: refuse)
     label: str = "shape"  # shapes only
     img_size: int | None = None  # default: the encoder's; e.g. 384 (position embedding resampled)
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre-crop
@@ -183,11 +185,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )
     keep_posterize_bits(train_tf)
-    exif = cfg.data.exif_transpose
-    train_set = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=train_tf, label=cfg.data.label,
-                              exif_transpose=exif)
-    val_set = build_dataset(cfg.data.kind, cfg.data.path, split="val", label=cfg.data.label, exif_transpose=exif,
-                            transform=eval_transform(img_size, crop_pct=cfg.data.crop_pct))
+    parts = eval_sets(cfg.data.kind, cfg.data.path, val_fraction=cfg.data.val_fraction, train_transform=train_tf,
+                      val_transform=eval_transform(img_size, crop_pct=cfg.data.crop_pct), label=cfg.data.label,
+                      exif_transpose=cfg.data.exif_transpose, log=info.is_main)
+    train_set, val_set = parts.train, parts.val
     classes = list(getattr(train_set, "classes", []))
     if classes and getattr(val_set, "classes", None) not in (None, classes):
         lut = remap_labels(torch.arange(len(val_set.classes)), val_set.classes, classes)
@@ -201,8 +202,9 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     # training: a bad image is replaced by the next good one (full batches); val: a bad one is left out.
     # Workers report bad files through the batch to this registry (one warning per file, bad_images.txt).
     loader = DataLoader(Checked(train_set, replace=True), batch_size=batch, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, collate_fn=collate)
-    val_loader = DataLoader(Checked(val_set), batch_size=batch, num_workers=cfg.data.num_workers, collate_fn=collate)
+                        num_workers=loader_workers(cfg.data.num_workers), collate_fn=collate)
+    val_loader = DataLoader(Checked(val_set), batch_size=batch, num_workers=loader_workers(cfg.data.num_workers),
+                            collate_fn=collate)
     bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir if info.is_main else None,
                          verbose=info.is_main)
     bad_files.total = len(train_set) + len(val_set)
@@ -321,7 +323,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
 
     def summary() -> dict[str, Any]:
         out = {"best": best, "last": last, "epoch": loop.step // steps_per_epoch, "epochs": cfg.optim.epochs,
-               "num_classes": num_classes, "run_dir": str(run_dir)}
+               "num_classes": num_classes, "run_dir": str(run_dir), **parts.record()}
         if info.is_main:
             (run_dir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
         distr.barrier()

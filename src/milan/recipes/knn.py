@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import torch
 
-from milan.data import build_dataset
 from milan.data.reading import BadFiles
+from milan.data.split import eval_sets
 from milan.data.transforms import eval_transform
 from milan.errors import ConfigError
 from milan.io.weights import build_encoder
@@ -40,6 +40,7 @@ class DataConfig:
     path: str | None = None  # root with train/ and val/ (imagefolder) or the shapes folder
     train_path: str | None = None  # overrides path for the reference (train) set
     val_path: str | None = None  # overrides path for the query (val) set
+    val_fraction: float = 0.2  # no separate val folder: score this stratified part held out of it (0: refuse)
     label: str = "shape"  # shapes only: shape, colour, count, position, shape_colour
     img_size: int | None = None  # default: the encoder's
     crop_pct: float = 0.875  # resize to img_size / crop_pct, centre-crop img_size
@@ -92,9 +93,10 @@ def main(cfg: KnnConfig) -> dict[str, Any]:
     if cfg.data.kind == "imagefolder" and not (train_path and val_path):
         raise ConfigError("set data.path=<root with train/ and val/> "
                           "(or data.train_path= and data.val_path=) for data.kind=imagefolder")
-    sets = {split: build_dataset(cfg.data.kind, path, split=split, transform=transform, label=cfg.data.label,
-                                 exif_transpose=cfg.data.exif_transpose)
-            for split, path in (("train", train_path), ("val", val_path))}
+    parts = eval_sets(cfg.data.kind, train_path, val_path=cfg.data.val_path or (cfg.data.path if cfg.data.train_path
+                      else None), val_fraction=cfg.data.val_fraction, train_transform=transform,
+                      val_transform=transform, label=cfg.data.label, exif_transpose=cfg.data.exif_transpose)
+    sets = {"train": parts.train, "val": parts.val}
     bad_files = BadFiles(max_fraction=cfg.data.max_bad_fraction, folder=run_dir)
     for split, limit in (("train", cfg.data.train_limit), ("val", cfg.data.val_limit)):
         bad_files.total += len(sets[split]) if limit is None else min(limit, len(sets[split]))
@@ -114,12 +116,13 @@ def main(cfg: KnnConfig) -> dict[str, Any]:
                         num_classes=num_classes)
     result = {"knn_top1": top1, "k": cfg.knn.k, "temperature": cfg.knn.temperature, "pool": cfg.model.pool,
               "num_train": len(xtr), "num_val": len(xte), "num_classes": num_classes,
-              "weights": cfg.model.weights, "preset": meta["preset"], "bad_images": len(bad_files)}
+              "weights": cfg.model.weights, "preset": meta["preset"], "bad_images": len(bad_files),
+              **parts.record(train_count=len(xtr), val_count=len(xte))}
     metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard)
     metrics.log(0, knn_top1=top1)
     metrics.close()
     (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.info("kNN (k=%d, T=%g, %s) top-1 %.2f%% on %d val images", cfg.knn.k, cfg.knn.temperature,
-             cfg.model.pool, 100 * top1, len(xte))
+    log.info("kNN (k=%d, T=%g, %s) top-1 %.2f%% on %d images (%s)", cfg.knn.k, cfg.knn.temperature,
+             cfg.model.pool, 100 * top1, len(xte), parts.val_source)
     bad_files.log_summary()
     return result

@@ -40,8 +40,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 import milan
-from milan.data import build_dataset
+from milan.data import loader_workers
 from milan.data.reading import BadFiles, Checked, collate
+from milan.data.split import EvalSets, eval_sets
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from milan.errors import ConfigError, TeacherError
 from milan.io.weights import build_encoder
@@ -88,6 +89,7 @@ class TeacherConfig:
 class DataConfig:
     kind: Literal["imagefolder", "shapes"] = "imagefolder"
     path: str | None = None  # root with train/ and val/ (imagefolder) or the shapes folder
+    val_fraction: float = 0.2  # no separate val folder: score this stratified part held out of it (0: refuse)
     label: str = "shape"  # shapes only
     img_size: int | None = None  # default: the encoder's
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre-crop
@@ -213,11 +215,9 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         steps = [T.RandomResizedCrop(img_size, scale=cfg.data.crop_scale, interpolation=T.InterpolationMode.BICUBIC)]
         steps += [T.RandomHorizontalFlip()] if cfg.data.hflip else []
         train_tf = T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    exif = cfg.data.exif_transpose
-    train_set = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=train_tf, label=cfg.data.label,
-                              exif_transpose=exif)
-    val_set = build_dataset(cfg.data.kind, cfg.data.path, split="val", transform=val_tf, label=cfg.data.label,
-                            exif_transpose=exif)
+    parts = eval_sets(cfg.data.kind, cfg.data.path, val_fraction=cfg.data.val_fraction, train_transform=train_tf,
+                      val_transform=val_tf, label=cfg.data.label, exif_transpose=cfg.data.exif_transpose)
+    train_set, val_set = parts.train, parts.val
     classes = {"train": getattr(train_set, "classes", None), "val": getattr(val_set, "classes", None)}
     for name, limit in (("train", cfg.data.train_limit), ("val", cfg.data.val_limit)):
         if limit is not None:
@@ -238,7 +238,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         _set_transform(train_set, val_tf)  # cached features: centre crops, as A.1's cache_features
         result = _solve_lbfgs(cfg, run_dir, features, encoder.embed_dim, train_set, val_set, classes, num_classes,
                               {"preset": meta.get("preset"), "encoder": {**meta["encoder"], "img_size": img_size},
-                               "semantic_topk": topk}, device, bad_files)
+                               "semantic_topk": topk}, device, bad_files, parts)
         bad_files.log_summary()
         return result
 
@@ -317,7 +317,8 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
 
     def finish(epochs_done: int) -> dict[str, Any]:
         result = {"best": best, "last": last, "epoch": epochs_done, "epochs": cfg.optim.epochs,
-                  "num_classes": num_classes, "semantic_topk": topk, "weights": cfg.model.weights}
+                  "num_classes": num_classes, "semantic_topk": topk, "weights": cfg.model.weights, "solver": "lars",
+                  **parts.record(train_count=len(train_set), val_count=len(val_set))}
         (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
 
@@ -340,7 +341,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
         # its own generator (shuffle order, worker seeds): its state is part of head-last.pt
         # a bad image is replaced by the next good one (batches stay full)
         loader = DataLoader(Checked(train_set, replace=True), batch_size=batch, shuffle=True,
-                            drop_last=len(train_set) >= batch, num_workers=cfg.data.num_workers,
+                            drop_last=len(train_set) >= batch, num_workers=loader_workers(cfg.data.num_workers),
                             generator=torch.Generator().manual_seed(cfg.run.seed), collate_fn=collate)
         if saved is not None and saved.get("loader_rng") is not None:
             loader.generator.set_state(saved["loader_rng"])
@@ -433,7 +434,8 @@ def _set_transform(dataset: Any, transform: Callable[..., Any]) -> None:
 
 def _solve_lbfgs(cfg: LinprobeConfig, run_dir: Path, features: Callable[[Tensor], Tensor], dim: int,
                  train_set: Any, val_set: Any, classes: dict[str, Any], num_classes: int,
-                 encoder_meta: dict[str, Any], device: torch.device, bad_files: BadFiles) -> dict[str, Any]:
+                 encoder_meta: dict[str, Any], device: torch.device, bad_files: BadFiles,
+                 parts: EvalSets) -> dict[str, Any]:
     """Cached features, one L-BFGS solve of the ProbeHead: BatchNorm statistics of the training
     features, then the multinomial logistic regression on its output (probe.fit_linear)."""
     log = get_logger()
@@ -476,14 +478,16 @@ def _solve_lbfgs(cfg: LinprobeConfig, run_dir: Path, features: Callable[[Tensor]
     record = CheckpointRecord("linprobe", fit.iterations, to_dict(cfg), identity, epoch=epochs)
     save_checkpoint(record.state(head=head.state_dict(), **encoder_meta, top1=top1, top5=top5,
                                  num_classes=num_classes, solver="lbfgs"), run_dir / "head-best.pt")
-    best = {"top1": top1, "top5": top5, "epoch": epochs}
-    result = {"best": best, "last": best, "epoch": epochs, "epochs": epochs, "num_classes": num_classes,
+    best = {"top1": top1, "top5": top5}
+    # one solve, no epochs: the results say the solver and its iterations (optim.epochs played no part)
+    result = {"best": best, "last": best, "num_classes": num_classes,
               "semantic_topk": encoder_meta["semantic_topk"], "weights": cfg.model.weights, "solver": "lbfgs",
-              "lbfgs": {"iterations": fit.iterations, "converged": fit.converged, "train_loss": fit.loss,
-                        "chance_loss": chance, "l2": o.lbfgs_l2}}
+              "lbfgs": {"iterations": fit.iterations, "max_iter": o.lbfgs_max_iter, "converged": fit.converged,
+                        "train_loss": fit.loss, "chance_loss": chance, "l2": o.lbfgs_l2},
+              **parts.record(train_count=len(train_x), val_count=len(val_x))}
     (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.info("linear probe top-1 %.2f%%, top-5 %.2f%% (L-BFGS on %d cached training features)", 100 * top1,
-             100 * top5, len(train_x))
+    log.info("linear probe top-1 %.2f%%, top-5 %.2f%% on %d images (%s); L-BFGS on %d cached training features",
+             100 * top1, 100 * top5, len(val_x), parts.val_source, len(train_x))
     return result
 
 

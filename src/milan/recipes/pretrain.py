@@ -21,10 +21,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import milan
-from milan.data import build_dataset
+from milan.data import build_dataset, loader_workers
 from milan.data.fast import CudaJpegPlan, collate_plans, pretrain_input, to_device
 from milan.data.reading import BadFiles, Samples, collate
 from milan.data.sampler import EpochSampler
+from milan.data.split import eval_sets
 from milan.errors import CheckpointError, ConfigError, DataError
 from milan.io.weights import init_model
 from milan.model import ModelSpec, build_model
@@ -146,7 +147,8 @@ class MonitorConfig:
     every: int = 0  # optimizer steps between evaluations; 0 turns the monitor off
     kind: Literal["imagefolder", "shapes"] = "imagefolder"
     train_path: str | None = None  # labelled reference images (ImageFolder: root/<class>/...)
-    val_path: str | None = None  # labelled query images
+    val_path: str | None = None  # labelled query images; unset (or the same folder): a part held out of train_path
+    val_fraction: float = 0.2  # that held-out part, as the evaluation commands' data.val_fraction (0: refuse)
     label: str = "shape"  # for shapes: shape, colour, count, position, shape_colour
     train_size: int = 5000
     val_size: int = 1000
@@ -401,7 +403,7 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
     # Workers, prefetching and pinning change when a batch is ready, never which batch or crop it is: the
     # sampler / stream fixes the order and each sample's seed (exact resume). persistent_workers stays off:
     # set_epoch must reach the workers' copies of the dataset at every iter(loader).
-    workers = cfg.data.num_workers
+    workers = loader_workers(cfg.data.num_workers)
     extra: dict[str, Any] = {"prefetch_factor": cfg.data.prefetch_factor} if workers > 0 else {}
     # the bad files each sample passed over travel with the batch (milan.data.reading.collate)
     extra["collate_fn"] = collate
@@ -416,12 +418,13 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
         per_rank = (num_images // info.world_size) // (batch * accum) * (batch * accum)
         if per_rank == 0:
             raise DataError(f"{num_images} images are too few for batch_size={batch} × accum_steps={accum} "
-                            f"× {info.world_size} process(es); lower the batch size or add data")
+                            f"× {info.world_size} process(es) = {batch * accum * info.world_size} images per step; "
+                            "lower the batch size or add data")
         stream = ShardStream(cfg.data.path, transform=transform, rank=info.rank, world_size=info.world_size,
                              seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                              min_size=cfg.data.min_size, samples_per_rank=per_rank, batch_size=batch,
                              exif_transpose=cfg.data.exif_transpose)
-        stream.check_workers(cfg.data.num_workers)
+        stream.check_workers(workers)
         loader = DataLoader(stream, batch_size=batch, num_workers=workers, pin_memory=pin,
                             drop_last=True, persistent_workers=False, **extra)
         return loader, lambda epoch, start: stream.set_epoch(epoch, skip=start * batch), per_rank, num_images
@@ -429,7 +432,7 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
     dataset = build_dataset(cfg.data.kind, cfg.data.path, split="train", transform=transform,
                             min_size=cfg.data.min_size, exif_transpose=cfg.data.exif_transpose)
     sampler = EpochSampler(len(dataset), rank=info.rank, world_size=info.world_size,
-                           seed=cfg.run.seed, batch_size=batch * accum)
+                           seed=cfg.run.seed, batch_size=batch, accum_steps=accum)
     loader = DataLoader(Samples(dataset, seed=cfg.run.seed), batch_size=batch, sampler=sampler,
                         num_workers=workers, pin_memory=pin, drop_last=True,
                         persistent_workers=False, **extra)
@@ -478,11 +481,14 @@ def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device, run_
     paths = {"train": cfg.train_path, "val": cfg.val_path}
     if cfg.kind == "shapes" and full.data.kind == "shapes":
         paths = {split: path or full.data.path for split, path in paths.items()}
-    if cfg.kind == "imagefolder" and not all(paths.values()):
-        raise ConfigError("monitor.every > 0 needs monitor.train_path and monitor.val_path (labelled ImageFolders)")
-    sets = {split: build_dataset(cfg.kind, paths[split] or paths["train"], split=split, transform=tf,
-                                 label=cfg.label, exif_transpose=full.data.exif_transpose)
-            for split in ("train", "val")}
+    if cfg.kind == "imagefolder" and not paths["train"]:
+        raise ConfigError("monitor.every > 0 needs monitor.train_path (a labelled ImageFolder; monitor.val_path "
+                          "for separate query images, else a part is held out)")
+    # never queries that are also references: a separate val folder, or a held-out part (milan.data.split)
+    parts = eval_sets(cfg.kind, paths["train"], val_path=paths["val"], val_fraction=cfg.val_fraction,
+                      train_transform=tf, val_transform=tf, label=cfg.label,
+                      exif_transpose=full.data.exif_transpose, key="monitor.val_fraction")
+    sets = {"train": parts.train, "val": parts.val}
     # the monitor's own registry (its own threshold), listed in the run's bad_images.txt
     bad_files = BadFiles(max_fraction=full.data.max_bad_fraction, key="data.max_bad_fraction (kNN monitor sets)")
     bad_files.total = sum(min(len(sets[s]), limit) for s, limit in (("train", cfg.train_size), ("val", cfg.val_size)))

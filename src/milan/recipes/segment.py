@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
+from milan.data import loader_workers
 from milan.data.reading import BAD_IMAGES_FILE, BadFiles, collate, collate_lists
 from milan.data.sampler import EpochSampler
 from milan.dense.backbone import layer_decay_groups
@@ -304,7 +305,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     # training: an unreadable image is replaced by the next readable sample (full batches, exact resume);
     # evaluation: it is left out with its label map. Workers report the files through the batch.
     loader = DataLoader(SegSamples(train_raw, train_tf, seed=cfg.run.seed, bad="replace"), batch_size=per_rank,
-                        sampler=sampler, drop_last=True, num_workers=d.num_workers, pin_memory=pin,
+                        sampler=sampler, drop_last=True, num_workers=loader_workers(d.num_workers), pin_memory=pin,
                         collate_fn=collate,
                         generator=torch.Generator())  # keeps the global RNG (dropout, drop path) untouched
     steps_per_epoch = sampler.per_rank // per_rank // o.accum_steps
@@ -313,7 +314,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                         f"{o.batch_size} (total) × optim.accum_steps={o.accum_steps}; lower them")
     num_val = len(val_raw) if d.val_limit is None else min(d.val_limit, len(val_raw))
     val_loader = DataLoader(SegSamples(val_raw, SegEvalTransform(d.scale), bad="drop"), batch_size=d.eval_batch_size,
-                            sampler=list(range(info.rank, num_val, info.world_size)), num_workers=d.num_workers,
+                            sampler=list(range(info.rank, num_val, info.world_size)), num_workers=loader_workers(d.num_workers),
                             collate_fn=collate_lists, generator=torch.Generator())
     # one registry of bad files per run: warned once each (rank 0), the same on every rank after each
     # check point, listed in bad_images.txt; a resumed run starts from its checkpoint's list

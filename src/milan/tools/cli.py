@@ -206,7 +206,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse and run one command; errors propagate (the form tests and Python callers want)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _check_override_form(unknown, recipe=hasattr(args, "config_cls"))
+        parser.parse_args(argv)  # argparse's own message for anything else
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
@@ -216,25 +220,58 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise
 
 
+def _check_override_form(unknown: list[str], *, recipe: bool) -> None:
+    """`--data.path=/x` (or `--lr=1`) to a recipe command: a `ConfigError` naming the form,
+    not argparse's top-level usage. Dotted `--a.b` anywhere is taken for an override too."""
+    from milan.errors import ConfigError
+
+    for arg in unknown:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if key and (recipe or "." in key):
+            value = arg.split("=", 1)[1] if "=" in arg else "..."
+            raise ConfigError(f"overrides are key=value, no leading dashes: {key}={value} (not {arg})")
+
+
+#: commands that resume from their run folder's newest checkpoint when run again
+_RESUMABLE = ("pretrain", "finetune", "linprobe", "segment", "detect")
+
+
+def _interrupted(err: KeyboardInterrupt, command: str) -> str:
+    """The one line printed for Ctrl-C. A training loop sets `err.step` (the step reached) before
+    re-raising; the resume hint only for commands that resume."""
+    step = getattr(err, "step", None)
+    where = f" at step {step}" if isinstance(step, int) and not isinstance(step, bool) else ""
+    resume = "; rerun the same command to resume from the newest checkpoint" if command.split(" ")[0] in _RESUMABLE \
+        else ""
+    return f"milan {command}: interrupted{where}{resume}"
+
+
 def run(argv: Sequence[str] | None = None) -> None:
     """The `milan` executable: `main`, with a `milan.errors.UserError` (a bad config value, a missing
     file, an unreadable checkpoint: anything the user can fix) printed as one line and exit status 2.
-    Every other exception keeps its traceback (it may be a bug); MILAN_TRACEBACK=1 shows the
-    traceback of user errors too. A preempted run (checkpointed, resumable) prints one line and exits
-    with status 75 (`milan.train.loop.EXIT_PREEMPTED`)."""
+    Ctrl-C (`KeyboardInterrupt`) is one line too, with the step reached when the loop records it
+    (`err.step`) and how to resume, and exit status 130. A preempted run (checkpointed, resumable)
+    prints one line and exits with status 75 (`milan.train.loop.EXIT_PREEMPTED`). Every other exception
+    keeps its traceback (it may be a bug); MILAN_TRACEBACK=1 shows the traceback of user errors and
+    Ctrl-C too."""
     import os
 
     from milan.errors import UserError
 
+    args = argv if argv is not None else sys.argv[1:]
+    command = " ".join(a for a in args[:2] if not a.startswith("-") and "=" not in a)
     try:
         main(argv)
     except UserError as err:
         if os.environ.get("MILAN_TRACEBACK"):
             raise
-        args = argv if argv is not None else sys.argv[1:]
-        command = " ".join(a for a in args[:2] if not a.startswith("-") and "=" not in a)
         print(f"milan {command}: error: {err}\n(MILAN_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback, the shell's status for SIGINT
+        if os.environ.get("MILAN_TRACEBACK"):
+            raise
+        print(_interrupted(err, command), file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as err:
         if type(err).__name__ != "Preempted":  # (milan.train.loop.Preempted; --help imports no torch)
             raise

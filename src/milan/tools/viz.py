@@ -26,6 +26,7 @@ __all__ = [
     "plot_attention_columns",
     "tsne_embed",
     "plot_tsne",
+    "class_colours",
     "read_metrics",
     "plot_curves",
     "CURVE_METRICS",
@@ -57,12 +58,28 @@ def _figure(rows: int, cols: int, scale: float = 1.6):
     return _grid_figure(rows, cols, width=cols * scale)
 
 
-def _save(fig, path: str | Path, title: str, *, dpi: int = 110, fontsize: int = 9) -> Path:
+def _wrap_title(fig, title: str, fontsize: float) -> str:
+    """`title` wrapped to the figure's width (an average glyph is ≈ 0.55 em wide), so that a long
+    title (checkpoint, teacher and data path) stays inside the figure instead of running off both ends."""
+    import textwrap
+
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)) - 4)
+    return textwrap.fill(title, chars, break_long_words=True, break_on_hyphens=False)
+
+
+def _save(fig, path: str | Path, title: str, *, dpi: int = 110, fontsize: int = 9, bottom: float = 0.0) -> Path:
+    """Title (wrapped to the figure), layout and PNG; `bottom` inches are left free (a figure legend)."""
     import matplotlib.pyplot as plt
 
     if title:
-        fig.suptitle(title, fontsize=fontsize)
-    fig.tight_layout()
+        text = _wrap_title(fig, title, fontsize)
+        fig.suptitle(text, fontsize=fontsize)
+        # room at the top for every line of the title: tight_layout lays out the axes only
+        lines = text.count("\n") + 1
+        top = 1 - (lines * fontsize * 1.35 + 6) / 72 / fig.get_figheight()
+    else:
+        top = 1.0
+    fig.tight_layout(rect=(0, bottom / fig.get_figheight(), 1, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -147,9 +164,9 @@ def _grid_figure(rows: int, cols: int, *, width: float = WIDTH):
     return fig, axes
 
 
-def _save_fixed(fig, path: str | Path, title: str) -> Path:
+def _save_fixed(fig, path: str | Path, title: str, *, bottom: float = 0.0) -> Path:
     """Save at `DPI` with the figure's own size, so the PNG is `WIDTH × DPI` pixels wide."""
-    return _save(fig, path, title, dpi=DPI, fontsize=11)
+    return _save(fig, path, title, dpi=DPI, fontsize=11, bottom=bottom)
 
 
 def _heads(axes, heads: list[str], width: int = 30) -> None:
@@ -224,6 +241,24 @@ def tsne_embed(features: Tensor | np.ndarray, *, seed: int = 0, perplexity: floa
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
 
 
+def class_colours(n: int) -> list[tuple[float, float, float]]:
+    """`n` colours for class scatters, as far apart as the count allows.
+
+    Up to 10: tab10 (ten hues). Up to 20: then tab20's light shades of those hues (not tab20 in
+    order, whose neighbours are one hue twice: class 0 and 1 came out in nearly the same blue).
+    More: evenly spaced on the turbo colour map (all distinct, less easily told apart).
+    """
+    import matplotlib
+
+    if n <= 10:
+        return [matplotlib.colormaps["tab10"](i)[:3] for i in range(n)]
+    if n <= 20:
+        light = matplotlib.colormaps["tab20"]
+        return class_colours(10) + [light(2 * i + 1)[:3] for i in range(n - 10)]
+    turbo = matplotlib.colormaps["turbo"]
+    return [turbo(x)[:3] for x in np.linspace(0.05, 0.95, n)]
+
+
 def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, title: str = "",
               classes: list[str] | None = None) -> Path:
     """One scatter per source (`name → (coords [M, 2], labels [M])`), coloured by class."""
@@ -234,13 +269,14 @@ def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path
 
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(WIDTH, WIDTH / n + 0.9), squeeze=False)
-    cmap = plt.get_cmap("tab20")
+    present = np.unique(np.concatenate([np.asarray(labels) for _, labels in panels.values()]))
+    colour = dict(zip(present.tolist(), class_colours(len(present))))  # one colour per class in every panel
     for ax, (name, (coords, labels)) in zip(axes[0], panels.items()):
         labels = np.asarray(labels)
-        for j, c in enumerate(np.unique(labels)):
+        for c in np.unique(labels):
             sel = labels == c
             name_c = classes[c] if classes is not None and c < len(classes) else str(c)
-            ax.scatter(coords[sel, 0], coords[sel, 1], s=8, color=cmap(j % 20), label=name_c)
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=8, color=colour[int(c)], label=name_c)
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -250,7 +286,11 @@ def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path
                    frameon=False)
         fig.subplots_adjust(bottom=0.15)
     if title:
-        fig.suptitle(title, fontsize=11)
+        text = _wrap_title(fig, title, 11)
+        fig.suptitle(text, fontsize=11)
+        lines = text.count("\n") + 1
+        # the title's lines, then the panel titles (9 pt) between it and the panels
+        fig.subplots_adjust(top=1 - (lines * 11 * 1.35 + 6 + 9 * 1.8) / 72 / fig.get_figheight())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
@@ -288,7 +328,8 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, *, title: str = "
     present = [k for k in CURVE_METRICS if any(k in r for recs in runs.values() for r in recs)]
     if not present:
         raise ValueError(f"no run has any of {list(CURVE_METRICS)} in its metrics.jsonl")
-    fig, axes = plt.subplots(1, len(present), figsize=(WIDTH, 3.4), squeeze=False)
+    legend_height = 0.2 * len(runs) + 0.15  # inches below the panels: one line per run
+    fig, axes = plt.subplots(1, len(present), figsize=(WIDTH, 3.4 + legend_height), squeeze=False)
     for ax, key in zip(axes[0], present):
         for name, recs in runs.items():
             pts = [(r["step"], r[key]) for r in recs if key in r and "step" in r]
@@ -301,5 +342,13 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, *, title: str = "
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    return _save_fixed(fig, path, title)
+    # one legend for all panels, below them: inside a panel it covered the curves (the loss axis)
+    import textwrap
+
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), [textwrap.shorten(n, 160, placeholder=" …") for n in handles],
+               loc="lower center", ncol=1, fontsize=7, frameon=False, borderaxespad=0.2)
+    return _save_fixed(fig, path, title, bottom=legend_height)

@@ -35,7 +35,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                         "checkpoint was trained on, else shapes)")
     p.add_argument("--data-path", help="dataset folder (default: the checkpoint's data.path when --data matches "
                                        "its data.kind; shapes: the cache)")
-    p.add_argument("--split", default="val", help="split to draw images from")
+    p.add_argument("--split", default="val", choices=("train", "val"),
+                   help="split to draw images from; an ImageFolder without val/ splits as the evaluation "
+                        "commands do (val: the part they hold out, --val-fraction)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="ImageFolder without val/: the stratified part held out as val (as data.val_fraction)")
 
 
 def _figure_args(p: argparse.ArgumentParser, *, seed: str) -> None:
@@ -164,13 +168,38 @@ def _dataset(args: argparse.Namespace, img_size: int, cfg: dict[str, Any] | None
     from milan.data.reading import BadFiles, Tolerant
 
     tf = eval_transform(img_size, crop_pct=1.0)
-    dataset = build_dataset(kind, path, split=args.split, transform=tf, label=label)
-    where = getattr(dataset, "root", None) or path or "the shapes cache"
-    args.data_used = f"{kind} {where} ({args.split})"
-    log.info("drawing images from %s", args.data_used)
+    if kind == "imagefolder":
+        dataset, args.data_used = _folder_part(args, path, tf, trained)
+    else:
+        dataset = build_dataset(kind, path, split=args.split, transform=tf, label=label)
+        where = getattr(dataset, "root", None) or path or "the shapes cache"
+        args.data_used = f"{kind} {where} ({args.split} split)"
+    get_logger().info("drawing images from %s", args.data_used)
     # an unreadable image is replaced by the next good one, warned about once; no run folder to list them in
     args.bad_files = getattr(args, "bad_files", None) or BadFiles(max_fraction=None)
     return Tolerant(dataset, args.bad_files)
+
+
+def _folder_part(args: argparse.Namespace, path: str | None, transform: Callable,
+                 trained: dict[str, Any]) -> tuple[Any, str]:
+    """The train or val part of an ImageFolder, split as the evaluation commands split it
+    (`milan.data.split`), and a truthful label: which part, and whether the checkpoint pretrained on it."""
+    from milan.data.split import eval_sets, resolve_roots
+
+    if not path:
+        raise ConfigError("--data imagefolder needs --data-path DIR (or a checkpoint trained on a folder)")
+    parts = eval_sets("imagefolder", path, val_fraction=args.val_fraction, train_transform=transform,
+                      val_transform=transform, log=False)
+    dataset = parts.val if args.split == "val" else parts.train
+    root = Path(dataset.root)
+    if parts.held_out:
+        role = (f"held out as val, data.val_fraction={args.val_fraction:g}" if args.split == "val"
+                else "train, without the part held out as val")
+    else:
+        role = args.split
+    seen = trained.get("kind") == "imagefolder" and trained.get("path") and \
+        resolve_roots(trained["path"])[0].resolve() == root.resolve()
+    return dataset, f"imagefolder {root} ({role}{'; the checkpoint pretrained on this folder' if seen else ''})"
 
 
 def _sample(dataset, num: int, seed: int) -> Tensor:

@@ -39,6 +39,7 @@ def extract_features(
     run's `milan.data.reading.BadFiles`: one warning per file, its threshold checked after each
     batch; by default a registry of this call alone). With `desc`, a progress bar of that name is shown.
     """
+    from milan.data import loader_workers
     from milan.data.reading import BadFiles, Checked, collate
 
     if limit is not None and limit < len(dataset):
@@ -46,7 +47,7 @@ def extract_features(
     if bad_files is None:
         bad_files = BadFiles()
         bad_files.expect(dataset)
-    loader = DataLoader(Checked(dataset), batch_size=batch_size, num_workers=num_workers, shuffle=False,
+    loader = DataLoader(Checked(dataset), batch_size=batch_size, num_workers=loader_workers(num_workers), shuffle=False,
                         collate_fn=collate)
     feats, labels = [], []
     batches = bad_files.track(loader)
