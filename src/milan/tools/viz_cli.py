@@ -174,7 +174,7 @@ def _dataset(args: argparse.Namespace, img_size: int, cfg: dict[str, Any] | None
         dataset = build_dataset(kind, path, split=args.split, transform=tf, label=label)
         where = getattr(dataset, "root", None) or path or "the shapes cache"
         args.data_used = f"{kind} {where} ({args.split} split)"
-    get_logger().info("drawing images from %s", args.data_used)
+    log.info("drawing images from %s", args.data_used)
     # an unreadable image is replaced by the next good one, warned about once; no run folder to list them in
     args.bad_files = getattr(args, "bad_files", None) or BadFiles(max_fraction=None)
     return Tolerant(dataset, args.bad_files)
