@@ -132,11 +132,15 @@ class Tracker:
         run_dir: the run folder (trackers.json lives there).
         entry: this tracker's saved entry (ids), with `last_step` the highest step sent so far.
         floor: steps at or below it are not sent (an earlier attempt sent them).
+        continued: the run is one an earlier attempt started (else: new).
     """
 
     name = ""
 
-    def __init__(self, run_dir: Path, entry: dict[str, Any], floor: int) -> None:
+    def __init__(self, run_dir: Path, entry: dict[str, Any], floor: int, *, continued: bool) -> None:
+        self.continued = continued
+        if not continued:
+            floor, entry = -1, {k: v for k, v in entry.items() if k != "last_step"}
         floor = max(floor, int(entry.get("last_step", -1)))
         self.run_dir, self.entry, self.floor = run_dir, entry, floor
         self.step = floor  # the step this attempt sends now
@@ -190,8 +194,7 @@ class WandbTracker(Tracker):
         where = os.environ.get("WANDB_DIR") or str(run_dir)
         self.run = wandb.init(project=project, name=run_dir.name, config=config, dir=where,
                               id=entry["id"] if resume else None, resume="allow" if resume else None)
-        super().__init__(run_dir, {**(entry or {}), "id": self.run.id, "project": project} if resume
-                         else {"id": self.run.id, "project": project}, floor if resume else -1)
+        super().__init__(run_dir, {**(entry or {}), "id": self.run.id, "project": project}, floor, continued=resume)
 
     def _send(self, step: int, scalars: dict[str, float], text: dict[str, str], *, wall_time: float) -> None:
         self.run.log({**scalars, **text}, step=step)
@@ -213,21 +216,13 @@ class MlflowTracker(Tracker):
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        resume = entry is not None and "run_id" in entry
-        uri = entry["tracking_uri"] if resume else mlflow.get_tracking_uri()
+        uri = entry["tracking_uri"] if entry is not None and "run_id" in entry else mlflow.get_tracking_uri()
         self.client = MlflowClient(tracking_uri=uri)
         params = {k: _param_value(v) for k, v in flatten(config).items()}
         try:
-            if resume:
-                run_id, experiment_id = entry["run_id"], entry["experiment_id"]
-                run = self.client.get_run(run_id)
-                self.client.update_run(run_id, status="RUNNING")
-                floor = max(floor, self._stored_step(run_id, run.data.metrics))
-                old = run.data.params
-                new = {k: v for k, v in params.items() if k not in old}
-                # MLflow params never change; a value this attempt changed (e.g. run.max_steps) is a tag
-                changed = {f"resumed.{k}": v for k, v in params.items() if k in old and old[k] != v}
-                self._log_params(run_id, new, tags=changed)
+            found = self._continue(entry, params, floor) if entry is not None and "run_id" in entry else None
+            if found is not None:
+                run_id, experiment_id, floor = found
             else:
                 name = project or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT
                 experiment = self.client.get_experiment_by_name(name)
@@ -242,8 +237,30 @@ class MlflowTracker(Tracker):
                               "(set MLFLOW_TRACKING_URI to your server, e.g. http://host:5000; a local ./mlruns "
                               "store needs MLFLOW_ALLOW_FILE_STORE=true in MLflow ≥ 3.7)") from None
         self.run_id = run_id
-        entry = {**(entry or {}), "run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}
-        super().__init__(run_dir, entry, floor if resume else -1)
+        super().__init__(run_dir, {**(entry or {}), "run_id": run_id, "tracking_uri": uri,
+                                   "experiment_id": experiment_id}, floor, continued=found is not None)
+
+    def _continue(self, entry: dict[str, Any], params: dict[str, str], floor: int) -> tuple[str, str, int] | None:
+        """Reopen the recorded run: (run id, experiment id, the floor raised to the highest step its store
+        holds), or None where the store no longer has it (deleted: a new run starts)."""
+        from mlflow.exceptions import MlflowException
+
+        run_id = entry["run_id"]
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            _log.warning("mlflow: run %s of %s is gone from %s; starting a new run", run_id, STATE_FILE,
+                         entry["tracking_uri"])
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        old = run.data.params
+        new = {k: v for k, v in params.items() if k not in old}
+        # MLflow params never change; a value this attempt changed (e.g. run.max_steps) becomes a tag
+        changed = {f"resumed.{k}": v for k, v in params.items() if k in old and old[k] != v}
+        self._log_params(run_id, new, tags=changed)
+        return run_id, run.info.experiment_id, max(floor, self._stored_step(run_id, run.data.metrics))
 
     def _stored_step(self, run_id: str, metrics: dict[str, float]) -> int:
         """The highest step the store holds for this run (-1: none): exact, even where the attempt that
@@ -295,7 +312,10 @@ def open_trackers(run_dir: str | Path, names: tuple[str, ...], *, config: dict[s
         project: `run.project` (None: each tracker's own variable, else "milan").
     """
     run_dir = Path(run_dir)
-    state = _read_state(run_dir) if resume_from is not None and resume_from >= 0 else {}
+    resuming = resume_from is not None and resume_from >= 0
+    state = _read_state(run_dir) if resuming else {}
+    if not resuming and (run_dir / STATE_FILE).is_file():
+        (run_dir / STATE_FILE).unlink()  # a new run: no tracker may continue an earlier run's
     floor = resume_from if resume_from is not None else -1
     opened: list[Tracker] = []
     try:
@@ -310,7 +330,7 @@ def open_trackers(run_dir: str | Path, names: tuple[str, ...], *, config: dict[s
             tracker.close(error=sys.exc_info()[1])
         raise
     for tracker in opened:
-        what = "continues" if state.get(tracker.name) else "starts"
+        what = "continues" if tracker.continued else "starts"
         _log.info("%s %s run %s (steps after %d)", tracker.name, what,
                   tracker.entry.get("id") or tracker.entry.get("run_id"), tracker.floor)
     return opened
