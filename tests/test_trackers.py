@@ -195,6 +195,23 @@ def test_resumed_logger_continues_both_runs_without_duplicate_steps(trackers_env
     assert _mlflow_run(tmp, new["mlflow"]["run_id"])[1]["loss"] == [(1, 3.0)]
 
 
+@pytest.mark.parametrize("recipe", ["pretrain", "finetune", "segment", "detect", "linprobe"])
+def test_every_training_recipe_has_the_key_and_its_whole_config_fits_mlflow(
+        recipe: str, trackers_env: Path) -> None:
+    import importlib
+
+    config_cls = importlib.import_module(f"milan.recipes.{recipe}").CONFIG
+    run_dir = trackers_env / recipe
+    cfg = load_config(config_cls, None, ["run.loggers=[mlflow]", f"run.out_dir={run_dir}"])
+    logger = MetricsLogger(run_dir, config=cfg, resume_from=-1)
+    logger.log(1, loss=0.5, epoch=0)
+    logger.close()
+    run, history = _mlflow_run(trackers_env, json.loads((run_dir / STATE_FILE).read_text())["mlflow"]["run_id"])
+    flat = flatten(to_dict(cfg))
+    assert len(flat) > 30 and set(run.data.params) == set(flat)  # every key of the resolved config
+    assert history["loss"] == [(1, 0.5)] and run.data.tags["mlflow.runName"] == recipe
+
+
 # --- a real run: interrupted, crashed after a checkpoint, resumed -------------------------------------------------
 
 @pytest.mark.slow
