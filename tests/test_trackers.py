@@ -36,7 +36,7 @@ def trackers_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     (tmp_path / "wandb_dir").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow ≥ 3.7 asks for it to use ./mlruns
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # recent MLflow (3.18) asks for it to use ./mlruns
     for name in ("WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path

@@ -217,9 +217,9 @@ class MlflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         uri = entry["tracking_uri"] if entry is not None and "run_id" in entry else mlflow.get_tracking_uri()
-        self.client = MlflowClient(tracking_uri=uri)
         params = {k: _param_value(v) for k, v in flatten(config).items()}
         try:
+            self.client = MlflowClient(tracking_uri=uri)  # (refuses a store this install cannot use)
             found = self._continue(entry, params, floor) if entry is not None and "run_id" in entry else None
             if found is not None:
                 run_id, experiment_id, floor = found
@@ -233,9 +233,10 @@ class MlflowTracker(Tracker):
                 self._log_params(run_id, params, tags={})
         except MlflowException as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"run.loggers includes mlflow, but its tracking store {uri} refused: {first[:300]} "
+            first = first if len(first) <= 200 else first[:199] + "…"
+            raise ConfigError(f"run.loggers includes mlflow, but its tracking store {uri} refused: {first} "
                               "(set MLFLOW_TRACKING_URI to your server, e.g. http://host:5000; a local ./mlruns "
-                              "store needs MLFLOW_ALLOW_FILE_STORE=true in MLflow ≥ 3.7)") from None
+                              "store needs MLFLOW_ALLOW_FILE_STORE=true in recent MLflow)") from None
         self.run_id = run_id
         super().__init__(run_dir, {**(entry or {}), "run_id": run_id, "tracking_uri": uri,
                                    "experiment_id": experiment_id}, floor, continued=found is not None)
