@@ -338,7 +338,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                      "" if start_epoch >= cfg.optim.epochs else " (raise run.max_epochs to continue)")
         return summary()
 
-    loop.metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
+    loop.metrics = MetricsLogger(run_dir, active=info.is_main, config=cfg,
                                  resume_from=loop.step if found is not None else -1)
     if info.is_main:
         log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, effective batch %d, lr %.3g, "

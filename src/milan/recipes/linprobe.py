@@ -369,7 +369,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
             save_checkpoint(record.state(head=head.state_dict(), **payload()), run_dir / "head-best.pt")
 
     loop.hooks += [Periodic(evaluate_epoch, at_epoch_end=True), Preemption.of_run(cfg.run, run_dir)]
-    loop.metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard,
+    loop.metrics = MetricsLogger(run_dir, config=cfg,
                                  resume_from=loop.step if found is not None else -1)
     log.info("linear probe: %d train / %d val images, %d classes, %d epochs × %d steps, lr %.4g%s",
              num_train, len(val_x), num_classes, cfg.optim.epochs, steps_per_epoch, peak,
@@ -470,7 +470,7 @@ def _solve_lbfgs(cfg: LinprobeConfig, run_dir: Path, features: Callable[[Tensor]
                     "carry no usable signal for these labels", fit.loss, chance)
     _warn_if_no_better_than_chance(top1, val_y, "lbfgs")
     epochs = o.epochs  # the solve stands for the whole schedule
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard)
+    metrics = MetricsLogger(run_dir, config=cfg)
     metrics.log(fit.iterations, loss=fit.loss, top1=top1, top5=top5, solver="lbfgs")
     metrics.close()
     identity = {"encoder": encoder_meta["encoder"], "semantic_topk": encoder_meta["semantic_topk"],

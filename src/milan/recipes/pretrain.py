@@ -367,7 +367,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         return {"step": loop.step, "loss": float("nan"), "run_dir": str(run_dir), "bad_images": 0,
                 **recovery.recovery.summary()}
 
-    loop.metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
+    loop.metrics = MetricsLogger(run_dir, active=info.is_main, config=cfg,
                                  resume_from=loop.step if found is not None else -1)
     if info.is_main:
         log.info(

@@ -409,7 +409,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
         (run_dir / BAD_IMAGES_FILE).unlink()  # a fresh start: not an old run's list
     if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
         save_config(cfg, run_dir / "config.yaml")
-    loop.metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
+    loop.metrics = MetricsLogger(run_dir, active=info.is_main, config=cfg,
                                  resume_from=loop.step if found is not None else -1)
     if info.is_main:
         log.info("segment %s (%s) at %dpx: %d classes, %d train / %d val images, %d iterations, batch %d "

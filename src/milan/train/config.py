@@ -41,7 +41,10 @@ class RunSection:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: str = "auto"  # auto: the run folder's newest good checkpoint, if any; none; or a path
-    tensorboard: bool = True
+    # Where scalars go (README: Experiment trackers); jsonl is always on. wandb / mlflow are extras.
+    loggers: tuple[Literal["jsonl", "tensorboard", "wandb", "mlflow"], ...] = ("jsonl", "tensorboard")
+    tensorboard: bool | None = None  # the older switch: false drops tensorboard from loggers, true adds it
+    project: str | None = None  # W&B project / MLflow experiment (None: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else milan)
     # Preemption (README "Running on a cluster"): on one of these signals, or when <out_dir>/PREEMPT
     # appears, every process finishes its step, rank 0 checkpoints, and the command exits with 75.
     preempt_signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
@@ -88,8 +91,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (tuple, list):
         args = get_args(tp)
         variable = origin is list or (len(args) == 2 and args[-1] is Ellipsis)
-        if variable and isinstance(value, str) and (args[0] if args else Any) in (str, Any):
-            value = [value]  # data.paths=/x means [/x]
+        item = args[0] if args else Any
+        if variable and isinstance(value, str) and (item in (str, Any) or get_origin(item) is Literal):
+            value = [value]  # data.paths=/x means [/x]; run.loggers=wandb means [wandb]
         if not isinstance(value, list | tuple):
             example = "[/data/a,/data/b]" if args and args[0] is str else "[0.2,1.0]"
             raise ConfigError(f"{key}={value!r} should be a list, e.g. {key}={example}")

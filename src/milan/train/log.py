@@ -1,4 +1,5 @@
-"""Rank-0 logging: a JSONL metrics file, TensorBoard scalars when installed, a progress bar."""
+"""Rank-0 logging: a JSONL metrics file, TensorBoard scalars when installed, W&B / MLflow
+(`milan.train.trackers`), a progress bar."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from milan.train.config import to_dict
+from milan.train.trackers import Tracker, open_trackers, resolve_loggers
 
 __all__ = ["MetricsLogger", "get_logger", "progress"]
 
@@ -33,15 +37,23 @@ class MetricsLogger:
     uninterrupted run in every reader. A training run that starts from scratch in a folder an earlier
     attempt left records in (killed before its first checkpoint, or `run.resume=none`) passes
     `resume_from=-1`: nothing of that attempt is kept.
+
+    `config` (a training recipe's config): its `run.loggers` choose the sinks (`tensorboard` then
+    follows them) and the W&B / MLflow runs get it as parameters; a resumed run continues the same
+    tracker runs (`milan.train.trackers`: which steps they take).
     """
 
     def __init__(self, run_dir: str | Path, *, active: bool = True, tensorboard: bool = True,
-                 resume_from: int | None = None) -> None:
+                 resume_from: int | None = None, config: Any = None) -> None:
         self.active = active
         self.file = None
         self.tb = None
+        self.trackers: list[Tracker] = []
         if not active:
             return
+        if config is not None:
+            sinks = resolve_loggers(config.run)
+            tensorboard = "tensorboard" in sinks
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
@@ -57,23 +69,35 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(run_dir / "tb"))
             except ImportError:  # tensorboard is an optional extra
                 self.tb = None
+        if config is not None:
+            self.trackers = open_trackers(run_dir, sinks, config=to_dict(config), resume_from=resume_from,
+                                          project=getattr(config.run, "project", None))
 
     def log(self, step: int, **metrics: Any) -> None:
         if not self.active:
             return
-        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        now = time.time()
+        record = {"step": step, "time": round(now, 3), **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, int | float):
                     self.tb.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, metrics, wall_time=now)
 
     def close(self) -> None:
+        """Close every sink. Called in a `finally`: the exception that ends the run, if any, marks the
+        tracker runs failed (MLflow: KILLED for an interruption the run resumes from)."""
+        error = sys.exc_info()[1]
         if self.file is not None:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close(error=error)
+        self.trackers = []
 
 
 def _truncate_records(path: Path, last_step: int) -> None:

@@ -17,6 +17,7 @@ from milan.errors import ConfigError, TrainingError
 from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointError, load_checkpoint
 from milan.train.config import save_config
+from milan.train.trackers import check_loggers
 
 __all__ = ["RunStart", "start_run", "discard_failed_starts", "resolve_precision", "AMP_DTYPES", "check_values", "seed_all",
            "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng", "set_lr", "NonFiniteGuard",
@@ -80,6 +81,7 @@ def start_run(cfg: Any, *, write_config: bool = True, seed_per_rank: bool = True
         seed_per_rank: seed rank r with `seed + r` (different augmentation per process); False
             seeds every rank alike (pretrain, whose randomness is indexed by sample and step).
     """
+    check_loggers(cfg.run)  # a tracker that is not installed: one line, before anything starts
     info = distr.init_distributed(cfg.run.device)
     run_dir = Path(cfg.run.out_dir)
     if info.is_main:
