@@ -78,6 +78,7 @@ class ModelConfig:
     weights: str | None = None  # pretrain checkpoint, `milan export` .safetensors, or timm/authors' ViT weights
     preset: str | None = None  # encoder preset; alone (no weights) trains from random init (a baseline)
     drop_path: float = 0.1  # 0.1 ViT-B, 0.2 ViT-L
+    grad_checkpointing: bool = False  # recompute the encoder blocks' activations in backward (less memory)
     pyramid: Literal["intermediate", "simple"] = "intermediate"  # MAE necks + FPN, or ViTDet's (no FPN)
     out_indices: tuple[int, ...] | None = None  # intermediate: tapped blocks (default 4/6/8/12 of 12)
     fpn_channels: int = 256
@@ -291,6 +292,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
 
     # --- model ---------------------------------------------------------------------------------
     encoder, meta = build_encoder(m.weights, preset=m.preset, img_size=m.pad_to, drop_path_rate=m.drop_path)
+    encoder.set_grad_checkpointing(m.grad_checkpointing)
     try:
         model = build_mask_rcnn(
             encoder, num_classes, pyramid=m.pyramid, out_indices=m.out_indices, fpn_channels=m.fpn_channels,

@@ -71,6 +71,7 @@ class ModelConfig:
     weights: str | None = None  # pretrain checkpoint, export (.safetensors) or authors' checkpoint
     preset: str | None = None  # encoder preset; alone (no weights) finetunes from scratch (a baseline)
     drop_path: float = 0.1  # 0.1 for ViT-B, 0.2 for ViT-L
+    grad_checkpointing: bool = False  # recompute the blocks' activations in backward (less memory)
 
 
 @dataclass
@@ -209,6 +210,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
 
     # --- model ---------------------------------------------------------------------------------
     model = build_classifier(config, num_classes, drop_path=cfg.model.drop_path)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)  # timm's (non-reentrant unless TIMM_REENTRANT_CKPT=1)
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a new task's head
         # Average pooling uses fc_norm (fresh) in place of the final norm, as MAE finetuning.

@@ -68,6 +68,7 @@ class ModelConfig:
     # ours, the MILAN authors' / MAE / mmpretrain checkpoints, a timm folder (README: Published weights).
     init: str | None = None
     init_decoder: bool = True  # also the file's decoder, where it has one that fits; false: a fresh decoder
+    grad_checkpointing: bool = False  # recompute the encoder's and decoder's block activations in backward
 
     def __post_init__(self) -> None:
         spec = self.spec()
@@ -267,6 +268,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         if info.is_main:
             log.info("model.init: %s", loaded)
     model, teacher = step_fn.model, step_fn.teacher
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     img_size = spec.encoder.img_size
 
     # --- data ----------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ class ModelConfig:
     weights: str | None = None  # pretrain checkpoint, `milan export` .safetensors, or timm/authors' ViT weights
     preset: str | None = None  # encoder preset; alone (no weights) trains from random init (a baseline)
     drop_path: float = 0.1
+    grad_checkpointing: bool = False  # recompute the encoder blocks' activations in backward (less memory)
     pyramid: Literal["intermediate", "simple"] = "intermediate"  # MAE/BEiT necks, or ViTDet's
     out_indices: tuple[int, ...] | None = None  # intermediate: tapped blocks (default 4/6/8/12 of 12)
     out_channels: int = 256  # simple pyramid only
@@ -271,6 +272,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     # --- model ---------------------------------------------------------------------------------
     m = cfg.model
     encoder, meta = build_encoder(m.weights, preset=m.preset, img_size=d.crop_size, drop_path_rate=m.drop_path)
+    encoder.set_grad_checkpointing(m.grad_checkpointing)
     patch = encoder.patch_size
     if d.crop_size % patch:
         raise ConfigError(f"data.crop_size={d.crop_size} is not a multiple of the patch size {patch}; "
