@@ -431,10 +431,11 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     loop.metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
                                  resume_from=loop.step if found is not None else -1)
     if info.is_main:
-        log.info("detect %s (%s): %d classes, %d train / %d val images, %d epochs × %d iterations, batch %d "
-                 "(× accum %d), lr %.3g (÷%g after epochs %s), layer decay %.2f, input %d–%d px (pad %s), "
+        log.info("detect %s (%s): %d classes, %d train / %d val images, %d epochs × %d iterations, effective "
+                 "batch %d (%d × accum %d × %d processes), lr %.3g (÷%g after epochs %s), layer decay %.2f, input %d–%d px (pad %s), "
                  "%.1fM params", meta.get("preset") or "encoder", meta.get("format") or "random init", num_classes,
-                 len(train_raw), len(val_raw), o.epochs, steps_per_epoch, o.batch_size, o.accum_steps, o.lr,
+                 len(train_raw), len(val_raw), o.epochs, steps_per_epoch, per_rank * o.accum_steps * info.world_size,
+                 per_rank, o.accum_steps, info.world_size, o.lr,
                  1 / o.gamma, ", ".join(f"{e:g}" for e in o.lr_steps), o.layer_decay, m.min_size, m.max_size,
                  m.pad_to, sum(p.numel() for p in model.parameters()) / 1e6)
     net.train()

@@ -340,9 +340,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     loop.metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
                                  resume_from=loop.step if found is not None else -1)
     if info.is_main:
-        log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, effective batch %d, lr %.3g, "
-                 "layer decay %.2f", preset or "encoder", img_size, num_classes, len(train_set), cfg.optim.epochs,
-                 steps_per_epoch, effective_batch, peak, cfg.optim.layer_decay)
+        log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, effective batch %d (%d × accum "
+                 "%d × %d processes), lr %.3g, layer decay %.2f", preset or "encoder", img_size, num_classes,
+                 len(train_set), cfg.optim.epochs, steps_per_epoch, effective_batch, batch, accum, info.world_size,
+                 peak, cfg.optim.layer_decay)
     net.train()
     try:
         loop.run()

@@ -412,10 +412,11 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     loop.metrics = MetricsLogger(run_dir, active=info.is_main, tensorboard=cfg.run.tensorboard,
                                  resume_from=loop.step if found is not None else -1)
     if info.is_main:
-        log.info("segment %s (%s) at %dpx: %d classes, %d train / %d val images, %d iterations, batch %d "
-                 "(× accum %d), lr %.3g, layer decay %.2f, %d params", meta.get("preset") or "encoder",
-                 meta.get("format") or "random init", d.crop_size, num_classes, len(train_raw), num_val, o.iters,
-                 o.batch_size, o.accum_steps, o.lr, o.layer_decay, sum(p.numel() for p in model.parameters()))
+        log.info("segment %s (%s) at %dpx: %d classes, %d train / %d val images, %d iterations, effective batch "
+                 "%d (%d × accum %d × %d processes), lr %.3g, layer decay %.2f, %d params",
+                 meta.get("preset") or "encoder", meta.get("format") or "random init", d.crop_size, num_classes,
+                 len(train_raw), num_val, o.iters, per_rank * o.accum_steps * info.world_size, per_rank,
+                 o.accum_steps, info.world_size, o.lr, o.layer_decay, sum(p.numel() for p in model.parameters()))
     net.train()
     try:
         loop.run()
