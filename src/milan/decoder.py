@@ -25,7 +25,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from milan.encoder import sincos_pos_embed_2d
+from milan.encoder import run_block, sincos_pos_embed_2d
 from milan.masking import Mask, gather_tokens, restore_tokens
 
 __all__ = ["PromptingAttention", "PromptingBlock", "PromptingDecoder", "MAEDecoder", "VisibleHead"]
@@ -109,7 +109,12 @@ class _DecoderBase(nn.Module):
         self.norm = _LayerNorm(dim)
         self.head = nn.Linear(dim, out_dim)
         self.blocks = self.build_blocks(dim, depth, num_heads, mlp_ratio)
+        self.grad_checkpointing = False  # set_grad_checkpointing
         self.reset_parameters()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing over the blocks: each block's activations are recomputed in backward."""
+        self.grad_checkpointing = enable
 
     def build_blocks(self, dim: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.Module:
         raise NotImplementedError
@@ -149,8 +154,8 @@ class PromptingDecoder(_DecoderBase):
             [pos_cls, gather_tokens(pos_patch, mask.keep)], dim=1
         )  # [B, 1+K, Dd], fixed from here on
         x = self.mask_token + gather_tokens(pos_patch, mask.masked)  # [B, M, Dd]
-        for block in self.blocks:
-            x = block(x, prompts)
+        for block in self.blocks:  # checkpointed: each block keeps x; the prompts are kept once, shared
+            x = run_block(block, x, prompts, checkpointed=self.grad_checkpointing)
         visible = self.head(self.norm(prompts))  # [B, 1+K, out]
         masked = self.head(self.norm(x))  # [B, M, out]
         patches = restore_tokens(torch.cat([visible[:, 1:], masked], dim=1), mask.restore)
@@ -172,7 +177,8 @@ class MAEDecoder(_DecoderBase):
         fill = self.mask_token.expand(x.shape[0], mask.masked.shape[1], -1)  # [B, M, Dd]
         patches = restore_tokens(torch.cat([x[:, 1:], fill], dim=1), mask.restore)  # [B, N, Dd]
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed  # [B, 1+N, Dd]
-        x = self.blocks(x)
+        for block in self.blocks:
+            x = run_block(block, x, checkpointed=self.grad_checkpointing)
         return self.head(self.norm(x))
 
 

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
+import torch.utils.checkpoint
 from timm.layers import PatchEmbed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -20,7 +22,7 @@ from milan.masking import gather_tokens
 
 _LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)  # MAE/timm ViT norm
 
-__all__ = ["EncoderConfig", "ENCODER_PRESETS", "MaskedViTEncoder", "sincos_pos_embed_2d"]
+__all__ = ["EncoderConfig", "ENCODER_PRESETS", "MaskedViTEncoder", "sincos_pos_embed_2d", "run_block"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,16 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, *, cls_token: bool = Tru
     return emb.float().unsqueeze(0)
 
 
+def run_block(block: nn.Module, *inputs: Tensor, checkpointed: bool) -> Tensor:
+    """`block(*inputs)`; `checkpointed` (while autograd records) keeps only the inputs for backward and
+    recomputes the block's activations there: less memory for one more forward per block. Non-reentrant
+    (`use_reentrant=False`): works with several inputs, DDP and `no_sync`, and replays the RNG, so drop
+    path draws the same masks in the recomputation and the gradients equal the plain block's."""
+    if checkpointed and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
+
+
 class MaskedViTEncoder(nn.Module):
     """ViT over CLS + a subset of patches.
 
@@ -117,6 +129,7 @@ class MaskedViTEncoder(nn.Module):
             )
         )
         self.norm = norm_layer(embed_dim)
+        self.grad_checkpointing = False  # set_grad_checkpointing
         self.reset_parameters()
 
     @classmethod
@@ -124,6 +137,11 @@ class MaskedViTEncoder(nn.Module):
         fields = asdict(config)
         fields.pop("timm_name")
         return cls(**fields, **kwargs)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing over the blocks (timm's name): each block's activations are recomputed
+        in backward instead of kept, the same gradients for about a third more compute."""
+        self.grad_checkpointing = enable
 
     def reset_parameters(self) -> None:
         """MAE's initialisation: xavier-uniform linears (and patch projection), N(0, .02) CLS."""
@@ -146,7 +164,11 @@ class MaskedViTEncoder(nn.Module):
         Returns:
             `[B, 1 + K, D]` normed tokens, CLS first, visible patches in `keep` order.
         """
-        x = self.blocks(self.embed(images, keep))  # [B, 1+K, D]
+        x = self.embed(images, keep)  # [B, 1+K, D]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.blocks, x, use_reentrant=False)  # keeps each block's input only
+        else:
+            x = self.blocks(x)
         return self.norm(x)
 
     def embed(self, images: Tensor, keep: Tensor | None = None) -> Tensor:

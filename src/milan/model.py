@@ -279,6 +279,12 @@ class MaskedAutoencoder(nn.Module):
     def patch_size(self) -> int:
         return self.encoder.patch_size
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing over the encoder's and the decoder's blocks (`model.grad_checkpointing`)."""
+        self.encoder.set_grad_checkpointing(enable)
+        if hasattr(self.decoder, "set_grad_checkpointing"):  # VisibleHead (no decoder) has no blocks
+            self.decoder.set_grad_checkpointing(enable)
+
     def forward(self, images: Tensor, mask: Mask, targets: Tensor | None = None) -> ModelOutput:
         """One pretraining forward.
 

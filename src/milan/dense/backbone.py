@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from milan.encoder import MaskedViTEncoder
+from milan.encoder import MaskedViTEncoder, run_block
 
 __all__ = ["ViTPyramid", "LayerNorm2d", "default_out_indices", "layer_decay_groups", "resample_pos_embed"]
 
@@ -125,8 +125,8 @@ class ViTPyramid(nn.Module):
         cls = (enc.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         taps = []
-        for i, block in enumerate(enc.blocks):
-            x = block(x)
+        for i, block in enumerate(enc.blocks):  # the encoder's grad_checkpointing applies here too
+            x = run_block(block, x, checkpointed=enc.grad_checkpointing)
             if i in self.out_indices:
                 taps.append(x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid))
         return taps, grid

@@ -79,6 +79,7 @@ class ModelConfig:
     weights: str | None = None  # pretrain checkpoint, `milan export` .safetensors, or timm/authors' ViT weights
     preset: str | None = None  # encoder preset; alone (no weights) trains from random init (a baseline)
     drop_path: float = 0.1  # 0.1 ViT-B, 0.2 ViT-L
+    grad_checkpointing: bool = False  # recompute the encoder blocks' activations in backward (less memory)
     pyramid: Literal["intermediate", "simple"] = "intermediate"  # MAE necks + FPN, or ViTDet's (no FPN)
     out_indices: tuple[int, ...] | None = None  # intermediate: tapped blocks (default 4/6/8/12 of 12)
     fpn_channels: int = 256
@@ -292,6 +293,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
 
     # --- model ---------------------------------------------------------------------------------
     encoder, meta = build_encoder(m.weights, preset=m.preset, img_size=m.pad_to, drop_path_rate=m.drop_path)
+    encoder.set_grad_checkpointing(m.grad_checkpointing)
     try:
         model = build_mask_rcnn(
             encoder, num_classes, pyramid=m.pyramid, out_indices=m.out_indices, fpn_channels=m.fpn_channels,
@@ -431,10 +433,11 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     loop.metrics = MetricsLogger(run_dir, active=info.is_main, config=cfg,
                                  resume_from=loop.step if found is not None else -1)
     if info.is_main:
-        log.info("detect %s (%s): %d classes, %d train / %d val images, %d epochs × %d iterations, batch %d "
-                 "(× accum %d), lr %.3g (÷%g after epochs %s), layer decay %.2f, input %d–%d px (pad %s), "
+        log.info("detect %s (%s): %d classes, %d train / %d val images, %d epochs × %d iterations, effective "
+                 "batch %d (%d × accum %d × %d processes), lr %.3g (÷%g after epochs %s), layer decay %.2f, input %d–%d px (pad %s), "
                  "%.1fM params", meta.get("preset") or "encoder", meta.get("format") or "random init", num_classes,
-                 len(train_raw), len(val_raw), o.epochs, steps_per_epoch, o.batch_size, o.accum_steps, o.lr,
+                 len(train_raw), len(val_raw), o.epochs, steps_per_epoch, per_rank * o.accum_steps * info.world_size,
+                 per_rank, o.accum_steps, info.world_size, o.lr,
                  1 / o.gamma, ", ".join(f"{e:g}" for e in o.lr_steps), o.layer_decay, m.min_size, m.max_size,
                  m.pad_to, sum(p.numel() for p in model.parameters()) / 1e6)
     net.train()

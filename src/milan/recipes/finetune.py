@@ -72,6 +72,7 @@ class ModelConfig:
     weights: str | None = None  # pretrain checkpoint, export (.safetensors) or authors' checkpoint
     preset: str | None = None  # encoder preset; alone (no weights) finetunes from scratch (a baseline)
     drop_path: float = 0.1  # 0.1 for ViT-B, 0.2 for ViT-L
+    grad_checkpointing: bool = False  # recompute the blocks' activations in backward (less memory)
 
 
 @dataclass
@@ -211,6 +212,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
 
     # --- model ---------------------------------------------------------------------------------
     model = build_classifier(config, num_classes, drop_path=cfg.model.drop_path)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)  # timm's (non-reentrant unless TIMM_REENTRANT_CKPT=1)
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a new task's head
         # Average pooling uses fc_norm (fresh) in place of the final norm, as MAE finetuning.
@@ -341,9 +343,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     loop.metrics = MetricsLogger(run_dir, active=info.is_main, config=cfg,
                                  resume_from=loop.step if found is not None else -1)
     if info.is_main:
-        log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, effective batch %d, lr %.3g, "
-                 "layer decay %.2f", preset or "encoder", img_size, num_classes, len(train_set), cfg.optim.epochs,
-                 steps_per_epoch, effective_batch, peak, cfg.optim.layer_decay)
+        log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, effective batch %d (%d × accum "
+                 "%d × %d processes), lr %.3g, layer decay %.2f", preset or "encoder", img_size, num_classes,
+                 len(train_set), cfg.optim.epochs, steps_per_epoch, effective_batch, batch, accum, info.world_size,
+                 peak, cfg.optim.layer_decay)
     net.train()
     try:
         loop.run()

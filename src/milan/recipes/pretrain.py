@@ -69,6 +69,7 @@ class ModelConfig:
     # ours, the MILAN authors' / MAE / mmpretrain checkpoints, a timm folder (README: Published weights).
     init: str | None = None
     init_decoder: bool = True  # also the file's decoder, where it has one that fits; false: a fresh decoder
+    grad_checkpointing: bool = False  # recompute the encoder's and decoder's block activations in backward
 
     def __post_init__(self) -> None:
         spec = self.spec()
@@ -236,17 +237,20 @@ def build_step(cfg: PretrainConfig, device: torch.device, *, amp_dtype: torch.dt
 
 
 def mask_noise(seed: int, step: int, micro: int, shape: tuple[int, int], *, rank: int = 0, world_size: int = 1,
-               device: torch.device | str = "cpu") -> torch.Tensor:
+               accum_steps: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
     """The uniform draws behind micro-step `micro` of optimizer step `step`: `[B, N]` for this rank.
 
-    One global draw of `[B·W, N]`, each rank taking its rows (rank r holds samples r, r+W, ... of the
-    global batch): masks depend on (seed, step, micro) only, not on how many processes run or on
-    where a run was interrupted.
+    One draw of `[B·W·A, N]` per optimizer step (A = accum_steps), row i for the i-th image of the
+    step's global batch as the sampler orders it (micro-batch m of rank r holds images m·B·W + r,
+    m·B·W + r + W, ...): masks depend on (seed, step) and the image's place in the step only, not on
+    how many processes run, how the step is split into micro-batches, or where a run was interrupted.
     """
     gen = torch.Generator(device=device)
-    gen.manual_seed(hash((seed, step, micro)) & 0x7FFF_FFFF_FFFF)
+    gen.manual_seed(hash((seed, step, 0)) & 0x7FFF_FFFF_FFFF)
     batch, num_patches = shape
-    return torch.rand(batch * world_size, num_patches, generator=gen, device=device)[rank::world_size]
+    rows = batch * world_size  # one micro-batch over every rank
+    noise = torch.rand(rows * accum_steps, num_patches, generator=gen, device=device)
+    return noise[micro * rows:(micro + 1) * rows][rank::world_size]
 
 
 def main(cfg: PretrainConfig) -> dict[str, Any]:
@@ -269,6 +273,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         if info.is_main:
             log.info("model.init: %s", loaded)
     model, teacher = step_fn.model, step_fn.teacher
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     img_size = spec.encoder.img_size
 
     # --- data ----------------------------------------------------------------------------------
@@ -304,7 +309,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     def train_step(batch: tuple[torch.Tensor, Any], *, step: int, micro: int) -> torch.Tensor:
         images = to_device(batch[0], device, img_size=img_size)  # uint8 → normalised float32 there
         noise = mask_noise(cfg.run.seed, step, micro, (images.shape[0], model.num_patches),
-                           rank=info.rank, world_size=info.world_size, device=device)
+                           rank=info.rank, world_size=info.world_size, accum_steps=accum, device=device)
         return step_fn(images, noise=noise, net=net, check_values=device.type == "cpu").loss
 
     def set_precision(dtype: torch.dtype | None) -> None:
@@ -371,9 +376,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                                  resume_from=loop.step if found is not None else -1)
     if info.is_main:
         log.info(
-            "%s | %d params | teacher %s | %d images | effective batch %d | lr %.3g | %d steps (%d/epoch)",
-            cfg.model.name, sum(p.numel() for p in model.parameters()), cfg.teacher.spec if teacher else "-",
-            num_images, effective_batch, peak_lr, total_steps, steps_per_epoch,
+            "%s | %d params | teacher %s | %d images | effective batch %d (%d × accum %d × %d processes) | lr %.3g | "
+            "%d steps (%d/epoch)", cfg.model.name, sum(p.numel() for p in model.parameters()),
+            cfg.teacher.spec if teacher else "-", num_images, effective_batch, batch, accum, info.world_size, peak_lr,
+            total_steps, steps_per_epoch,
         )
         if cfg.debug != DebugConfig():
             log.warning("debug: fault injection is on (%s)", to_dict(cfg.debug))

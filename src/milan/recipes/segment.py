@@ -75,6 +75,7 @@ class ModelConfig:
     weights: str | None = None  # pretrain checkpoint, `milan export` .safetensors, or timm/authors' ViT weights
     preset: str | None = None  # encoder preset; alone (no weights) trains from random init (a baseline)
     drop_path: float = 0.1
+    grad_checkpointing: bool = False  # recompute the encoder blocks' activations in backward (less memory)
     pyramid: Literal["intermediate", "simple"] = "intermediate"  # MAE/BEiT necks, or ViTDet's
     out_indices: tuple[int, ...] | None = None  # intermediate: tapped blocks (default 4/6/8/12 of 12)
     out_channels: int = 256  # simple pyramid only
@@ -272,6 +273,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     # --- model ---------------------------------------------------------------------------------
     m = cfg.model
     encoder, meta = build_encoder(m.weights, preset=m.preset, img_size=d.crop_size, drop_path_rate=m.drop_path)
+    encoder.set_grad_checkpointing(m.grad_checkpointing)
     patch = encoder.patch_size
     if d.crop_size % patch:
         raise ConfigError(f"data.crop_size={d.crop_size} is not a multiple of the patch size {patch}; "
@@ -412,10 +414,11 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     loop.metrics = MetricsLogger(run_dir, active=info.is_main, config=cfg,
                                  resume_from=loop.step if found is not None else -1)
     if info.is_main:
-        log.info("segment %s (%s) at %dpx: %d classes, %d train / %d val images, %d iterations, batch %d "
-                 "(× accum %d), lr %.3g, layer decay %.2f, %d params", meta.get("preset") or "encoder",
-                 meta.get("format") or "random init", d.crop_size, num_classes, len(train_raw), num_val, o.iters,
-                 o.batch_size, o.accum_steps, o.lr, o.layer_decay, sum(p.numel() for p in model.parameters()))
+        log.info("segment %s (%s) at %dpx: %d classes, %d train / %d val images, %d iterations, effective batch "
+                 "%d (%d × accum %d × %d processes), lr %.3g, layer decay %.2f, %d params",
+                 meta.get("preset") or "encoder", meta.get("format") or "random init", d.crop_size, num_classes,
+                 len(train_raw), num_val, o.iters, per_rank * o.accum_steps * info.world_size, per_rank,
+                 o.accum_steps, info.world_size, o.lr, o.layer_decay, sum(p.numel() for p in model.parameters()))
     net.train()
     try:
         loop.run()
