@@ -266,3 +266,29 @@ def test_keyboard_interrupt_carries_the_step(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt) as err:
         _loop(tmp_path, [CtrlC()]).run()
     assert err.value.step == 3
+
+
+@pytest.mark.parametrize(("warmup", "total", "fitted"), [(40, 400, 40), (4, 8, 4), (5, 8, 1), (880, 8, 1),
+                                                          (1500, 300, 30), (3, 1, 0)])
+def test_a_warmup_longer_than_half_the_run_is_fitted(warmup: int, total: int, fitted: int,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from milan.train.schedule import fit_warmup
+
+    log = logging.getLogger("milan.test")
+    with caplog.at_level(logging.WARNING, logger="milan.test"):
+        assert fit_warmup(warmup, total, key="optim.warmup_epochs", log=log) == fitted
+    assert ("optim.warmup_epochs gives a warm-up of" in caplog.text) == (fitted != warmup)
+
+
+def test_a_short_pretrain_run_reaches_the_peak_lr(shapes_root: Path, tmp_path: Path) -> None:
+    """The issue's case: a recipe's 40-epoch warm-up kept for an 8-step run. The lr reaches its peak."""
+    from _pretrain_cli import pretrain_args
+    from milan.tools.cli import main as cli
+
+    out = tmp_path / "run"
+    cli(pretrain_args(shapes_root, out, "optim.steps=8", "optim.warmup_steps=null", "optim.warmup_epochs=40",
+                      "optim.lr=1e-3"))
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(lrs) == pytest.approx(1e-3, rel=0.05)

@@ -70,6 +70,7 @@ from milan.train.run import (
     find_resume_last,
     start_run,
 )
+from milan.train.schedule import fit_warmup
 
 __all__ = ["DetectConfig", "CONFIG", "main", "evaluate", "warmup_step_lr", "build_datasets"]
 
@@ -335,6 +336,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     total = o.epochs * steps_per_epoch
     milestones = [round(e * steps_per_epoch) for e in o.lr_steps]
     last_step = total if cfg.run.max_steps is None else min(total, cfg.run.max_steps)
+    warmup = fit_warmup(o.warmup_iters, total, key="optim.warmup_iters", log=log if info.is_main else None)
     val_ids = list(val_raw.ids)
     val_loader = DataLoader(DetSamples(val_raw, bad="drop"), batch_size=d.eval_batch_size,
                             sampler=list(range(info.rank, len(val_raw), info.world_size)), num_workers=loader_workers(d.num_workers),
@@ -398,7 +400,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                 data=Every(bad_files.track(loader, check=info.world_size == 1),
                            lambda epoch, start: sampler.set_epoch(epoch, start_batch=start, batch_size=per_rank),
                            steps_per_epoch),
-                schedule=lambda s: warmup_step_lr(s, peak=o.lr, milestones=milestones, warmup=o.warmup_iters,
+                schedule=lambda s: warmup_step_lr(s, peak=o.lr, milestones=milestones, warmup=warmup,
                                                   gamma=o.gamma, warmup_factor=o.warmup_factor),
                 total_steps=total, last_step=last_step,
                 checkpoints=Checkpoints(run_dir, "detect", to_dict(cfg), identity, every=cfg.run.ckpt_every,

@@ -62,7 +62,7 @@ from milan.train.run import (
     find_resume_last,
     start_run,
 )
-from milan.train.schedule import scaled_lr, warmup_cosine
+from milan.train.schedule import fit_warmup, scaled_lr, warmup_cosine
 
 __all__ = ["FinetuneConfig", "CONFIG", "main"]
 
@@ -228,7 +228,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         raise DataError(f"{len(train_set)} training images are fewer than one optimizer step: optim.batch_size="
                         f"{batch} × optim.accum_steps={accum} × {info.world_size} process(es); lower them")
     total = cfg.optim.epochs * steps_per_epoch
-    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+    warmup = fit_warmup(cfg.optim.warmup_epochs * steps_per_epoch, total, key="optim.warmup_epochs",
+                        log=log if info.is_main else None)
     effective_batch = batch * accum * info.world_size
     peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, effective_batch)
     optimizer = build_optimizer(model, peak, weight_decay=cfg.optim.weight_decay,

@@ -65,7 +65,7 @@ from milan.train.run import (
     find_resume_last,
     start_run,
 )
-from milan.train.schedule import scaled_lr, warmup_cosine
+from milan.train.schedule import fit_warmup, scaled_lr, warmup_cosine
 
 __all__ = ["LinprobeConfig", "CONFIG", "main", "ProbeHead"]
 
@@ -245,7 +245,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     # --- head, LARS, schedule ------------------------------------------------------------------
     head = ProbeHead(encoder.embed_dim, num_classes).to(device)
     total = cfg.optim.epochs * steps_per_epoch
-    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+    warmup = fit_warmup(cfg.optim.warmup_epochs * steps_per_epoch, total, key="optim.warmup_epochs", log=log)
     peak = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, batch)
     matrices = [p for p in head.parameters() if p.ndim > 1]
     vectors = [p for p in head.parameters() if p.ndim <= 1]

@@ -44,7 +44,7 @@ from milan.train.log import MetricsLogger, get_logger
 from milan.train.loop import Checkpoints, Every, Hook, Loop
 from milan.train.recover import DebugConfig, RecoverConfig, RecoveryHook
 from milan.train.run import agree_on_checkpoint, check_values, resolve_precision, start_run
-from milan.train.schedule import scaled_lr, warmup_cosine
+from milan.train.schedule import fit_warmup, scaled_lr, warmup_cosine
 
 __all__ = ["PretrainConfig", "CONFIG", "main", "param_groups", "build_step", "mask_noise"]
 
@@ -288,8 +288,9 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     loader, set_epoch, per_rank, num_images = _train_loader(cfg, info, transform)
     steps_per_epoch = per_rank // batch // accum
     total_steps = cfg.optim.steps if cfg.optim.steps is not None else cfg.optim.epochs * steps_per_epoch
-    warmup_steps = (cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None
-                    else cfg.optim.warmup_epochs * steps_per_epoch)
+    warmup_steps = fit_warmup(cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None
+                              else cfg.optim.warmup_epochs * steps_per_epoch, total_steps, log=log,
+                              key="optim.warmup_steps" if cfg.optim.warmup_steps is not None else "optim.warmup_epochs")
     effective_batch = batch * accum * info.world_size
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, effective_batch)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=peak_lr,

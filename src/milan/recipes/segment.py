@@ -65,7 +65,7 @@ from milan.train.run import (
     find_resume_last,
     start_run,
 )
-from milan.train.schedule import warmup_poly
+from milan.train.schedule import fit_warmup, warmup_poly
 
 __all__ = ["SegmentConfig", "CONFIG", "main", "evaluate", "predict", "seg_loss", "build_datasets"]
 
@@ -378,12 +378,13 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     encoder_shape = {**meta["encoder"], "img_size": d.crop_size}
     identity = {"encoder": encoder_shape, "num_classes": num_classes, "pyramid": m.pyramid}
     last_step = o.iters if cfg.run.max_iters is None else min(o.iters, cfg.run.max_iters)
+    warmup = fit_warmup(o.warmup_iters, o.iters, key="optim.warmup_iters", log=log if info.is_main else None)
     loop = Loop(info=info, model=model, optimizer=optimizer, train_step=train_step, ddp=ddp,
                 # alone, the threshold is checked after every batch; under torchrun at the check points
                 data=Every(bad_files.track(loader, check=info.world_size == 1),
                            lambda epoch, start: sampler.set_epoch(epoch, start_batch=start, batch_size=per_rank),
                            steps_per_epoch),
-                schedule=lambda s: warmup_poly(s, total=o.iters, warmup=o.warmup_iters, peak=o.lr, power=o.power,
+                schedule=lambda s: warmup_poly(s, total=o.iters, warmup=warmup, peak=o.lr, power=o.power,
                                                final=o.min_lr),
                 total_steps=o.iters, last_step=last_step,
                 checkpoints=Checkpoints(run_dir, "segment", to_dict(cfg), identity, every=cfg.run.ckpt_every,

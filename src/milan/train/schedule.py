@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
-__all__ = ["warmup_cosine", "warmup_poly", "scaled_lr"]
+__all__ = ["warmup_cosine", "warmup_poly", "scaled_lr", "fit_warmup"]
 
 
 def scaled_lr(base_lr: float, effective_batch: int) -> float:
@@ -31,3 +32,18 @@ def warmup_poly(step: int, *, total: int, warmup: int, peak: float, power: float
     if step < warmup:
         lr *= step / warmup
     return lr
+
+
+def fit_warmup(warmup: int, total: int, *, key: str, log: logging.Logger | None = None) -> int:
+    """The warm-up a run of `total` steps can use: `warmup` when it is at most half the run; else 10%
+    of the run (A.1's 40 of 400 epochs), with one warning naming `key`. A recipe's warm-up in epochs
+    kept for a short run (e.g. `optim.steps=8` with 40 warm-up epochs of 880 steps) would otherwise
+    never let the lr near its peak, and nothing would say so."""
+    if warmup * 2 <= total:
+        return warmup
+    fitted = max(1, math.ceil(total / 10)) if total > 1 else 0
+    if log is not None:
+        log.warning("%s gives a warm-up of %d steps, more than half of this run's %d: warming up over %d steps "
+                    "instead (10%% of the run), so the lr reaches its peak; set %s to at most %d steps' worth to "
+                    "choose it", key, warmup, total, fitted, key, total // 2)
+    return fitted
