@@ -1,6 +1,6 @@
 """What every recipe shares: start (processes, run folder, seed, precision), resume, RNG state,
-lr setting, value checks and the non-finite-loss guard. Recipes stay flat `main(cfg)` functions
-that call these; nothing here knows which recipe it serves."""
+lr setting and value checks. The training loop itself is `milan.train.loop`; nothing here knows
+which recipe it serves."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from milan.errors import ConfigError, TrainingError
+from milan.errors import ConfigError
 from milan.train import distributed as distr
 from milan.train.checkpoint import CheckpointError, load_checkpoint
 from milan.train.config import save_config
 from milan.train.trackers import check_loggers
 
 __all__ = ["RunStart", "start_run", "discard_failed_starts", "resolve_precision", "AMP_DTYPES", "check_values", "seed_all",
-           "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng", "set_lr", "NonFiniteGuard",
+           "find_resume_last", "agree_on_checkpoint", "rng_state", "restore_rng", "set_lr",
            "grad_norm", "CPU_BF16_ENV", "cpu_has_native_bf16"]
 
 #: run.precision → autocast dtype (None: plain fp32).
@@ -141,29 +141,6 @@ def grad_norm(parameters: Any) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-
-
-class NonFiniteGuard:
-    """Notices the first non-finite loss without a host sync per step; `check` raises, on every rank.
-
-    Call `update(loss, step)` after each optimizer step (a device-side `where`, no sync) and
-    `check()` where a sync is paid anyway: at log steps and before every checkpoint, so that no
-    checkpoint is ever written after a bad step.
-    """
-
-    def __init__(self, device: torch.device, *, fix: str) -> None:
-        self.first = torch.full((), -1, dtype=torch.long, device=device)  # first bad step, or -1
-        self.fix = fix
-
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        bad = ~torch.isfinite(loss.detach())
-        self.first = torch.where((self.first < 0) & bad, torch.full_like(self.first, step), self.first)
-
-    def check(self) -> None:
-        first = int(distr.all_reduce_max(self.first))  # every rank stops together, naming the same step
-        if first >= 0:
-            raise TrainingError(f"loss became NaN/inf at step {first}; no checkpoint was written after it. "
-                                f"{self.fix}")
 
 
 def seed_all(seed: int) -> None:
