@@ -442,11 +442,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
                  per_rank, o.accum_steps, info.world_size, o.lr,
                  1 / o.gamma, ", ".join(f"{e:g}" for e in o.lr_steps), o.layer_decay, m.min_size, m.max_size,
                  m.pad_to, sum(p.numel() for p in model.parameters()) / 1e6)
-    net.train()
-    try:
-        loop.run()
-    finally:
-        loop.metrics.close()
+    loop.run()
     step = loop.step
     if result is None:  # resumed at (or past) the end: evaluate the loaded model
         result = run_eval(step, record=False)

@@ -348,11 +348,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                  "%d × %d processes), lr %.3g, layer decay %.2f", preset or "encoder", img_size, num_classes,
                  len(train_set), cfg.optim.epochs, steps_per_epoch, effective_batch, batch, accum, info.world_size,
                  peak, cfg.optim.layer_decay)
-    net.train()
-    try:
-        loop.run()
-    finally:
-        loop.metrics.close()
+    loop.run()
     epochs_done = loop.step // steps_per_epoch
     if epochs_done < cfg.optim.epochs and info.is_main:
         log.info("stopped after epoch %d of %d (run.max_epochs): rerun to resume from checkpoint-last.pt",

@@ -374,11 +374,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
     log.info("linear probe: %d train / %d val images, %d classes, %d epochs × %d steps, lr %.4g%s",
              num_train, len(val_x), num_classes, cfg.optim.epochs, steps_per_epoch, peak,
              f", semantic top-{topk:.0%} patches" if topk is not None else "")
-    head.train()
-    try:
-        loop.run()  # puts back the checkpoint's RNG first (building the head and the features drew from it)
-    finally:
-        loop.metrics.close()
+    loop.run()  # puts back the checkpoint's RNG first (building the head and the features drew from it)
     if last["epoch"] < cfg.optim.epochs:
         log.info("stopped after epoch %d of %d (run.max_epochs): rerun to resume from head-last.pt",
                  last["epoch"], cfg.optim.epochs)

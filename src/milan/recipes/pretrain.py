@@ -384,11 +384,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         )
         if cfg.debug != DebugConfig():
             log.warning("debug: fault injection is on (%s)", to_dict(cfg.debug))
-    net.train()
-    try:
-        loop.run()
-    finally:
-        loop.metrics.close()
+    loop.run()
     summary = recovery.recovery.summary()
     if info.is_main:
         log.info("done: step %d, loss %.4f, %d recovery event(s) (%d rollback(s), %d batch(es) skipped), "

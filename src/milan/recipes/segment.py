@@ -420,11 +420,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                  meta.get("preset") or "encoder", meta.get("format") or "random init", d.crop_size, num_classes,
                  len(train_raw), num_val, o.iters, per_rank * o.accum_steps * info.world_size, per_rank,
                  o.accum_steps, info.world_size, o.lr, o.layer_decay, sum(p.numel() for p in model.parameters()))
-    net.train()
-    try:
-        loop.run()
-    finally:
-        loop.metrics.close()
+    loop.run()
     step = loop.step
     if result is None:  # resumed at (or past) the end: evaluate the loaded model
         result = run_eval(step, record=False)

@@ -433,9 +433,11 @@ class Loop:
         return self.is_log(step) or self.is_checkpoint(step) or any(h.wants_check(self, step) for h in self.hooks)
 
     def run(self) -> None:
-        """Train from `self.step` to `self.last_step`. A KeyboardInterrupt leaves with `err.step` set."""
+        """Train from `self.step` to `self.last_step` (the model in train mode), then close the metrics.
+        A KeyboardInterrupt leaves with `err.step` set; a requested stop with `Preempted`."""
         restore_rng(self._rng, self.info)  # last: building the model and data drew from the RNGs
         self.bar = progress(self.last_step, initial=self.step, desc=self.desc, active=self.info.is_main)
+        self.model.train()
         try:
             for hook in self.hooks:
                 hook.on_start(self)
@@ -449,6 +451,7 @@ class Loop:
             self.bar.close()
             for hook in self.hooks:
                 hook.on_end(self)
+            self.metrics.close()
 
     def _run_from(self, position: int) -> None:
         """Train from data position `position` until the run ends or the data must restart (a rollback,
