@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,37 @@ def test_a_short_pretrain_run_reaches_the_peak_lr(shapes_root: Path, tmp_path: P
                       "optim.lr=1e-3"))
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(lrs) == pytest.approx(1e-3, rel=0.05)
+
+
+def test_no_host_sync_between_check_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between check points the loop (and the hooks every recipe runs) reads no tensor value on the
+    host: losses, gradient norms and window sums stay on the device until a check or log point (on a
+    GPU each read would wait for the step to finish)."""
+    from types import SimpleNamespace
+
+    from milan.train.hooks import Preemption
+    from milan.train.recover import DebugConfig, RecoverConfig, RecoveryHook
+
+    reads: list[int] = []
+    holder: dict[str, Loop] = {}
+
+    def counting(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename  # milan's code, not torch's (AdamW reads its CPU step count)
+            if "loop" in holder and not holder["loop"].is_check(holder["loop"].step) and "/milan/" in caller:
+                reads.append((holder["loop"].step, caller, sys._getframe(1).f_lineno))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    run = SimpleNamespace(preempt_signals=["SIGTERM"], preempt_every=10)
+    hooks = [RecoveryHook(RecoverConfig(), DebugConfig(), run_dir=tmp_path, fix="", precision="fp32", info=INFO),
+             Preemption.of_run(run, tmp_path)]
+    loop = _loop(tmp_path, hooks)
+    loop.log_every, loop.checkpoints.every, loop.checkpoints.at_epoch_end = 6, 0, False
+    holder["loop"] = loop
+    loop.run()
+    assert loop.step == 6 and reads == []
