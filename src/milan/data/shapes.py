@@ -74,8 +74,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from milan import __version__
-from milan.data import DataNotFound
-from milan.errors import ConfigError, DataError
+from milan.errors import ConfigError, DataError, DataNotFound
 
 logger = logging.getLogger(__name__)
 

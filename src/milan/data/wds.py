@@ -72,7 +72,6 @@ from webdataset import TarWriter
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from milan.data import DataNotFound
 from milan.data.folder import (
     BadImage,
     ImageFolderDataset,
@@ -80,7 +79,7 @@ from milan.data.folder import (
     draft_request,
     load_rgb,
 )
-from milan.errors import ConfigError, DataError
+from milan.errors import ConfigError, DataError, DataNotFound
 
 _log = logging.getLogger("milan")
 

@@ -42,8 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from milan.data import DataNotFound
-from milan.errors import DataError
+from milan.errors import DataError, DataNotFound
 
 __all__ = [
     "CocoDetection", "ShapesDetection", "DetSamples", "collate", "hflip", "shapes_coco_gt", "load_coco",

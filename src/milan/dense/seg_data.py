@@ -39,9 +39,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from milan.data import DataNotFound
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from milan.errors import DataError
+from milan.errors import DataError, DataNotFound
 
 __all__ = [
     "ADE20K_CLASSES", "SHAPES_SEG_CLASSES", "IGNORE_INDEX", "ADE20KDataset", "ShapesSegDataset",
