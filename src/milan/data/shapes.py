@@ -363,6 +363,7 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
     if not enabled:
         return None
     try:
+        # lazy: the progress bar is optional here (shapes are generated without tqdm)
         from tqdm import tqdm
     except ImportError:
         return None
