@@ -7,6 +7,11 @@ at any depth (a function-local or `TYPE_CHECKING` import of a layer above is sti
 it). For cycles, the strict check counts what runs when a module is imported (module level, not
 `if TYPE_CHECKING:`); a second one adds function-local imports, because a lazy import is how a
 cycle is hidden, not removed (lazy imports are for start-up time, not for cycles).
+
+Imports sit at the top of modules. A function-local import is a deliberate exception (it keeps
+`milan --help` free of torch, or imports an optional extra or a heavy library only where it is used)
+and says so: a `# lazy: <why>` comment on its line or on the line above it; one such comment above a
+run of consecutive import lines covers the run.
 """
 
 from __future__ import annotations
@@ -188,3 +193,66 @@ def test_no_cycles_hidden_by_lazy_imports() -> None:
     graph = {module: {t for t in targets if not module.startswith(t + ".")}
              for module, targets in _imports("run_time").items()}
     assert not _cycles(graph), _cycles(graph)
+
+
+_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+
+
+def _unmarked_local_imports(source: str) -> list[int]:
+    """Line numbers of the function-local import statements of `source` without a `# lazy:` comment
+    on their own lines or directly above them (through a run of consecutive import lines)."""
+    lines = source.splitlines()
+    local: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if in_function and isinstance(child, (ast.Import, ast.ImportFrom)):
+                local.append(child)
+            visit(child, in_function or isinstance(child, _FUNCTIONS))
+
+    visit(ast.parse(source), False)
+    import_lines = {i for n in local for i in range(n.lineno, n.end_lineno + 1)}
+    unmarked = []
+    for node in local:
+        above = node.lineno - 1
+        while above in import_lines:
+            above -= 1
+        own = any("# lazy:" in lines[i - 1] for i in range(node.lineno, node.end_lineno + 1))
+        if not own and not (above >= 1 and lines[above - 1].strip().startswith("# lazy:")):
+            unmarked.append(node.lineno)
+    return unmarked
+
+
+def test_lazy_marker_finder() -> None:
+    """The finder itself: module-level imports are free; a local import needs its comment, which
+    covers the imports right under it but not one after a blank line or code."""
+    source = """import os
+
+
+def f():
+    import json
+    # lazy: why
+    import torch
+    from milan import model
+
+    import timm
+    x = 1  # lazy: on a code line, covers nothing below
+    import yaml
+    import safetensors  # lazy: why
+    if x:
+        # lazy: why
+        from milan.data import (
+            shapes,
+        )
+        import numpy
+"""
+    assert _unmarked_local_imports(source) == [5, 10, 12]
+
+
+def test_function_local_imports_say_why() -> None:
+    """Every function-local import in milan carries its `# lazy:` reason; anything else moves to the
+    top of its module."""
+    bad = [f"{path.relative_to(SRC.parent)}:{line}" for path in MODULES.values()
+           for line in _unmarked_local_imports(path.read_text(encoding="utf-8"))]
+    assert not bad, ("function-local imports without a '# lazy: <why>' comment (move them to the top of "
+                     "the module, or say why they must stay lazy):\n" + "\n".join(bad))

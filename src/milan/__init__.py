@@ -11,6 +11,8 @@
     encoder = pretrained.encoder()                        # timm-named ViT, ready to transfer
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 # The public names are imported on first use (PEP 562), so `import milan` and `milan --help` do not
@@ -30,8 +32,6 @@ __all__ = ["__version__", *_EXPORTS]
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'milan' has no attribute {name!r}")
-    import importlib
-
     module = _EXPORTS[name]
     value = importlib.import_module(f"milan.{name}") if module is None else getattr(
         importlib.import_module(module), name)

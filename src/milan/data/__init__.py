@@ -10,6 +10,8 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from milan.data.folder import ImageFolderDataset
+from milan.data.shapes import ShapesDataset, default_shapes_root, generate_shapes
 from milan.errors import ConfigError, DataNotFound
 
 __all__ = ["build_dataset", "DATASET_KINDS", "DataNotFound", "loader_workers", "usable_cpus"]
@@ -47,8 +49,6 @@ def build_dataset(
     `milan.data.reading.Samples` (pretraining) or `milan.data.reading.Checked` (elsewhere).
     """
     if kind == "imagefolder":
-        from milan.data.folder import ImageFolderDataset
-
         if not path:
             raise ConfigError("data.path is required for data.kind=imagefolder (a folder of images)")
         root = Path(path).expanduser()
@@ -60,8 +60,6 @@ def build_dataset(
             logging.getLogger("milan").info("%s: %s", root, dataset.describe())
         return dataset
     if kind == "shapes":
-        from milan.data.shapes import ShapesDataset, default_shapes_root, generate_shapes
-
         root = Path(path).expanduser() if path else default_shapes_root()
         if not (root / "meta.json").is_file() and not path:
             generate_shapes(root)

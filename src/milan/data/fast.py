@@ -46,10 +46,17 @@ from typing import Any, BinaryIO
 import torch
 from PIL import Image
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import transforms as T
 
 from milan.data.folder import BadImage, UnreadableImages, draft_request, load_rgb
-from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PilToUint8, pil_to_uint8
+from milan.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PilToUint8,
+    pil_to_uint8,
+    pretrain_transform,
+)
 
 # re-exported: the bounded-shard side of the fast path
 from milan.data.wds import bounded_draft, reencode_jpeg
@@ -256,8 +263,6 @@ def _read(source: str | Path | BinaryIO) -> bytes:
 def _decode_tensor(data: bytes, *, name: str, min_size: int, exif_transpose: bool = True) -> Tensor:
     """JPEG bytes → `uint8 [3, H, W]` with torchvision's decoder; anything else (or a JPEG it
     refuses) through `load_rgb`, which raises `BadImage` for what cannot be used."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     image = None
     if data[:3] == _JPEG_MAGIC:
         try:
@@ -415,8 +420,6 @@ def decode_batch_cuda(records: list[dict[str, Any]], device: torch.device, img_s
     is decoded on the CPU instead (torchvision, then PIL), cropped with the same box; one that no
     decoder reads (corrupt past its header, so the worker could not tell) is logged and replaced by
     another image of the batch (it is not counted in the run's bad images)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     jpegs = [k for k, r in enumerate(records) if "jpeg" in r]
     decoded: dict[int, Tensor] = {}
     if jpegs:
@@ -474,8 +477,6 @@ def pretrain_input(img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hf
     `TensorCrop(draft=draft)`; cuda is `CudaJpegPlan` (nvJPEG has no reduced-size decode: draft
     does not apply).
     """
-    from milan.data.transforms import pretrain_transform
-
     if decode == "pil":
         if draft:
             return PretrainCrop(img_size, scale=scale, hflip=hflip, draft=True, exif_transpose=exif_transpose)

@@ -21,8 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from milan.data import DataNotFound
-from milan.errors import DataError
+from milan.errors import DataError, DataNotFound
 
 _log = logging.getLogger("milan")
 

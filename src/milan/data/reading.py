@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
@@ -290,8 +291,6 @@ class BadFiles:
     def sync(self, device: torch.device | str = "cpu") -> None:
         """Merge every rank's new reports into every rank's registry (a collective: all ranks call it
         at the same points). One all-reduce of a count; the names travel only when there are any."""
-        import torch.distributed as dist
-
         mine, self.unsynced = self.unsynced, []
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return

@@ -74,8 +74,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from milan import __version__
-from milan.data import DataNotFound
-from milan.errors import ConfigError, DataError
+from milan.errors import ConfigError, DataError, DataNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +363,7 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
     if not enabled:
         return None
     try:
+        # lazy: the progress bar is optional here (shapes are generated without tqdm)
         from tqdm import tqdm
     except ImportError:
         return None

@@ -27,6 +27,8 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
+from milan.data import _is_main, build_dataset
+from milan.data.folder import ImageFolderDataset
 from milan.errors import ConfigError
 
 __all__ = ["EvalSets", "HeldOut", "SPLIT_KEY", "classifier_sets", "eval_sets", "held_out_mask", "resolve_roots",
@@ -148,8 +150,6 @@ def eval_sets(kind: str, path: str | Path | None, *, val_fraction: float, train_
         log: log where the scored images come from (rank 0).
         key: the config key of `val_fraction`, for messages.
     """
-    from milan.data import _is_main, build_dataset
-
     if kind != "imagefolder":
         train = build_dataset(kind, path, split="train", transform=train_transform, label=label, log=log)
         val = build_dataset(kind, val_path or path, split="val", transform=val_transform, label=label, log=log)
@@ -161,8 +161,6 @@ def eval_sets(kind: str, path: str | Path | None, *, val_fraction: float, train_
     log = log and _is_main()
 
     def folder(root: Path, transform: Callable | None) -> Any:
-        from milan.data.folder import ImageFolderDataset
-
         dataset = ImageFolderDataset(root, transform, exif_transpose=exif_transpose)
         if log:
             _log.info("%s: %s", root, dataset.describe())
@@ -206,8 +204,6 @@ def classifier_sets(path: str | Path, *, trained: dict[str, Any] | None, transfo
 
     Returns (dataset, source): the source as `EvalSets` describes it.
     """
-    from milan.data.folder import ImageFolderDataset
-
     given = Path(path).expanduser()
     root = given / "val" if (given / "val").is_dir() else given
     data = (trained or {}).get("data") or {}

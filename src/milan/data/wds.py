@@ -72,7 +72,6 @@ from webdataset import TarWriter
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from milan.data import DataNotFound
 from milan.data.folder import (
     BadImage,
     ImageFolderDataset,
@@ -80,7 +79,8 @@ from milan.data.folder import (
     draft_request,
     load_rgb,
 )
-from milan.errors import ConfigError, DataError
+from milan.data.reading import BadFiles
+from milan.errors import ConfigError, DataError, DataNotFound
 
 _log = logging.getLogger("milan")
 
@@ -501,8 +501,6 @@ def folder_to_shards(image_folder: str | Path, out_dir: str | Path, per_shard: i
     and every image is stored as JPEG of `quality` (JPEGs already small enough are copied); `sizes.json`
     records `{"__meta__": {"max_size": ..., "quality": ...}}`.
     """
-    from milan.data.reading import BadFiles
-
     if max_size is not None and max_size < 1:
         raise ConfigError(f"max_size={max_size} must be at least 1")
     if not 1 <= quality <= 100:

@@ -36,6 +36,7 @@ def to_coco_results(outputs: Sequence[Mapping[str, torch.Tensor]], image_ids: Se
         label_to_cat: contiguous label → COCO category id.
         masks: also encode the masks (segm results).
     """
+    # lazy: pycocotools is the optional `dense` extra
     from pycocotools import mask as mask_utils
 
     boxes_out: list[dict] = []
@@ -75,6 +76,7 @@ def coco_evaluate(coco_gt: Any, results: list[dict], iou_type: str, *,
         "summary": pycocotools' printed table, "num_detections"}. Entries pycocotools marks −1
         (no ground truth in that area range) stay −1.
     """
+    # lazy: pycocotools is the optional `dense` extra
     from pycocotools.cocoeval import COCOeval
 
     if iou_type not in ("bbox", "segm"):

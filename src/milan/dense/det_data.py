@@ -42,8 +42,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from milan.data import DataNotFound
-from milan.errors import DataError
+from milan.data.folder import BadImage, load_rgb
+from milan.data.reading import first_readable
+from milan.data.shapes import SHAPES, ShapesDataset
+from milan.errors import DataError, DataNotFound
 
 __all__ = [
     "CocoDetection", "ShapesDetection", "DetSamples", "collate", "hflip", "shapes_coco_gt", "load_coco",
@@ -56,6 +58,7 @@ COCO_LAYOUT = ("root/annotations/instances_{train,val}2017.json with images in r
 
 def load_coco(source: str | Path | dict) -> Any:
     """A pycocotools `COCO` from a json path or an in-memory dict, without its prints."""
+    # lazy: pycocotools is the optional `dense` extra
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -69,8 +72,6 @@ def load_coco(source: str | Path | dict) -> Any:
 
 def _read_image(path: Path) -> Tensor:
     """`[3, H, W]` in [0, 1] of the stored pixels (no EXIF rotation); `BadImage` when unreadable."""
-    from milan.data.folder import load_rgb
-
     array = np.asarray(load_rgb(path, exif_transpose=False), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)  # [3, H, W]
 
@@ -130,8 +131,6 @@ class CocoDetection(Dataset):
         info = self.coco.imgs[image_id]
         path = self.images / info["file_name"]
         if not path.is_file():  # skipped like an unreadable file (DetSamples), listed in bad_images.txt
-            from milan.data.folder import BadImage
-
             reason = f"missing (the annotations name it, image id {image_id})"
             raise BadImage(f"{path}: {reason}", name=str(path), reason=reason)
         image = _read_image(path)
@@ -157,8 +156,6 @@ class ShapesDetection(Dataset):
     """A shapes split (`milan.data.shapes`) as instance annotations; image id = index + 1."""
 
     def __init__(self, root: str | Path, split: str, *, limit: int | None = None) -> None:
-        from milan.data.shapes import SHAPES, ShapesDataset
-
         self.scenes = ShapesDataset(root, split)
         self.count = len(self.scenes) if limit is None else min(limit, len(self.scenes))
         self.classes = tuple(SHAPES)
@@ -183,9 +180,8 @@ class ShapesDetection(Dataset):
 
 def shapes_coco_gt(root: str | Path, split: str = "val", *, limit: int | None = None) -> dict[str, Any]:
     """A shapes split as a COCO ground-truth dict (RLE masks, mask areas, category id = shape + 1)."""
+    # lazy: pycocotools is the optional `dense` extra
     from pycocotools import mask as mask_utils
-
-    from milan.data.shapes import SHAPES, ShapesDataset
 
     scenes = ShapesDataset(root, split)
     size = int(scenes.meta["params"]["image_size"])
@@ -245,9 +241,6 @@ class DetSamples(Dataset):
         return image, target
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
-        from milan.data.folder import BadImage
-        from milan.data.reading import first_readable
-
         epoch, index = (None, key) if isinstance(key, int) else key
         if self.bad == "raise":
             try:

@@ -39,9 +39,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from milan.data import DataNotFound
+from milan.data.folder import BadImage, load_rgb
+from milan.data.reading import first_readable
+from milan.data.shapes import SHAPES, ShapesDataset, load_instances
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from milan.errors import DataError
+from milan.errors import DataError, DataNotFound
 
 __all__ = [
     "ADE20K_CLASSES", "SHAPES_SEG_CLASSES", "IGNORE_INDEX", "ADE20KDataset", "ShapesSegDataset",
@@ -75,8 +77,6 @@ _SPLIT_DIRS = {"train": "training", "training": "training", "val": "validation",
 
 
 def _shapes_classes() -> tuple[str, ...]:
-    from milan.data.shapes import SHAPES
-
     return ("background",) + tuple(SHAPES)
 
 
@@ -167,8 +167,6 @@ class ShapesSegDataset(Dataset):
     """Semantic masks of a shapes split: 0 background, shape index + 1 on each object's pixels."""
 
     def __init__(self, root: str | Path, split: str = "train") -> None:
-        from milan.data.shapes import ShapesDataset
-
         self.root = Path(root).expanduser()
         self.split = "train" if split in ("train", "training") else "val" if split in ("val", "validation") else split
         self.images = ShapesDataset(self.root, split=self.split)  # checks the folder, lists the files
@@ -178,8 +176,6 @@ class ShapesSegDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        from milan.data.shapes import load_instances
-
         image = _read_image(self.images.split_dir / self.images.files[index])
         inst = load_instances(self.root, self.split, index)
         label = np.zeros((image.height, image.width), dtype=np.uint8)
@@ -190,8 +186,6 @@ class ShapesSegDataset(Dataset):
 
 def _read_image(path: Path) -> Image.Image:
     """RGB of the stored pixels (no EXIF rotation: labels index them); `BadImage` when unreadable."""
-    from milan.data.folder import load_rgb
-
     return load_rgb(path, exif_transpose=False)
 
 
@@ -303,9 +297,6 @@ class SegSamples(Dataset):
         return self.transform(image, label, rng)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
-        from milan.data.folder import BadImage
-        from milan.data.reading import first_readable
-
         epoch, index = key if isinstance(key, tuple) else (0, key)
         if self.bad == "raise":
             try:

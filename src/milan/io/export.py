@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from milan.errors import ConfigError
 
@@ -52,6 +56,7 @@ def preprocessing(pretrained: Any) -> dict[str, Any]:
     short side to img_size / crop_pct and a centre crop; crop_pct is the run's `data.crop_pct` when its
     config has one (a finetune run), else the recipes' default.
     """
+    # lazy: imports torch; the CLI imports this module for `milan export --help`
     from milan.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 
     size = pretrained.encoder_config.img_size
@@ -63,6 +68,7 @@ def preprocessing(pretrained: Any) -> dict[str, Any]:
 
 def _prepare(checkpoint: str | Path, *, head: bool) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, str]]:
     """(pretrained, state, timm create kwargs, safetensors header) of what is exported."""
+    # lazy: imports torch; the CLI imports this module for `milan export --help`
     from milan.io.weights import load_pretrained
 
     pretrained = load_pretrained(checkpoint)
@@ -80,6 +86,7 @@ def _prepare(checkpoint: str | Path, *, head: bool) -> tuple[Any, dict[str, Any]
 
 def _save(state: dict[str, Any], out: Path, header: dict[str, str]) -> None:
     """`out` written atomically, readable by others (safetensors creates files as 0600)."""
+    # lazy: imports torch; the CLI imports this module for `milan export --help`
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +109,7 @@ def export_timm(checkpoint: str | Path, out: str | Path, *, head: bool = True) -
         out: the .safetensors file to write.
         head: keep a finetuned classifier's head (`head.*`); ignored when there is none.
     """
+    # lazy: imports torch; the CLI imports this module for `milan export --help`
     from milan.io.weights import timm_kwargs
 
     out = Path(out)
@@ -110,6 +118,7 @@ def export_timm(checkpoint: str | Path, out: str | Path, *, head: bool = True) -
     pretrained, state, create_kwargs, header = _prepare(checkpoint, head=head)
     config = pretrained.encoder_config
     if config.timm_name is not None:
+        # lazy: imports torch; the CLI imports this module for `milan export --help`
         import timm
 
         default_size = timm.models.get_pretrained_cfg(config.timm_name).input_size[-1]
@@ -135,6 +144,7 @@ def export_timm(checkpoint: str | Path, out: str | Path, *, head: bool = True) -
 
 def _architecture(config: Any) -> str:
     """A registered timm ViT whose factory takes our shape as kwargs: the preset's, else one as wide."""
+    # lazy: imports torch; the CLI imports this module for `milan export --help`
     from milan.encoder import ENCODER_PRESETS
 
     if config.timm_name is not None:
@@ -151,6 +161,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, head: bool = True)
         out_dir: the folder to write (created; files of a previous export are replaced).
         head: keep a finetuned classifier's head (`head.*`); ignored when there is none.
     """
+    # lazy: imports torch; the CLI imports this module for `milan export --help`
     from milan.io.weights import timm_kwargs
 
     out_dir = Path(out_dir)
@@ -177,8 +188,6 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, head: bool = True)
 
 def _results_near(run_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     """(folder, results.json) of evaluations of this run: in it, below it, or beside it naming it."""
-    import yaml
-
     found: list[tuple[str, dict[str, Any]]] = []
     candidates = [run_dir, *sorted(p for p in run_dir.iterdir() if p.is_dir())]
     if run_dir.parent.is_dir():
@@ -293,9 +302,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> None:
-    import logging
-    import sys
-
     log = logging.getLogger("milan")
     if not log.handlers:  # the reader's lines (which file a folder stood for, its format, what was dropped)
         handler = logging.StreamHandler(sys.stderr)

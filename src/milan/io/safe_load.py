@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from milan.errors import TeacherFileNotFound, UserError, WeightsError
@@ -249,8 +250,6 @@ def read_torch_file(path: str | Path, *, subject: str, expected: str, error: typ
 def read_safetensors(path: str | Path, *, subject: str, expected: str, error: type[UserError] = WeightsError,
                      fix: str = "") -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, header metadata) of a .safetensors file; any other file is an `error` saying what it is."""
-    from safetensors import safe_open
-
     path = Path(path)
     kind = file_kind(path)
     if kind != "safetensors":

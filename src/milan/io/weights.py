@@ -29,12 +29,15 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import timm
 import torch
+import yaml
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from milan.encoder import ENCODER_PRESETS, EncoderConfig
+from milan.encoder import ENCODER_PRESETS, EncoderConfig, MaskedViTEncoder
 from milan.errors import WeightsError
 from milan.io.checkpoint_files import step_checkpoints
 from milan.io.formats import (
@@ -45,9 +48,8 @@ from milan.io.formats import (
     map_state,
     mmpretrain_classes,
 )
-
-if TYPE_CHECKING:
-    from milan.model import MaskedAutoencoder, ModelSpec
+from milan.io.safe_load import file_kind, read_safetensors, read_torch_file
+from milan.model import MaskedAutoencoder, ModelSpec, build_model, encoder_preset
 
 __all__ = [
     "ENCODER_KEYS", "HEAD_KEYS", "WeightsError", "Pretrained", "load_pretrained", "encoder_state_dict",
@@ -110,8 +112,6 @@ def resolve_weights(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> tuple[
 
 def _evaluated_weights(run_dir: Path) -> Path | None:
     """The `model.weights` a linprobe / kNN / eval run folder's config.yaml names, if any."""
-    import yaml
-
     config = run_dir / "config.yaml"
     if not config.is_file():
         return None
@@ -136,8 +136,6 @@ EXPECTED = ("a milan checkpoint or run folder, a `milan export` file, the MILAN 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The raw object in `path` (a resolved file or model folder) and, for safetensors, the header metadata."""
-    from milan.io.safe_load import file_kind, read_safetensors, read_torch_file
-
     if path.is_dir():  # a timm / Hugging Face folder: its config rides along as "folder_config"
         weights = _folder_weights(path)
         assert weights is not None  # resolve_weights only returns folders that have one
@@ -325,8 +323,6 @@ def _timm_heads(arch: str, model_args: dict[str, Any]) -> int:
     """The attention heads of timm model `arch` with `model_args` (built on the meta device: no memory)."""
     if isinstance(model_args.get("num_heads"), int):
         return int(model_args["num_heads"])
-    import timm
-
     try:
         with torch.device("meta"):
             model = timm.create_model(arch, pretrained=False, **model_args)
@@ -361,8 +357,6 @@ def load_encoder(
     Returns:
         the model keys left at their initial values (the allowed missing ones).
     """
-    from timm.layers import resample_abs_pos_embed
-
     target = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(allow_unexpected) or k in target}
     if "pos_embed" in state and "pos_embed" in target and state["pos_embed"].shape != target["pos_embed"].shape:
@@ -434,8 +428,6 @@ class Pretrained:
             img_size: resolution to run at (position embedding resampled); default the file's.
             drop_path_rate: stochastic depth (linear from 0 to the last block), for transfer.
         """
-        from milan.encoder import MaskedViTEncoder
-
         if "norm.weight" not in self.state:
             raise WeightsError(f"{self.path} has no final norm (a finetuned avg-pool classifier?); "
                                "use a pretrain checkpoint or an encoder export")
@@ -447,8 +439,6 @@ class Pretrained:
 
     def model(self) -> nn.Module:
         """The whole `MaskedAutoencoder` (encoder, decoder, objective) of a pretrain checkpoint, eval mode."""
-        from milan.model import build_model
-
         if self.spec is None or self.model_state is None:
             raise WeightsError(f"{self.path} is a {self.meta['format']} file, not a `milan pretrain` checkpoint: it "
                                "holds an encoder only (use .encoder()), no decoder to rebuild the pretraining model")
@@ -469,8 +459,6 @@ def load_pretrained(path: str | Path) -> Pretrained:
     Every format `encoder_state_dict` reads is accepted; pretrain checkpoints also give back their
     `ModelSpec`, config and step, and `Pretrained.model()` rebuilds the whole pretraining model.
     """
-    from milan.model import ModelSpec
-
     file = _resolve_file(Path(path).expanduser())
     obj, header = _read(file)
     state, meta, mapped = _recognise(obj, header, file)
@@ -558,8 +546,6 @@ def init_model(model: MaskedAutoencoder, path: str | Path, *, init_decoder: bool
 
 def _pretrain_spec(obj: dict[str, Any], config: dict[str, Any] | None) -> Any:
     """The spec a pretrain checkpoint records (or, in older ones, what its config resolves to)."""
-    from milan.model import ModelSpec
-
     if isinstance(obj.get("spec"), dict):
         return ModelSpec(**obj["spec"])
     model = (config or {}).get("model")
@@ -585,9 +571,6 @@ def build_encoder(
     Returns:
         the encoder (eval mode, gradients on; freeze it yourself if needed) and the file's meta.
     """
-    from milan.encoder import MaskedViTEncoder
-    from milan.model import encoder_preset
-
     if preset is not None:
         preset = encoder_preset(preset)
     if weights is None:

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from milan.data import loader_workers
 from milan.data.reading import BAD_IMAGES_FILE, BadFiles, collate_lists
 from milan.data.sampler import EpochSampler
+from milan.data.shapes import default_shapes_root, generate_shapes
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.coco_eval import evaluate_results, to_coco_results
 from milan.dense.det_data import (
@@ -194,8 +195,6 @@ def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset, Any, dict[int, i
             val.ids = val.ids[: data.val_limit]
         return train, val, val.coco, train.label_to_cat, train.classes
     if data.kind == "shapes":
-        from milan.data.shapes import default_shapes_root, generate_shapes
-
         if data.path:
             root = Path(data.path).expanduser()
         else:  # a set of its own: never replaces the (larger) default pretraining set
@@ -277,6 +276,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     """Train (or resume) and evaluate; returns the summary written to results.json (on every rank)."""
     log = get_logger()
     try:
+        # lazy: pycocotools is the optional `dense` extra (checked here to name the fix)
         import pycocotools  # noqa: F401  (masks and COCO AP)
     except ImportError:
         raise UserError("needs pycocotools: pip install 'milan[dense]'") from None

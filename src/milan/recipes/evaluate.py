@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from timm.data import ImageNetInfo
 from torch.utils.data import DataLoader
 
 from milan.data import loader_workers
@@ -24,6 +25,7 @@ from milan.data.transforms import eval_transform
 from milan.encoder import EncoderConfig
 from milan.errors import ConfigError, DataError, WeightsError
 from milan.io.weights import encoder_state_dict, load_encoder
+from milan.train.checkpoint import load_checkpoint
 from milan.train.classify import Relabel, build_classifier, evaluate
 from milan.train.log import MetricsLogger, get_logger
 from milan.train.run import start_run
@@ -67,8 +69,6 @@ CONFIG = EvalConfig
 
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet-1k WordNet ids in the standard label order (from timm)."""
-    from timm.data import ImageNetInfo
-
     return list(ImageNetInfo("imagenet-1k").label_names())
 
 
@@ -95,8 +95,6 @@ def _finetune_config(weights: str) -> dict[str, Any] | None:
     """The config a `milan finetune` checkpoint records (None for an export or other weights)."""
     if Path(weights).suffix != ".pt":
         return None
-    from milan.train.checkpoint import load_checkpoint
-
     config = load_checkpoint(weights).get("config")
     return config if isinstance(config, dict) else None
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -151,9 +153,6 @@ def _validate(cfg: FinetuneConfig) -> None:
 
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
     """Finetune; returns best/last top-1/top-5 and the run dir (on every rank)."""
-    from timm.data import Mixup, create_transform
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     log = get_logger()
     _validate(cfg)
     info, run_dir, amp_dtype, precision = start_run(cfg, write_config=False)  # config.yaml once resuming is settled

@@ -26,6 +26,8 @@ from milan.data.fast import CudaJpegPlan, collate_plans, pretrain_input, to_devi
 from milan.data.reading import BadFiles, Samples, collate
 from milan.data.sampler import EpochSampler
 from milan.data.split import eval_sets
+from milan.data.transforms import eval_transform
+from milan.data.wds import ShardStream, count_samples
 from milan.errors import CheckpointError, ConfigError, DataError
 from milan.io.weights import init_model
 from milan.model import ModelSpec, build_model
@@ -42,6 +44,7 @@ from milan.train.config import RunSection, save_config, to_dict
 from milan.train.hooks import BadFilesHook, Periodic, Preemption
 from milan.train.log import MetricsLogger, get_logger
 from milan.train.loop import Checkpoints, Every, Hook, Loop
+from milan.train.probe import extract_features, knn_accuracy
 from milan.train.recover import DebugConfig, RecoverConfig, RecoveryHook
 from milan.train.run import agree_on_checkpoint, check_values, resolve_precision, start_run
 from milan.train.schedule import fit_warmup, scaled_lr, warmup_cosine
@@ -413,8 +416,6 @@ def _train_loader(cfg: PretrainConfig, info: distr.DistInfo, transform: Any):
     if isinstance(transform, CudaJpegPlan):  # records, not tensors: stacked on the GPU (to_device)
         extra["collate_fn"] = collate_plans
     if cfg.data.kind == "webdataset":
-        from milan.data.wds import ShardStream, count_samples
-
         if not cfg.data.path:
             raise ConfigError("data.path is required for data.kind=webdataset (e.g. /data/train-{000000..000999}.tar)")
         num_images = cfg.data.num_samples or count_samples(cfg.data.path)
@@ -476,9 +477,6 @@ def _knn_monitor(full: PretrainConfig, img_size: int, device: torch.device, run_
 
     For shapes the sets default to the training data's own train/val splits.
     """
-    from milan.data.transforms import eval_transform
-    from milan.train.probe import extract_features, knn_accuracy
-
     tf = eval_transform(img_size, crop_pct=1.0)
     cfg = full.monitor
     paths = {"train": cfg.train_path, "val": cfg.val_path}

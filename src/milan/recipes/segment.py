@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from milan.data import loader_workers
 from milan.data.reading import BAD_IMAGES_FILE, BadFiles, collate, collate_lists
 from milan.data.sampler import EpochSampler
+from milan.data.shapes import default_shapes_root, generate_shapes
 from milan.dense.backbone import layer_decay_groups
 from milan.dense.seg_data import (
     IGNORE_INDEX,
@@ -162,8 +163,6 @@ def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset, tuple[str, ...] 
             raise DataError(str(err)) from None
         return train, val, train.classes
     if data.kind == "shapes":
-        from milan.data.shapes import default_shapes_root, generate_shapes
-
         if data.path:
             root = Path(data.path).expanduser()
         else:  # a small set of its own: never replaces the (larger) default pretraining set

@@ -21,6 +21,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from milan.errors import TeacherError, TeacherFileNotFound
+from milan.io.safe_load import read_safetensors, read_torch_file
 
 __all__ = [
     "TeacherFileNotFound",
@@ -208,8 +209,6 @@ def from_pretrained(cls: Any, path: Path, load: dict[str, Any]) -> Any:
     """`cls.from_pretrained(path, **load)` (transformers); when it fails on a weights file in `path`
     that cannot be read (junk, truncated, pickled objects), a TeacherError saying what that file is,
     never torch's or transformers' advice."""
-    from milan.io.safe_load import read_safetensors, read_torch_file
-
     try:
         return cls.from_pretrained(path, **load)
     except Exception:

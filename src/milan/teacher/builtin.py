@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from milan.errors import TeacherError
@@ -74,6 +75,7 @@ class ConvStem(nn.Module):
 
 def build_shapes_clip(config: dict[str, Any] | None = None) -> nn.Module:
     """An untrained shapes CLIP (open_clip construction + conv stem)."""
+    # lazy: open_clip is heavy and only needed to build an open_clip model
     import open_clip
 
     config = config or SHAPES_CLIP_CONFIG
@@ -96,8 +98,6 @@ def read_card(path: str | Path = CARD_FILE) -> dict[str, Any]:
 
 def load_shapes_visual(weights: str | Path | None = None, card: str | Path | None = None) -> nn.Module:
     """The shipped (or given) vision tower, conv stem rebuilt, weights loaded strictly, eval mode."""
-    from safetensors.torch import load_file
-
     weights = Path(weights) if weights else WEIGHTS_FILE
     card_path = Path(card) if card else (weights.with_name(CARD_FILE.name) if weights != WEIGHTS_FILE else CARD_FILE)
     if not weights.is_file():
@@ -134,6 +134,4 @@ def build_builtin_teacher(name: str, weights: str | Path | None, **kwargs: Any) 
 
 def load_zero_shot(path: str | Path = ZEROSHOT_FILE) -> dict[str, torch.Tensor]:
     """The shipped zero-shot classifiers: {"colour": [6, D], "shape": [6, D]} (unit rows)."""
-    from safetensors.torch import load_file
-
     return load_file(str(path))

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from timm.layers import apply_rot_embed_cat
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import Tensor, nn
 
 from milan.errors import TeacherError
@@ -38,8 +40,6 @@ class EvaTeacher(TimmTowerTeacher):
     """
 
     def __init__(self, model: nn.Module, head: nn.Module | None = None, **kwargs: Any) -> None:
-        from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
-
         if not isinstance(model, Eva):
             raise TeacherError(f"an EVA teacher needs a timm Eva model, got {type(model).__name__}")
         if model.cls_token is None or model.attn_pool is not None or model.global_pool != "token":
@@ -77,8 +77,6 @@ class EvaTeacher(TimmTowerTeacher):
         return torch.cat([x[:, :1], x[:, prefix:]], dim=1), cls_attn
 
     def _cls_attn(self, block: nn.Module, x: Tensor, rope: Tensor | None, prefix: int) -> Tensor:
-        from timm.layers import apply_rot_embed_cat
-
         attn = block.attn
         h = x if self.post_norm else block.norm1(x)  # what the block feeds its attention
         if attn.qkv is not None:  # fused projection; EVA's k bias is a zero buffer

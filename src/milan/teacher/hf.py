@@ -77,6 +77,7 @@ class HFTeacher(Teacher):
 
 def build_hf_teacher(folder: str, weights: str | Path | None, **kwargs: Any) -> Teacher:
     """`hf:<folder>`; the weights come from the folder, so `weights` must be None."""
+    # lazy: transformers is the optional `hf` extra
     from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
     path = Path(folder).expanduser()

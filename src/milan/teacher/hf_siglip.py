@@ -99,6 +99,7 @@ def build_hf_siglip_teacher(
     folder: str, path: Path, model_type: str, load: dict[str, Any], **kwargs: Any
 ) -> Teacher:
     """A SigLIP / SigLIP 2 folder written by save_pretrained (config.json already read)."""
+    # lazy: transformers is the optional `hf` extra
     import transformers
 
     cls = getattr(transformers, HF_SIGLIP_TYPES[model_type])

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -42,6 +43,7 @@ class OpenCLIPTeacher(Teacher):
     """An open_clip `VisionTransformer` (model.visual), run block by block."""
 
     def __init__(self, visual: nn.Module, **kwargs: Any) -> None:
+        # lazy: open_clip is heavy and only needed to build an open_clip model
         from open_clip.transformer import VisionTransformer
 
         if not isinstance(visual, VisionTransformer):
@@ -102,6 +104,7 @@ class OpenCLIPTeacher(Teacher):
 
 def _describe_vit(state: dict[str, Tensor]) -> str:
     """One line describing the open_clip ViT a visual state dict belongs to, with matching archs."""
+    # lazy: open_clip is heavy and only needed to build an open_clip model
     import open_clip
 
     if "trunk.patch_embed.proj.weight" in state:  # a timm trunk (SigLIP, EVA02)
@@ -147,6 +150,7 @@ def _describe_vit(state: dict[str, Tensor]) -> str:
 
 def _release_hint(arch: str, tag: str) -> str | None:
     """How to download open_clip's release `tag` of `arch` and name it (None when open_clip does not know it)."""
+    # lazy: open_clip is heavy and only needed to build an open_clip model
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
@@ -168,6 +172,7 @@ def _release_hint(arch: str, tag: str) -> str | None:
 
 def _hub_release(repo: str) -> tuple[str, str] | None:
     """(architecture, release tag) of hub repo `repo`, when open_clip's release list has it."""
+    # lazy: open_clip is heavy and only needed to build an open_clip model
     import open_clip
 
     for arch, tag in open_clip.list_pretrained():
@@ -179,6 +184,7 @@ def _hub_release(repo: str) -> tuple[str, str] | None:
 
 def _refuse_hub_names(arch: str, weights: str | Path | None) -> None:
     """An open_clip hub name or release tag where a local file is needed: say what to download."""
+    # lazy: open_clip is heavy and only needed to build an open_clip model
     import open_clip
 
     if arch.startswith(("hf-hub:", "hf_hub:")):
@@ -226,6 +232,7 @@ def _quick_gelu(arch: str, activation: str | None, path: Path) -> bool:
     says nothing: the architecture decides (`<arch>-quickgelu` for QuickGELU). An archive whose
     activation cannot be read is refused unless the architecture names QuickGELU.
     """
+    # lazy: open_clip is heavy and only needed to build an open_clip model
     import open_clip
 
     configured = bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
@@ -254,6 +261,7 @@ def _quick_gelu(arch: str, activation: str | None, path: Path) -> bool:
 
 def build_openclip_teacher(arch: str, weights: str | Path | None, **kwargs: Any) -> Teacher:
     """`openclip:<arch>` with `weights` (OpenAI .pt, open_clip checkpoint or .safetensors)."""
+    # lazy: open_clip is heavy and only needed to build an open_clip model
     import open_clip
 
     _refuse_hub_names(arch, weights)
@@ -277,6 +285,7 @@ def build_openclip_teacher(arch: str, weights: str | Path | None, **kwargs: Any)
         logging.root.removeFilter(quiet)
     visual = model.visual
     if not timm_trunk and not quick:  # a `-quickgelu` architecture whose archive computes GELU
+        # lazy: open_clip is heavy and only needed to build an open_clip model
         from open_clip.transformer import QuickGELU
 
         for block in getattr(getattr(visual, "transformer", None), "resblocks", []):
@@ -295,8 +304,8 @@ def openclip_tower_teacher(arch: str, visual: nn.Module, **kwargs: Any) -> Teach
     A ViT tower -> `OpenCLIPTeacher`; a timm-trunk tower (`TimmModel`: SigLIP, EVA02) -> the timm
     family's teacher, its trunk rebuilt for any grid and open_clip's head applied on every token.
     """
+    # lazy: open_clip is heavy and only needed to build an open_clip model
     import open_clip
-    import timm
     from open_clip.timm_model import TimmModel
 
     if not isinstance(visual, TimmModel):

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import AttentionPoolLatent
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from milan.errors import TeacherError
@@ -79,9 +81,6 @@ class SiglipTeacher(TimmTowerTeacher):
     """
 
     def __init__(self, model: nn.Module, head: nn.Module | None = None, **kwargs: Any) -> None:
-        from timm.layers import AttentionPoolLatent
-        from timm.models.vision_transformer import VisionTransformer
-
         if not isinstance(model, VisionTransformer) or not isinstance(
             model.attn_pool, AttentionPoolLatent
         ):

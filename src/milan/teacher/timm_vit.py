@@ -17,9 +17,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from timm.layers import Attention, AttentionPoolLatent
+from timm.models import eva, vision_transformer
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from milan.errors import TeacherError, TeacherFileNotFound
@@ -39,9 +44,6 @@ class TimmTeacher(Teacher):
     """
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
-        from timm.layers import Attention
-        from timm.models.vision_transformer import VisionTransformer
-
         if not isinstance(model, VisionTransformer) or model.cls_token is None:
             raise TeacherError(
                 f"timm teacher must be a VisionTransformer with a class token, got {type(model).__name__}"
@@ -76,10 +78,6 @@ class TimmTeacher(Teacher):
 
 def timm_teacher_class(model: nn.Module) -> type[Teacher]:
     """The teacher class for a timm model, or a TeacherError that names what is supported."""
-    from timm.layers import AttentionPoolLatent
-    from timm.models.eva import Eva
-    from timm.models.vision_transformer import VisionTransformer
-
     kind = type(model).__name__
     if isinstance(model, VisionTransformer):
         if isinstance(model.attn_pool, AttentionPoolLatent):
@@ -125,8 +123,6 @@ _WIDTH_NAMES = {192: "tiny", 384: "small", 512: "medium", 768: "base", 1024: "la
 
 def _describe_timm_vit(state: dict[str, Tensor], pattern: str = "vit_{size}_patch{patch}_*") -> str:
     """One line describing the timm ViT a state dict belongs to, with candidate model names."""
-    import timm
-
     if "patch_embed.proj.weight" not in state:
         return "the checkpoint does not look like a timm VisionTransformer"
     width, _, patch, _ = state["patch_embed.proj.weight"].shape
@@ -146,9 +142,6 @@ def _num_classes(state: dict[str, Tensor]) -> int:
 
 def build_timm_teacher(name: str, weights: str | Path | None, **kwargs: Any) -> Teacher:
     """`timm:<model name>` with `weights` (.safetensors or .pth)."""
-    import timm
-    from timm.models import eva, vision_transformer
-
     _refuse_hub_names(name, weights)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
@@ -176,8 +169,6 @@ def build_timm_teacher(name: str, weights: str | Path | None, **kwargs: Any) -> 
 
 def _refuse_hub_names(name: str, weights: str | Path | None) -> None:
     """A timm hub name, or no / a hub id for weights: say what to download (nothing is)."""
-    import timm
-
     then = "teacher.weights=DIR/model.safetensors (or DIR/pytorch_model.bin)"
     if name.startswith(("hf-hub:", "hf_hub:")):
         repo = name.split(":", 1)[1].strip("/")
@@ -214,8 +205,6 @@ def _act_kind(module: nn.Module | None) -> str | None:
 
 def _check_activation(name: str, model: nn.Module, activation: str | None, path: Path, cls: type) -> None:
     """Refuse weights whose file says it computes another MLP activation than timm model `name`."""
-    import timm
-
     blocks = getattr(model, "blocks", None)
     built = _act_kind(getattr(getattr(blocks[0], "mlp", None), "act", None)) if blocks else None
     known = ("quick_gelu", "gelu", "gelu_tanh")

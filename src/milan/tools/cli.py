@@ -8,11 +8,17 @@ command has `--help`. `python -m milan` and `torchrun -m milan` behave the same 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from milan.train.config import config_path, config_recipe, shipped_configs
+import yaml
+
+import milan
+from milan.errors import ConfigError, UserError
+from milan.train.config import config_path, config_recipe, load_config, shipped_configs, to_dict
 
 __all__ = ["main", "run", "build_parser"]
 
@@ -43,8 +49,6 @@ def _tool_parser(sub: argparse._SubParsersAction, name: str, module: str, help: 
     """
     p = sub.add_parser(name, help=help, description=description or help, formatter_class=formatter)
     if load:
-        import importlib
-
         tool = importlib.import_module(module)
         tool.add_arguments(p)
         if hasattr(tool, "run_from_args"):
@@ -52,12 +56,6 @@ def _tool_parser(sub: argparse._SubParsersAction, name: str, module: str, help: 
 
 
 def _run_recipe(args: argparse.Namespace) -> None:
-    import importlib
-
-    import yaml
-
-    from milan.train.config import load_config, to_dict
-
     module = importlib.import_module(args.config_cls)
     cfg = load_config(module.CONFIG, config_path(args.config), args.overrides)
     if args.print_config:
@@ -67,6 +65,7 @@ def _run_recipe(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_shapes(args: argparse.Namespace) -> None:
+    # lazy: these import torch; `milan --help` loads only milan.train.config
     from milan.data.shapes import default_shapes_root, generate_shapes
 
     root = generate_shapes(
@@ -77,6 +76,7 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_shards(args: argparse.Namespace) -> None:
+    # lazy: these import torch; `milan --help` loads only milan.train.config
     from milan.data.reading import BadFiles
     from milan.data.wds import folder_to_shards
     from milan.train.log import get_logger
@@ -92,7 +92,7 @@ def _cmd_data_shards(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    import milan
+    # lazy: these import torch; `milan --help` loads only milan.train.config
     from milan.encoder import ENCODER_PRESETS
     from milan.model import model_names
     from milan.teacher import SPEC_FORMS
@@ -223,8 +223,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _check_override_form(unknown: list[str], *, recipe: bool) -> None:
     """`--data.path=/x` (or `--lr=1`) to a recipe command: a `ConfigError` naming the form,
     not argparse's top-level usage. Dotted `--a.b` anywhere is taken for an override too."""
-    from milan.errors import ConfigError
-
     for arg in unknown:
         key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
         if key and (recipe or "." in key):
@@ -254,10 +252,6 @@ def run(argv: Sequence[str] | None = None) -> None:
     prints one line and exits with status 75 (`milan.train.loop.EXIT_PREEMPTED`). Every other exception
     keeps its traceback (it may be a bug); MILAN_TRACEBACK=1 shows the traceback of user errors and
     Ctrl-C too."""
-    import os
-
-    from milan.errors import UserError
-
     args = argv if argv is not None else sys.argv[1:]
     command = " ".join(a for a in args[:2] if not a.startswith("-") and "=" not in a)
     try:

@@ -25,11 +25,19 @@ from torch.utils.data import TensorDataset
 from torchvision import transforms as T
 
 import milan
-from milan.data.shapes import ShapesDataset, default_shapes_root, generate_shapes
+from milan.data.shapes import SHAPES, ShapesDataset, default_shapes_root, generate_shapes
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from milan.masking import RandomMasking, SemanticMasking
 from milan.model import build_model
 from milan.recipes import pretrain
+from milan.tools.viz import (
+    plot_attention,
+    plot_curves,
+    plot_masks,
+    plot_tsne,
+    read_metrics,
+    tsne_embed,
+)
 from milan.train.config import config_path, load_config
 from milan.train.log import get_logger
 from milan.train.probe import extract_features, knn_accuracies, linear_probes
@@ -191,8 +199,6 @@ def _table(results: dict[str, dict[str, float]]) -> str:
 
 @torch.no_grad()
 def _figures(out: Path, teacher: torch.nn.Module, val_ds: ShapesDataset, seed: int) -> list[Path]:
-    from milan.tools.viz import plot_attention, plot_masks
-
     images = torch.stack([val_ds[i][0] for i in range(12)])
     attn = teacher(images).cls_attn
     g = torch.Generator().manual_seed(seed)
@@ -208,9 +214,6 @@ def _figures(out: Path, teacher: torch.nn.Module, val_ds: ShapesDataset, seed: i
 
 def _tsne_and_curves(out: Path, features: dict[str, torch.Tensor], labels: torch.Tensor,
                      run_dirs: dict[str, Path], seed: int) -> list[Path]:
-    from milan.data.shapes import SHAPES
-    from milan.tools.viz import plot_curves, plot_tsne, read_metrics, tsne_embed
-
     panels = {name: (tsne_embed(x, seed=seed), labels.numpy()) for name, x in features.items()}
     return [
         plot_tsne(panels, out / "tsne_shape.png", classes=list(SHAPES),

@@ -21,8 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import milan
+from milan.data.shapes import (
+    COLOURS,
+    SHAPES,
+    ShapesDataset,
+    default_shapes_root,
+    generate_shapes,
+    load_instances,
+)
+from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from milan.teacher import OpenCLIPTeacher
 from milan.teacher.builtin import (
     ASSET_DIR,
@@ -69,8 +79,6 @@ def run_from_args(args: argparse.Namespace) -> None:
 
 def _load_split(root: Path, split: str, limit: int | None) -> tuple[torch.Tensor, list[str], Any]:
     """All images of a split as one uint8 tensor `[N, 3, H, W]`, plus captions and the dataset."""
-    from milan.data.shapes import ShapesDataset
-
     ds = ShapesDataset(root, split=split)
     n = len(ds) if limit is None else min(limit, len(ds))
     images = torch.from_numpy(np.stack([np.asarray(ds[i][0]) for i in range(n)])).permute(0, 3, 1, 2)
@@ -87,8 +95,6 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
 def zero_shot_classifiers(model: torch.nn.Module, tokenizer: Any) -> dict[str, torch.Tensor]:
     """Text-tower class embeddings `[C, D]` for colour and shape, each a prompt ensemble over the
     other attribute ("a large red circle", "a large red square", ... for red)."""
-    from milan.data.shapes import COLOURS, SHAPES
-
     model.eval()
 
     def classes(prompts: list[list[str]]) -> torch.Tensor:
@@ -112,9 +118,6 @@ def zero_shot(image_features: torch.Tensor, classifiers: dict[str, torch.Tensor]
 @torch.no_grad()
 def attention_on_objects(teacher: torch.nn.Module, root: Path, split: str, count: int) -> dict[str, float]:
     """Share of last-layer CLS attention on patches that hold object pixels vs their area share."""
-    from milan.data.shapes import ShapesDataset, load_instances
-    from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     ds = ShapesDataset(root, split=split)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -138,11 +141,9 @@ def train(
     eval_size: int = 2000, seed: int = 0, threads: int = 2, command: str = "milan teacher train-shapes",
 ) -> dict[str, Any]:
     """Train, evaluate and export the shapes CLIP; returns the card."""
+    # lazy: open_clip is heavy and only needed to build an open_clip model
     import open_clip
     from open_clip.loss import ClipLoss
-    from safetensors.torch import save_file
-
-    from milan.data.shapes import default_shapes_root, generate_shapes
 
     log = get_logger()
     torch.set_num_threads(threads)

@@ -7,6 +7,8 @@ functions only lay them out. `milan viz` (`milan.tools.viz_cli`) wires them to c
 
 from __future__ import annotations
 
+import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from milan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from milan.masking import Mask
+from milan.teacher import cls_attention
 
 __all__ = [
     "to_display",
@@ -61,14 +64,13 @@ def _figure(rows: int, cols: int, scale: float = 1.6):
 def _wrap_title(fig, title: str, fontsize: float) -> str:
     """`title` wrapped to the figure's width (an average glyph is ≈ 0.55 em wide), so that a long
     title (checkpoint, teacher and data path) stays inside the figure instead of running off both ends."""
-    import textwrap
-
     chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)) - 4)
     return textwrap.fill(title, chars, break_long_words=True, break_on_hyphens=False)
 
 
 def _save(fig, path: str | Path, title: str, *, dpi: int = 110, fontsize: int = 9, bottom: float = 0.0) -> Path:
     """Title (wrapped to the figure), layout and PNG; `bottom` inches are left free (a figure legend)."""
+    # lazy: pyplot after choosing the headless Agg backend, and only when a figure is drawn
     import matplotlib.pyplot as plt
 
     if title:
@@ -133,8 +135,6 @@ def student_cls_attention(encoder: torch.nn.Module, images: Tensor) -> Tensor:
     CLS query row over all 1+N keys, head-averaged, patch columns), from the last timm `Block`'s
     own `qkv` weights (its fused attention never materialises the map).
     """
-    from milan.teacher import cls_attention
-
     x = encoder.embed(images)  # [B, 1+N, D]
     for block in encoder.blocks[:-1]:
         x = block(x)
@@ -151,10 +151,11 @@ def student_cls_attention(encoder: torch.nn.Module, images: Tensor) -> Tensor:
 
 
 def _grid_figure(rows: int, cols: int, *, width: float = WIDTH):
+    # lazy: pyplot after choosing the headless Agg backend, and only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     cell = width / cols
     fig, axes = plt.subplots(rows, cols, figsize=(width, cell * rows + 0.5), squeeze=False)
@@ -171,8 +172,6 @@ def _save_fixed(fig, path: str | Path, title: str, *, bottom: float = 0.0) -> Pa
 
 def _heads(axes, heads: list[str], width: int = 30) -> None:
     """Column titles, wrapped to `width` characters so long checkpoint names don't collide."""
-    import textwrap
-
     for ax, head in zip(axes, heads):
         ax.set_title(textwrap.fill(head, width), fontsize=9)
 
@@ -234,6 +233,7 @@ def plot_attention_columns(images: Tensor, maps: dict[str, Tensor], path: str | 
 
 def tsne_embed(features: Tensor | np.ndarray, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
     """2-D t-SNE of `[M, D]` features (sklearn, fixed `random_state`; PCA init) → `[M, 2]`."""
+    # lazy: scikit-learn is the optional `viz` extra
     from sklearn.manifold import TSNE
 
     x = features.float().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features, np.float32)
@@ -248,6 +248,7 @@ def class_colours(n: int) -> list[tuple[float, float, float]]:
     order, whose neighbours are one hue twice: class 0 and 1 came out in nearly the same blue).
     More: evenly spaced on the turbo colour map (all distinct, less easily told apart).
     """
+    # lazy: matplotlib only when a figure is drawn
     import matplotlib
 
     if n <= 10:
@@ -262,10 +263,11 @@ def class_colours(n: int) -> list[tuple[float, float, float]]:
 def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, title: str = "",
               classes: list[str] | None = None) -> Path:
     """One scatter per source (`name → (coords [M, 2], labels [M])`), coloured by class."""
+    # lazy: pyplot after choosing the headless Agg backend, and only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(WIDTH, WIDTH / n + 0.9), squeeze=False)
@@ -308,8 +310,6 @@ ACCURACY_METRICS = ("knn_acc",)  # fractions: plotted on [0, 1]
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The JSON lines of `run_dir/metrics.jsonl` (or a path to the file itself); blank lines skipped."""
-    import json
-
     path = Path(run_dir)
     if path.is_dir():
         path = path / "metrics.jsonl"
@@ -320,10 +320,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def plot_curves(runs: dict[str, list[dict]], path: str | Path, *, title: str = "") -> Path:
     """One panel per metric in `CURVE_METRICS` that some run has, one line per run (x = step)."""
+    # lazy: pyplot after choosing the headless Agg backend, and only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     present = [k for k in CURVE_METRICS if any(k in r for recs in runs.values() for r in recs)]
     if not present:
@@ -343,8 +344,6 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, *, title: str = "
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     # one legend for all panels, below them: inside a panel it covered the curves (the loss axis)
-    import textwrap
-
     handles = {}
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):

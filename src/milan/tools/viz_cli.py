@@ -14,14 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
-from milan.data import DATASET_KINDS
+import milan
+from milan.data import DATASET_KINDS, build_dataset
+from milan.data.reading import BadFiles, Tolerant
+from milan.data.split import eval_sets, resolve_roots
+from milan.data.transforms import eval_transform
 from milan.errors import ConfigError, DataError, WeightsError
 from milan.io.weights import Pretrained, load_pretrained
 from milan.masking import RandomMasking, SemanticMasking
+from milan.model import build_model
 from milan.pretraining import MILAN
 from milan.tools import viz
+from milan.train.log import get_logger
+from milan.train.probe import extract_features
 
 __all__ = ["add_arguments", "run_from_args", "load_student", "mask_and_loss"]
 
@@ -132,8 +140,6 @@ def _stem(student: Pretrained) -> str:
 
 
 def _teacher_for(cfg: dict[str, Any], patch_size: int):
-    import milan
-
     teacher_cfg = cfg.get("teacher") or {}
     if not teacher_cfg.get("spec"):
         raise ConfigError("the checkpoint's config has no teacher.spec; it was not written by `milan pretrain`")
@@ -148,10 +154,6 @@ def _dataset(args: argparse.Namespace, img_size: int, cfg: dict[str, Any] | None
     """The images to draw: `--data`/`--data-path` if given, else the data the checkpoint was trained on
     (its config's data.kind and data.path), else the built-in shapes. Sets `args.data_used`, the
     description that goes into the log and the figure title."""
-    from milan.data import build_dataset
-    from milan.data.transforms import eval_transform
-    from milan.train.log import get_logger
-
     log = get_logger()  # set up before build_dataset, which logs the folder's start line to it
     trained = (cfg or {}).get("data") or {}
     kind = args.data
@@ -165,8 +167,6 @@ def _dataset(args: argparse.Namespace, img_size: int, cfg: dict[str, Any] | None
     path = args.data_path
     if path is None and trained.get("kind") == kind:
         path = trained.get("path")
-    from milan.data.reading import BadFiles, Tolerant
-
     tf = eval_transform(img_size, crop_pct=1.0)
     if kind == "imagefolder":
         dataset, args.data_used = _folder_part(args, path, tf, trained)
@@ -184,8 +184,6 @@ def _folder_part(args: argparse.Namespace, path: str | None, transform: Callable
                  trained: dict[str, Any]) -> tuple[Any, str]:
     """The train or val part of an ImageFolder, split as the evaluation commands split it
     (`milan.data.split`), and a truthful label: which part, and whether the checkpoint pretrained on it."""
-    from milan.data.split import eval_sets, resolve_roots
-
     if not path:
         raise ConfigError("--data imagefolder needs --data-path DIR (or a checkpoint trained on a folder)")
     parts = eval_sets("imagefolder", path, val_fraction=args.val_fraction, train_transform=transform,
@@ -247,8 +245,6 @@ def _masks(args: argparse.Namespace) -> Path:
 
 
 def _attention(args: argparse.Namespace) -> Path:
-    import milan
-
     students = [load_student(c) for c in args.checkpoint]
     spec, weights = args.teacher, args.teacher_weights
     if spec is None:
@@ -276,9 +272,6 @@ def _attention(args: argparse.Namespace) -> Path:
 
 def _encoder_for(source: str, args: argparse.Namespace) -> tuple[str, Callable[[Tensor], Tensor], int | None, dict | None]:
     """(panel name, images → [B, D], img_size or None, config or None) for a tsne source."""
-    import milan
-    from milan.model import build_model
-
     kind, sep, rest = source.partition(":")
     if sep and kind == "teacher":
         teacher = milan.build_teacher(rest, weights=args.teacher_weights).eval()
@@ -311,8 +304,6 @@ def _balanced_subset(targets: Tensor, classes: int, per_class: int) -> list[int]
 
 
 def _tsne(args: argparse.Namespace) -> Path:
-    from milan.train.probe import extract_features
-
     sources = [_encoder_for(s, args) for s in args.sources]
     sizes = {size for _, _, size, _ in sources if size is not None}
     if len(sizes) > 1:
@@ -342,8 +333,6 @@ def _curves(args: argparse.Namespace) -> Path:
 
 def _run_label(run_dir: Path) -> str:
     """`name (teacher SPEC, data KIND PATH)` from the run's config.yaml (just the name without one)."""
-    import yaml
-
     name = run_dir.resolve().name
     config = run_dir / "config.yaml"
     if not config.is_file():

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from milan import __version__
 from milan.errors import CheckpointError
 from milan.io.checkpoint_files import checkpoint_step, step_checkpoints
+from milan.io.safe_load import read_torch_file
 
 __all__ = ["CheckpointRecord", "check_resumable", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "prune_checkpoints", "state_mismatch", "checkpoint_step", "step_checkpoints", "CheckpointError"]
@@ -49,8 +51,6 @@ class CheckpointRecord:
 
     def state(self, **payload: Any) -> dict[str, Any]:
         """The checkpoint dict: this record's fields at the top level, `version`, then `payload`."""
-        from milan import __version__
-
         return {**asdict(self), "version": __version__, **payload}
 
 
@@ -119,8 +119,6 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (`weights_only=True`: no arbitrary unpickling)."""
-    from milan.io.safe_load import read_torch_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (give a checkpoint file written by milan, e.g. "

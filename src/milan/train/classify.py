@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data.auto_augment import RandAugment
+from timm.models import VisionTransformer
+from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset
 
 from milan.encoder import EncoderConfig
@@ -33,8 +36,6 @@ def build_classifier(config: EncoderConfig, num_classes: int, *, drop_path: floa
         global_pool: "avg" (mean of patch tokens + fc_norm, MAE finetuning) or "token" (CLS after
             the final norm, as classifiers finetuned elsewhere may be).
     """
-    from timm.models import VisionTransformer
-
     return VisionTransformer(**timm_kwargs(config), num_classes=num_classes, global_pool=global_pool,
                              drop_path_rate=drop_path)
 
@@ -45,8 +46,6 @@ def build_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float, l
     layer 0 = patch embedding, CLS token and position embedding, layer i = block i, depth + 1 = the
     head and fc_norm; no weight decay on 1-D parameters and tokens. `milan.train.run.set_lr` applies
     the scales."""
-    from timm.optim import create_optimizer_v2
-
     return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay,
                                betas=betas)
 
@@ -115,8 +114,6 @@ class PosterizeLevel:
 
 def keep_posterize_bits(transform: Any) -> None:
     """Patch, in place, every RandAugment in `transform` (a timm `Compose`) with `PosterizeLevel`."""
-    from timm.data.auto_augment import RandAugment
-
     for t in getattr(transform, "transforms", []):
         if isinstance(t, RandAugment):
             for op in t.ops:

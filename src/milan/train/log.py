@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from milan.train.config import to_dict
 from milan.train.trackers import Tracker, open_trackers, resolve_loggers
 
@@ -62,6 +64,7 @@ class MetricsLogger:
         self.file = path.open("a")
         if tensorboard:
             try:
+                # lazy: tensorboard is the optional `log` extra
                 from torch.utils.tensorboard import SummaryWriter
 
                 if resume_from is not None and (run_dir / "tb").is_dir():
@@ -118,6 +121,7 @@ def _truncate_records(path: Path, last_step: int) -> None:
 def _truncate_tensorboard(tb_dir: Path, last_step: int) -> None:
     """Drop the scalar events of steps > last_step from every event file in `tb_dir` (atomic rewrite
     of each file that changes; a record torn by the crash ends the file)."""
+    # lazy: tensorboard is the optional `log` extra
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
@@ -139,7 +143,5 @@ def _truncate_tensorboard(tb_dir: Path, last_step: int) -> None:
 
 def progress(total: int, *, initial: int = 0, desc: str = "", active: bool = True, unit: str = "step"):
     """A tqdm bar (step/total, rate, ETA) on rank 0; a silent stand-in elsewhere."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, disable=not active, unit=unit,
                 dynamic_ncols=True, smoothing=0.1)

@@ -8,17 +8,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from milan.data import loader_workers
+from milan.data.reading import BadFiles, Checked, collate
 from milan.errors import DataError
-
-if TYPE_CHECKING:
-    from milan.data.reading import BadFiles
 
 __all__ = [
     "extract_features", "standardise", "LinearFit", "fit_linear", "linear_probe", "linear_probes",
@@ -39,9 +38,6 @@ def extract_features(
     run's `milan.data.reading.BadFiles`: one warning per file, its threshold checked after each
     batch; by default a registry of this call alone). With `desc`, a progress bar of that name is shown.
     """
-    from milan.data import loader_workers
-    from milan.data.reading import BadFiles, Checked, collate
-
     if limit is not None and limit < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(limit))
     if bad_files is None:
@@ -52,8 +48,6 @@ def extract_features(
     feats, labels = [], []
     batches = bad_files.track(loader)
     if desc is not None:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True)
     for images, targets in batches:
         feats.append(encode(images.to(device)).float().cpu())

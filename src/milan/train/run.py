@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -103,8 +104,6 @@ def discard_failed_starts() -> list[Path]:
     """Remove the run folders this process created that hold nothing of value: only config.yaml,
     empty files and TensorBoard files without a scalar. The `milan` command calls it when a command
     fails, so a refused start leaves no empty run folder behind. Returns the removed folders."""
-    import shutil
-
     removed = []
     while _CREATED:
         run_dir = _CREATED.pop()
@@ -119,6 +118,7 @@ def _worthless(path: Path) -> bool:
         return True
     if path.name.startswith("events.out.tfevents."):
         try:
+            # lazy: tensorboard is the optional `log` extra
             from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
             return not any(e.HasField("summary") for e in EventFileLoader(str(path)).Load())

@@ -184,6 +184,7 @@ class WandbTracker(Tracker):
 
     def __init__(self, run_dir: Path, entry: dict[str, Any] | None, *, config: dict[str, Any], floor: int,
                  project: str | None) -> None:
+        # lazy: wandb is the optional `wandb` extra
         import wandb
 
         resume = entry is not None and "id" in entry
@@ -212,6 +213,7 @@ class MlflowTracker(Tracker):
 
     def __init__(self, run_dir: Path, entry: dict[str, Any] | None, *, config: dict[str, Any], floor: int,
                  project: str | None) -> None:
+        # lazy: mlflow is the optional `mlflow` extra
         import mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -244,6 +246,7 @@ class MlflowTracker(Tracker):
     def _continue(self, entry: dict[str, Any], params: dict[str, str], floor: int) -> tuple[str, str, int] | None:
         """Reopen the recorded run: (run id, experiment id, the floor raised to the highest step its store
         holds), or None where the store no longer has it (deleted: a new run starts)."""
+        # lazy: mlflow is the optional `mlflow` extra
         from mlflow.exceptions import MlflowException
 
         run_id = entry["run_id"]
@@ -270,6 +273,7 @@ class MlflowTracker(Tracker):
         return max(steps, default=-1)
 
     def _log_params(self, run_id: str, params: dict[str, str], *, tags: dict[str, str]) -> None:
+        # lazy: mlflow is the optional `mlflow` extra
         from mlflow.entities import Param, RunTag
 
         items = [Param(k, v) for k, v in params.items()]
@@ -278,6 +282,7 @@ class MlflowTracker(Tracker):
             self.client.log_batch(run_id, params=items[i:i + 100], tags=tag_items[i:i + 100])
 
     def _send(self, step: int, scalars: dict[str, float], text: dict[str, str], *, wall_time: float) -> None:
+        # lazy: mlflow is the optional `mlflow` extra
         from mlflow.entities import Metric, RunTag
 
         stamp = int(wall_time * 1000)

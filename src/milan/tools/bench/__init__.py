@@ -62,7 +62,14 @@ from milan.errors import ConfigError
 from milan.model import MaskedAutoencoder, ModelSpec, build_model
 from milan.pretraining import MILAN
 from milan.recipes.pretrain import param_groups
-from milan.teacher import OpenCLIPTeacher, Teacher, build_teacher
+from milan.teacher import (
+    EvaTeacher,
+    OpenCLIPTeacher,
+    SiglipTeacher,
+    Teacher,
+    TimmTeacher,
+    build_teacher,
+)
 from milan.teacher.openclip import openclip_tower_teacher
 from milan.tools.bench.flops import count_flops
 from milan.tools.bench.report import (
@@ -173,6 +180,7 @@ def _build_teacher(spec: str, settings: BenchSettings, *, dtype: torch.dtype,
                    device: torch.device, student_patch_size: int) -> Teacher:
     kind, _, arch = spec.partition(":")
     if kind == "random":  # the real architecture with random weights: same cost, no download
+        # lazy: open_clip is heavy and only needed to build an open_clip model
         import open_clip
 
         # open_clip warns that the model is randomly initialised: here that is the point.
@@ -202,8 +210,6 @@ def _library_forward(teacher: Teacher) -> tuple[Callable[[Tensor], Tensor], str]
     - timm SigLIP: `forward_features` + the attention-pool head (the pooled embedding only: the
       library has no per-patch output to compare with).
     """
-    from milan.teacher import EvaTeacher, SiglipTeacher, TimmTeacher
-
     if isinstance(teacher, OpenCLIPTeacher):
         visual = teacher.backbone
         grid = tuple(visual.grid_size)

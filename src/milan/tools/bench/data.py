@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
@@ -65,8 +67,9 @@ from milan.data.fast import (
     normalize_on_device,
     reencode_jpeg,
 )
-from milan.data.folder import load_rgb
+from milan.data.folder import ImageFolderDataset, load_rgb
 from milan.data.transforms import pretrain_transform
+from milan.data.wds import _read_shard, expand_shards
 from milan.errors import ConfigError, DataError
 from milan.tools.bench.report import command_line
 from milan.tools.bench.timing import machine_info
@@ -122,9 +125,6 @@ def imagenet_like_jpegs(count: int, *, size: tuple[int, int] = (500, 375), quali
     Textures are noise at four scales (bicubic-upsampled), with a random colour cast: the mix of
     smooth areas and fine detail gives the file size, and so the entropy-decoding work, of a photo.
     """
-    import torch.nn.functional as F
-    from PIL import Image
-
     w, h = size
     out = []
     for k in range(count):
@@ -145,8 +145,6 @@ def read_images(path: Path, limit: int) -> list[bytes]:
     """Up to `limit` image files' bytes from a folder (ImageFolder or flat) or a folder of .tar shards."""
     path = Path(path).expanduser()
     if path.is_dir() and any(path.glob("*.tar")):
-        from milan.data.wds import _read_shard, expand_shards
-
         found: list[bytes] = []
         for shard in expand_shards(path):
             for sample in _read_shard(shard):
@@ -158,8 +156,6 @@ def read_images(path: Path, limit: int) -> list[bytes]:
         if not found:
             raise DataError(f"no images in the shards of {path}")
         return found
-    from milan.data.folder import ImageFolderDataset
-
     folder = ImageFolderDataset(path)  # DataNotFound for a missing or empty folder
     return [p.read_bytes() for p, _ in folder.samples[:limit]]
 
