@@ -215,13 +215,27 @@ def test_collects_every_form() -> None:
     assert len(COMMANDS) >= 45, len(COMMANDS)
     assert any(t.startswith("torchrun") for t in texts)
     assert any(t.startswith("sbatch") for t in texts)
-    assert any(t.startswith("make") is False and " \\" not in t and "\n" not in t for t in texts)
+    assert any(t.startswith("milan ") for t in texts)
     joined = [c for c in COMMANDS if c.argv and c.argv[0] == "pretrain" and "teacher.weights=ViT-B-16.pt" in c.argv
               and c.where.startswith("README.md")]
     assert joined, "a `\\`-continued README command was not joined"
     assert {c.argv[0] for c in COMMANDS} >= {"pretrain", "knn", "linprobe", "finetune", "eval", "export", "viz",
                                              "data", "bench", "segment", "detect", "demo", "info", "teacher"}
     assert len(RUNNABLE_BLOCKS) >= 2
+
+
+@pytest.mark.parametrize(("line", "argv"), [
+    ("milan knn data.path=x", ["knn", "data.path=x"]),
+    (".venv/bin/milan demo", ["demo"]),
+    ("MILAN_CPU_BF16=1 time milan bench speed", ["bench", "speed"]),
+    ("python -m milan info", ["info"]),
+    ("torchrun --nproc_per_node=8 -m milan pretrain a=1", ["pretrain", "a=1"]),
+    ("sbatch --nodes=4 scripts/slurm/milan.sbatch pretrain a=1", ["pretrain", "a=1"]),
+    ("python -m pytest tests/test_cli.py", None),
+    ("pip install 'milan-mim[wandb]'", None),
+])
+def test_command_forms(line: str, argv: list[str] | None) -> None:
+    assert milan_argv(shlex.split(line)) == argv
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.where for c in COMMANDS])
