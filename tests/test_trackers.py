@@ -118,7 +118,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_anything_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "mlflow", None)  # Python's own "this module cannot be imported"
     with pytest.raises(ConfigError, match=r"^run.loggers includes mlflow, which is not installed here: "
-                                          r"pip install 'milan\[mlflow\]'"):
+                                          r"pip install 'milan-mim\[mlflow\]'"):
         check_loggers(_cfg(tmp_path).run)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
@@ -127,7 +127,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_anything_starts(
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == ("milan pretrain: error: run.loggers includes mlflow, which is not installed here: "
-                      "pip install 'milan[mlflow]' (or drop it from run.loggers)")
+                      "pip install 'milan-mim[mlflow]' (or drop it from run.loggers)")
     assert not out.exists()  # refused before the run folder was made
 
 

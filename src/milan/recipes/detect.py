@@ -279,7 +279,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         # lazy: pycocotools is the optional `dense` extra (checked here to name the fix)
         import pycocotools  # noqa: F401  (masks and COCO AP)
     except ImportError:
-        raise UserError("needs pycocotools: pip install 'milan[dense]'") from None
+        raise UserError("needs pycocotools: pip install 'milan-mim[dense]'") from None
     info, run_dir, amp_dtype, precision = start_run(cfg, write_config=False)  # config.yaml once resuming is settled
     device = info.device
 

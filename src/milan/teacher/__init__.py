@@ -118,7 +118,8 @@ def build_teacher(
         spec: "openclip:<arch>", "hf:<folder>", "timm:<model name>" or "builtin:shapes"
             (CLIP, SigLIP / SigLIP 2 and EVA-CLIP towers; see the module docstring).
         weights: checkpoint file for openclip / timm specs (hf reads its folder).
-        input_mean, input_std: normalisation of the batches the teacher will receive.
+        input_mean: per-channel mean of the normalised batches the teacher will receive.
+        input_std: their per-channel std (the teacher re-normalises to its own statistics).
         dtype: weight dtype; bf16 / fp16 halve the teacher's cost on GPU (outputs stay float32).
         student_patch_size: the student's patch size, so the teacher's grid can be made to match.
 

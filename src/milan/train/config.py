@@ -41,11 +41,11 @@ class RunSection:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: str = "auto"  # auto: the run folder's newest good checkpoint, if any; none; or a path
-    # Where scalars go (README: Experiment trackers); jsonl is always on. wandb / mlflow are extras.
+    # Where scalars go (docs/trackers.md); jsonl is always on. wandb / mlflow are extras.
     loggers: tuple[Literal["jsonl", "tensorboard", "wandb", "mlflow"], ...] = ("jsonl", "tensorboard")
     tensorboard: bool | None = None  # the older switch: false drops tensorboard from loggers, true adds it
     project: str | None = None  # W&B project / MLflow experiment (None: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else milan)
-    # Preemption (README "Running on a cluster"): on one of these signals, or when <out_dir>/PREEMPT
+    # Preemption (docs/cluster.md): on one of these signals, or when <out_dir>/PREEMPT
     # appears, every process finishes its step, rank 0 checkpoints, and the command exits with 75.
     preempt_signals: list[str] = dataclasses.field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     preempt_every: int = 10  # under torchrun: steps between the ranks' agreement on a stop (one all-reduce)

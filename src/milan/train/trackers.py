@@ -45,7 +45,7 @@ __all__ = ["LOGGERS", "TRACKERS", "STATE_FILE", "resolve_loggers", "check_logger
 #: The sinks `run.loggers` may name; jsonl is always on.
 LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
 #: The optional trackers: name → (module to import, pip extra).
-TRACKERS: dict[str, tuple[str, str]] = {"wandb": ("wandb", "milan[wandb]"), "mlflow": ("mlflow", "milan[mlflow]")}
+TRACKERS: dict[str, tuple[str, str]] = {"wandb": ("wandb", "milan-mim[wandb]"), "mlflow": ("mlflow", "milan-mim[mlflow]")}
 #: The run folder's record of its tracker runs.
 STATE_FILE = "trackers.json"
 #: Project / experiment name when neither run.project nor the tracker's own variable names one.
