@@ -93,6 +93,23 @@ def test_a_few_training_steps_reduce_the_loss(fresh_shapes: Path, tmp_path: Path
 # --------------------------------------------------------------------------------------------
 
 
+def test_shipped_slip_teacher_matches_its_card_and_loads() -> None:
+    from milan.teacher.builtin import builtin_files
+
+    weights, card_file, zeroshot = builtin_files("shapes-slip")
+    card = read_card(card_file)
+    assert card["name"] == "builtin:shapes-slip" and card["method"] == "slip"
+    assert card["command"].startswith("milan teacher train-shapes --method slip")
+    assert weights.stat().st_size < 10e6
+    assert sha256_file(weights) == card["sha256"] and sha256_file(zeroshot) == card["zeroshot_sha256"]
+    teacher = milan.build_teacher("builtin:shapes-slip", student_patch_size=8)
+    images = torch.randn(2, 3, 64, 64)
+    out = teacher(images)
+    assert out.tokens.shape == (2, 65, card["config"]["embed_dim"]) and out.cls_attn.shape == (2, 64)
+    clip = milan.build_teacher("builtin:shapes", student_patch_size=8)(images)
+    assert (out.tokens - clip.tokens).abs().max() > 0.1  # its own tower, not builtin:shapes' again
+
+
 def test_simclr_loss_is_nt_xent_over_both_views() -> None:
     """SimCLR's NT-Xent written out: for each of the 2B embeddings, -log of its positive's share
     among all 2B - 1 others (itself excluded), averaged over all 2B."""
