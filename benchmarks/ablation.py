@@ -1,10 +1,12 @@
 """Toy Table 5 on a CPU: every MILAN ablation row (and Table 9's KD) on the built-in shapes data.
 
 Each variant — target clip|pixel × decoder prompting|mae × masking semantic|random (Table 5
-rows #1–#8) and the knowledge-distillation baseline (Table 9: MILAN without its decoder, the
-encoder regresses the teacher's tokens of the semantically sampled visible patches) —
+rows #1–#8), row #9 (MILAN with a SLIP teacher: `builtin:shapes-slip`, the same small model trained
+with CLIP loss + SimCLR loss) and the knowledge-distillation baseline (Table 9: MILAN without its
+decoder, the encoder regresses the teacher's tokens of the semantically sampled visible patches) —
 pretrains the same tiny student (`vit_shapes_patch8`, 64 px) with the built-in `builtin:shapes`
-teacher under the same budget (steps × batch, lr, schedule, data), once per seed. The frozen
+teacher (#9: `builtin:shapes-slip`) under the same budget (steps × batch, lr, schedule, data),
+once per seed. The frozen
 encoder's mean-pooled patch tokens are then probed on held-out labels: a linear classifier and
 weighted kNN, for the object's shape (6 classes), shape×colour (36) and the object count (3).
 The table reports mean ± std over seeds.
@@ -47,6 +49,9 @@ from milan.train.probe import extract_features, knn_accuracy, linear_probe
 VARIANTS: dict[str, tuple[str, list[str], tuple[str, str, str]]] = {
     **{f"#{i}": ("milan_vit_shapes_patch8", [f"model.variant={i}"], (v.target, v.decoder, v.masking))
        for i, v in TABLE5.items()},
+    # Table 5 #9: MILAN (#8's decoder and masking) reconstructing a SLIP teacher's features.
+    "#9": ("milan_vit_shapes_patch8", ["model.variant=8", "teacher.spec=builtin:shapes-slip"],
+           ("slip", TABLE5[8].decoder, TABLE5[8].masking)),
     "KD": ("kd_vit_shapes_patch8", ["model.decoder=none", "model.target=clip", "model.masking=semantic"],
            (KD_BASELINE.target, KD_BASELINE.decoder, KD_BASELINE.masking)),
 }

@@ -23,7 +23,7 @@ def test_quick_ablation_writes_well_formed_results(ablation, tmp_path: Path) -> 
     out = tmp_path / "abl"
     summary = ablation.main(["--quick", "--out", str(out), "--data", str(tmp_path / "shapes")])
     rows = list(ablation.VARIANTS)
-    assert rows == [f"#{i}" for i in range(1, 9)] + ["KD"]
+    assert rows == [f"#{i}" for i in range(1, 10)] + ["KD"]
     lines = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
     assert sorted((r["row"], r["seed"]) for r in lines) == sorted((r, s) for r in rows for s in (0, 1))
     on_disk = json.loads((out / "results.json").read_text())

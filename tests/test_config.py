@@ -107,3 +107,12 @@ def test_own_images_under_shapes_kind_name_the_fix(tmp_path: Path) -> None:
     (tmp_path / "cats" / "a.jpg").write_bytes(b"x")
     with pytest.raises(DataNotFound, match="not a shapes dataset.*data.kind=imagefolder"):
         build_dataset("shapes", tmp_path)
+
+
+def test_ablation_config_row9_is_row8_with_a_slip_teacher() -> None:
+    from milan.model import TABLE5
+
+    cfg = load_config(PretrainConfig, CONFIG_DIR / "ablation_vit_base_row9.yaml")
+    assert (cfg.model.target, cfg.model.decoder, cfg.model.masking) == (
+        TABLE5[8].target, TABLE5[8].decoder, TABLE5[8].masking)
+    assert cfg.teacher.spec == "slip:SLIP_VITB16" and cfg.optim.epochs == 400

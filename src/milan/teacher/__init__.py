@@ -21,7 +21,8 @@ the timm-trunk SigLIP / EVA02 archs), `hf:<folder>` (transformers CLIPModel /
 CLIPVisionModel[WithProjection], Siglip[Vision]Model, Siglip2[Vision]Model), `timm:<model name>`
 (a timm VisionTransformer with a class token, whose head, when the weights have one, is the
 projection; a SigLIP VisionTransformer with global_pool='map'; an EVA-CLIP Eva) and
-`builtin:shapes` (the small teacher of the built-in demo). Nothing is downloaded.
+`slip:<model>` (a checkpoint of SLIP's training script: SLIP_VIT{S,B,L}16 or CLIP_VIT{S,B,L}16, Table 5 #9)
+and `builtin:shapes` / `builtin:shapes-slip` (the small teachers of the built-in demo). Nothing is downloaded.
 
 The teacher is frozen for real: eval mode that `train()` cannot undo, no parameter requires grad,
 forward runs under `no_grad`. It must never be part of the optimizer, of DDP or of the student's
@@ -45,7 +46,7 @@ missing one raises `milan.errors.TeacherFileNotFound`, a `TeacherError` that is 
 `FileNotFoundError`.
 
 Layout: `base` (Teacher, TeacherOutput, cls_attention, query_attention, check_fits), one module
-per backend (`openclip`, `hf`, `timm_vit`, `builtin`) with its Teacher subclass and builder, one
+per backend (`openclip`, `hf`, `timm_vit`, `slip`, `builtin`) with its Teacher subclass and builder, one
 per non-CLIP family (`siglip`, `hf_siglip`, `eva`) whose teachers the backends dispatch to; this
 module only dispatches a spec to its builder.
 """
@@ -67,6 +68,7 @@ from milan.teacher.hf import HFTeacher, build_hf_teacher
 from milan.teacher.hf_siglip import HFSiglipTeacher
 from milan.teacher.openclip import OpenCLIPTeacher, build_openclip_teacher
 from milan.teacher.siglip import SiglipTeacher
+from milan.teacher.slip import build_slip_teacher
 from milan.teacher.timm_vit import TimmTeacher, build_timm_teacher
 
 __all__ = [
@@ -91,7 +93,9 @@ SPEC_FORMS = (
     "Siglip[Vision]Model or Siglip2[Vision]Model>",
     "timm:<model name> with weights=<.safetensors | .pth> "
     "(CLS ViTs, *_siglip_* with global_pool='map', eva02_*_clip_*)",
-    *(f"builtin:{name}" for name in BUILTIN_TEACHERS),  # builtin:shapes
+    "slip:<SLIP_VITB16 | CLIP_VITB16 | ... | ViT-B-16> with weights=<a checkpoint of SLIP's main.py> "
+    "(SLIP and CLIP models of facebookresearch/SLIP; not SimCLR)",
+    *(f"builtin:{name}" for name in BUILTIN_TEACHERS),  # builtin:shapes, builtin:shapes-slip
 )
 
 # spec prefix -> builder(name, weights, **Teacher kwargs)
@@ -99,6 +103,7 @@ _BUILDERS: dict[str, Callable[..., Teacher]] = {
     "openclip": build_openclip_teacher,
     "hf": build_hf_teacher,
     "timm": build_timm_teacher,
+    "slip": build_slip_teacher,
     "builtin": build_builtin_teacher,
 }
 
@@ -115,9 +120,9 @@ def build_teacher(
     """Build a frozen teacher from a checkpoint on disk; nothing is downloaded.
 
     Args:
-        spec: "openclip:<arch>", "hf:<folder>", "timm:<model name>" or "builtin:shapes"
+        spec: "openclip:<arch>", "hf:<folder>", "timm:<model name>", "slip:<model>" or "builtin:<name>"
             (CLIP, SigLIP / SigLIP 2 and EVA-CLIP towers; see the module docstring).
-        weights: checkpoint file for openclip / timm specs (hf reads its folder).
+        weights: checkpoint file for openclip / timm / slip specs (hf reads its folder).
         input_mean: per-channel mean of the normalised batches the teacher will receive.
         input_std: their per-channel std (the teacher re-normalises to its own statistics).
         dtype: weight dtype; bf16 / fp16 halve the teacher's cost on GPU (outputs stay float32).

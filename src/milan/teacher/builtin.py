@@ -1,4 +1,5 @@
-"""The built-in teacher: a small CLIP trained on the captioned shapes data (`builtin:shapes`).
+"""The built-in teachers: small CLIPs trained on the captioned shapes data (`builtin:shapes`, and
+`builtin:shapes-slip`, the same model trained the SLIP way: CLIP loss + SimCLR loss on two views).
 
 It is an ordinary open_clip `CLIP` (vision ViT + text transformer) except for one change: the
 vision tower's linear patch embedding (`visual.conv1`) is replaced by a small overlapping
@@ -8,7 +9,9 @@ CPU-budget CLIP learns colour but not shape (see the project notes); with the st
 both. Loading therefore rebuilds the stem before `load_state_dict`.
 
 Files shipped in `milan/assets/`: `shapes_clip_visual.safetensors` (vision tower weights) and
-`shapes_clip.json` (the card: config, training command, seed, zero-shot numbers, sha256).
+`shapes_clip.json` (the card: config, training command, seed, zero-shot numbers, sha256); the
+same three files with the `shapes_slip` stem for `builtin:shapes-slip` (`builtin_files`). Both
+towers have the same architecture, so both load the same way.
 `build_builtin_teacher` is the `builtin:<name>` builder of `milan.teacher.build_teacher`.
 """
 
@@ -30,11 +33,14 @@ from milan.teacher.openclip import OpenCLIPTeacher
 __all__ = [
     "SHAPES_CLIP_CONFIG", "ConvStem", "build_shapes_clip", "load_shapes_visual",
     "ASSET_DIR", "WEIGHTS_FILE", "CARD_FILE", "ZEROSHOT_FILE", "sha256_file", "read_card",
-    "load_zero_shot", "BUILTIN_TEACHERS", "build_builtin_teacher",
+    "load_zero_shot", "BUILTIN_TEACHERS", "build_builtin_teacher", "builtin_files",
 ]
 
 # builtin teachers: name -> what they are (weights and card live in milan/assets)
-BUILTIN_TEACHERS = {"shapes": "small CLIP trained on the captioned shapes data (milan.teacher.builtin)"}
+BUILTIN_TEACHERS = {
+    "shapes": "small CLIP trained on the captioned shapes data (milan.teacher.builtin)",
+    "shapes-slip": "the same model trained the SLIP way: CLIP loss + SimCLR loss on two augmented views",
+}
 
 ASSET_DIR = Path(__file__).parents[1] / "assets"
 WEIGHTS_FILE = ASSET_DIR / "shapes_clip_visual.safetensors"
@@ -42,6 +48,15 @@ CARD_FILE = ASSET_DIR / "shapes_clip.json"
 #: Zero-shot classifiers from the text tower (colour [6, D], shape [6, D]); the text tower itself
 #: is not shipped (its 49k-token embedding alone would be 25 MB).
 ZEROSHOT_FILE = ASSET_DIR / "shapes_clip_zeroshot.safetensors"
+
+
+def builtin_files(name: str) -> tuple[Path, Path, Path]:
+    """(weights, card, zero-shot classifiers) of built-in teacher `name` in milan/assets."""
+    if name == "shapes":  # the module globals, read now (a test may point them elsewhere)
+        return WEIGHTS_FILE, CARD_FILE, ZEROSHOT_FILE
+    stem = name.replace("-", "_")  # shapes-slip -> shapes_slip_visual.safetensors, shapes_slip.json
+    return (ASSET_DIR / f"{stem}_visual.safetensors", ASSET_DIR / f"{stem}.json",
+            ASSET_DIR / f"{stem}_zeroshot.safetensors")
 
 #: open_clip CLIP(**config) arguments; the feasibility study's working configuration.
 SHAPES_CLIP_CONFIG: dict[str, Any] = {
@@ -92,14 +107,18 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_card(path: str | Path = CARD_FILE) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+def read_card(path: str | Path | None = None) -> dict[str, Any]:
+    return json.loads(Path(path or CARD_FILE).read_text())
 
 
 def load_shapes_visual(weights: str | Path | None = None, card: str | Path | None = None) -> nn.Module:
     """The shipped (or given) vision tower, conv stem rebuilt, weights loaded strictly, eval mode."""
     weights = Path(weights) if weights else WEIGHTS_FILE
-    card_path = Path(card) if card else (weights.with_name(CARD_FILE.name) if weights != WEIGHTS_FILE else CARD_FILE)
+    if card:
+        card_path = Path(card)
+    else:  # the card beside the weights: <stem>.json for <stem>_visual.safetensors
+        stem = weights.name.removesuffix(".safetensors").removesuffix("_visual")
+        card_path = weights.with_name(f"{stem}.json") if weights != WEIGHTS_FILE else CARD_FILE
     if not weights.is_file():
         raise TeacherFileNotFound(
             f"built-in teacher weights not found at {weights}; create them with `milan teacher train-shapes`"
@@ -123,13 +142,15 @@ def build_builtin_teacher(name: str, weights: str | Path | None, **kwargs: Any) 
     """`builtin:<name>`: the shipped teacher, or its retrained tower from `weights`."""
     if name not in BUILTIN_TEACHERS:
         raise TeacherError(f"unknown builtin teacher {name!r}; available: {sorted(BUILTIN_TEACHERS)}")
-    if weights is None and not WEIGHTS_FILE.is_file():
+    shipped, card, _ = builtin_files(name)
+    if weights is None and not shipped.is_file():
+        how = " --method slip" if name == "shapes-slip" else ""
         raise TeacherFileNotFound(
-            f"the built-in '{name}' teacher is missing ({WEIGHTS_FILE}); "
-            "recreate it with `milan teacher train-shapes`"
+            f"the built-in '{name}' teacher is missing ({shipped}); "
+            f"recreate it with `milan teacher train-shapes{how}`"
         )
     # An open_clip CLIP vision tower with a conv stem, rebuilt before loading.
-    return OpenCLIPTeacher(load_shapes_visual(weights), **kwargs)
+    return OpenCLIPTeacher(load_shapes_visual(weights or shipped, None if weights else card), **kwargs)
 
 
 def load_zero_shot(path: str | Path = ZEROSHOT_FILE) -> dict[str, torch.Tensor]:

@@ -176,10 +176,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     teacher = sub.add_parser("teacher", help="teacher utilities")
     teacher_sub = teacher.add_subparsers(dest="teacher_command", metavar="<what>", required=True)
     _tool_parser(teacher_sub, "train-shapes", "milan.tools.train_shapes_teacher",
-                 "train the small CLIP shipped as builtin:shapes (≈10 min on 2 CPU cores)",
-                 "Train the shapes CLIP with language supervision, report zero-shot accuracy and attention on "
-                 "objects, export the vision tower and card (default: runs/shapes_teacher; use it with "
-                 "teacher.spec=builtin:shapes teacher.weights=runs/shapes_teacher/shapes_clip_visual.safetensors).",
+                 "train the small CLIP shipped as builtin:shapes (≈10 min on 2 CPU cores; --method slip: "
+                 "builtin:shapes-slip)",
+                 "Train the shapes CLIP with language supervision (--method slip: plus SLIP's SimCLR loss on two "
+                 "augmented views), report zero-shot accuracy and attention on objects, export the vision tower "
+                 "and card (default: runs/shapes_teacher; use it with teacher.spec=builtin:shapes "
+                 "teacher.weights=runs/shapes_teacher/shapes_clip_visual.safetensors, or builtin:shapes-slip "
+                 "with shapes_slip_visual.safetensors).",
                  load=wanted("train-shapes"))
 
     bench = sub.add_parser("bench", help="benchmarks (speed, MFU)")
