@@ -25,6 +25,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
@@ -83,8 +84,6 @@ def _simclr_refusal(what: str) -> str:
 
 def slip_tower(tower: str) -> nn.Module:
     """The timm VisionTransformer SLIP builds for `tower`, random weights, any input grid."""
-    import timm
-
     timm_name, overrides = SLIP_TOWERS[tower]
     return timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
 

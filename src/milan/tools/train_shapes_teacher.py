@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torchvision.transforms import v2
 
 import milan
 from milan.data.shapes import (
@@ -137,8 +138,6 @@ def simclr_views(images: torch.Tensor) -> torch.Tensor:
     (RandomResizedCrop scale 0.08–1, colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale p 0.2,
     Gaussian blur σ 0.1–2 px with p 0.5, horizontal flip) at the images' own size. Draws from
     torch's global generator, so a seeded run repeats."""
-    from torchvision.transforms import v2
-
     size = images.shape[-2:]
     augment = v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
