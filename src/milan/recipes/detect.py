@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from milan.data import loader_workers
-from milan.data.reading import BAD_IMAGES_FILE, BadFiles, collate_lists
+from milan.data.reading import BadFiles, collate_lists
 from milan.data.sampler import EpochSampler
 from milan.data.shapes import default_shapes_root, generate_shapes
 from milan.dense.backbone import layer_decay_groups
@@ -64,7 +64,7 @@ from milan.train import distributed as distr
 from milan.train.checkpoint import check_resumable
 from milan.train.config import RunSection, save_config, to_dict
 from milan.train.hooks import BadFilesHook, Periodic, Preemption
-from milan.train.log import MetricsLogger, get_logger, progress
+from milan.train.log import get_logger, progress
 from milan.train.loop import Checkpoints, Every, Loop
 from milan.train.recover import non_finite_guard
 from milan.train.run import (
@@ -427,13 +427,10 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         history[:] = list(state.get("history") or [])
         if info.is_main:
             log.info("resumed from %s at iteration %d", path, loop.step)
-    elif info.is_main and (run_dir / BAD_IMAGES_FILE).is_file():
-        (run_dir / BAD_IMAGES_FILE).unlink()  # a fresh start: not an old run's list
     if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
         save_config(cfg, run_dir / "config.yaml")
 
-    loop.metrics = MetricsLogger(run_dir, active=info.is_main, config=cfg,
-                                 resume_from=loop.step if found is not None else -1)
+    loop.open_metrics(run_dir, cfg)
     if info.is_main:
         log.info("detect %s (%s): %d classes, %d train / %d val images, %d epochs × %d iterations, effective "
                  "batch %d (%d × accum %d × %d processes), lr %.3g (÷%g after epochs %s), layer decay %.2f, input %d–%d px (pad %s), "

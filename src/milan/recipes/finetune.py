@@ -55,7 +55,7 @@ from milan.train.classify import (
 )
 from milan.train.config import RunSection, save_config, to_dict
 from milan.train.hooks import BadFilesHook, Periodic, Preemption
-from milan.train.log import MetricsLogger, get_logger
+from milan.train.log import get_logger
 from milan.train.loop import Checkpoints, Every, Loop
 from milan.train.probe import remap_labels
 from milan.train.recover import non_finite_guard
@@ -340,8 +340,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                      "" if start_epoch >= cfg.optim.epochs else " (raise run.max_epochs to continue)")
         return summary()
 
-    loop.metrics = MetricsLogger(run_dir, active=info.is_main, config=cfg,
-                                 resume_from=loop.step if found is not None else -1)
+    loop.open_metrics(run_dir, cfg)
     if info.is_main:
         log.info("finetune %s at %dpx: %d classes, %d images, %d epochs × %d steps, effective batch %d (%d × accum "
                  "%d × %d processes), lr %.3g, layer decay %.2f", preset or "encoder", img_size, num_classes,

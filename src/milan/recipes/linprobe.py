@@ -369,8 +369,7 @@ def main(cfg: LinprobeConfig) -> dict[str, Any]:
             save_checkpoint(record.state(head=head.state_dict(), **payload()), run_dir / "head-best.pt")
 
     loop.hooks += [Periodic(evaluate_epoch, at_epoch_end=True), Preemption.of_run(cfg.run, run_dir)]
-    loop.metrics = MetricsLogger(run_dir, config=cfg,
-                                 resume_from=loop.step if found is not None else -1)
+    loop.open_metrics(run_dir, cfg)
     log.info("linear probe: %d train / %d val images, %d classes, %d epochs × %d steps, lr %.4g%s",
              num_train, len(val_x), num_classes, cfg.optim.epochs, steps_per_epoch, peak,
              f", semantic top-{topk:.0%} patches" if topk is not None else "")

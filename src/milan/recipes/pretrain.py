@@ -42,7 +42,7 @@ from milan.train.checkpoint import (
 )
 from milan.train.config import RunSection, save_config, to_dict
 from milan.train.hooks import BadFilesHook, Periodic, Preemption
-from milan.train.log import MetricsLogger, get_logger
+from milan.train.log import get_logger
 from milan.train.loop import Checkpoints, Every, Hook, Loop
 from milan.train.probe import extract_features, knn_accuracy
 from milan.train.recover import DebugConfig, RecoverConfig, RecoveryHook
@@ -364,8 +364,6 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                 log.warning("the schedule now spans %d steps (the checkpoint's run: %d): from step %d the lr "
                             "follows the new warmup/cosine; use run.max_steps to pause a run without changing it",
                             total_steps, state["total_steps"], loop.step)
-    elif info.is_main and (run_dir / "bad_images.txt").is_file():
-        (run_dir / "bad_images.txt").unlink()  # a fresh start: not the old run's list
     if info.is_main:  # only now: a refused resume leaves the folder's config.yaml as it was
         save_config(cfg, run_dir / "config.yaml")
     if loop.step >= last_step:
@@ -376,8 +374,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         return {"step": loop.step, "loss": float("nan"), "run_dir": str(run_dir), "bad_images": 0,
                 **recovery.recovery.summary()}
 
-    loop.metrics = MetricsLogger(run_dir, active=info.is_main, config=cfg,
-                                 resume_from=loop.step if found is not None else -1)
+    loop.open_metrics(run_dir, cfg)
     if info.is_main:
         log.info(
             "%s | %d params | teacher %s | %d images | effective batch %d (%d × accum %d × %d processes) | lr %.3g | "

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from milan.data.reading import BadFiles
+from milan.data.reading import BAD_IMAGES_FILE, BadFiles
 from milan.errors import ConfigError
 from milan.train import distributed as distr
 from milan.train.loop import Hook, Loop
@@ -41,6 +41,11 @@ class BadFilesHook(Hook):
 
     def __init__(self, bad_files: BadFiles, *, seen: Callable[[Loop], int]) -> None:
         self.bad_files, self.seen = bad_files, seen
+
+    def on_start(self, loop: Loop) -> None:
+        old = self.bad_files.folder / BAD_IMAGES_FILE if self.bad_files.folder is not None else None
+        if not loop.resumed and old is not None and old.is_file():
+            old.unlink()  # a fresh start in a used folder: not an earlier attempt's list
 
     def on_check(self, loop: Loop) -> None:
         self.bad_files.sync(loop.device)

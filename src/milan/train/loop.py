@@ -383,6 +383,12 @@ class Loop:
         self.resumed = True
         self.last_checkpoint = str(path) if path is not None else None
 
+    def open_metrics(self, run_dir: str | Path, config: Any) -> None:
+        """Start the run's metrics (rank 0 writes): a resumed run first drops the records a crashed
+        attempt wrote after its checkpoint; a fresh start keeps none of an earlier attempt's."""
+        self.metrics = MetricsLogger(run_dir, active=self.info.is_main, config=config,
+                                     resume_from=self.step if self.resumed else -1)
+
     def save(self) -> Path:
         """Write the checkpoint of this step (atomic; rank 0), prune older ones; every rank calls it."""
         path = self.checkpoints.path(self.step)
