@@ -476,5 +476,5 @@ def test_missing_pycocotools_names_the_extra(monkeypatch: pytest.MonkeyPatch, tm
     from milan.tools.cli import main
 
     monkeypatch.setitem(sys.modules, "pycocotools", None)  # import now raises ImportError
-    with pytest.raises(UserError, match=r"pip install 'milan\[dense\]'"):
+    with pytest.raises(UserError, match=r"pip install 'milan-mim\[dense\]'"):
         main(["detect", "--config", "detect_shapes", f"run.out_dir={tmp_path}"])
