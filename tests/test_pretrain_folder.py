@@ -29,20 +29,20 @@ def test_pretrain_folder_student_and_teacher_grids_match() -> None:
 
 def test_pretrain_folder_runs_on_photos_and_its_monitor_never_queries_references(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import milan.train.probe as probe
+    import milan.recipes.pretrain as pretrain
 
     for c, name in enumerate(("sea", "sky")):
         (tmp_path / "photos" / name).mkdir(parents=True)
         for i in range(8):
             Image.new("RGB", (120, 90), (100 * c, 12 * i, 200)).save(tmp_path / "photos" / name / f"{i}.jpg")
     seen: list[set[str]] = []
-    real = probe.extract_features
+    real = pretrain.extract_features
 
     def spy(encode, dataset, **kwargs):
         seen.append({str(p) for p, _ in dataset.samples})
         return real(encode, dataset, **kwargs)
 
-    monkeypatch.setattr(probe, "extract_features", spy)
+    monkeypatch.setattr(pretrain, "extract_features", spy)  # the name the kNN monitor calls
     out = tmp_path / "run"
     cli(["pretrain", "--config", "pretrain_folder", f"data.path={tmp_path / 'photos'}", f"run.out_dir={out}",
          "optim.batch_size=4", "optim.steps=2", "optim.warmup_steps=1", "data.num_workers=0", "run.tensorboard=false",
