@@ -16,7 +16,7 @@ from torch import nn
 from milan.train.checkpoint import load_checkpoint
 from milan.train.distributed import DistInfo
 from milan.train.log import MetricsLogger
-from milan.train.loop import Checkpoints, Every, Hook, Loop
+from milan.train.loop import Checkpoints, EpochLoader, Hook, Loop
 
 INFO = DistInfo(0, 1, 0, torch.device("cpu"))
 STEPS_PER_EPOCH = 3
@@ -82,7 +82,7 @@ class Recorder(Hook):
         self.loss_sum = checkpoint["recorder"][0]["loss_sum"]
 
 
-def _data(accum: int) -> Every:
+def _data(accum: int) -> EpochLoader:
     """Epoch e's micro-batches from step `start` on: a pure function of (e, index), as the samplers."""
     state = {"epoch": 0, "start": 0}
 
@@ -96,7 +96,7 @@ def _data(accum: int) -> Every:
     def set_epoch(epoch: int, start: int) -> None:
         state.update(epoch=epoch, start=start)
 
-    return Every(Batches(), set_epoch, STEPS_PER_EPOCH)
+    return EpochLoader(Batches(), set_epoch, STEPS_PER_EPOCH)
 
 
 def _loop(run_dir: Path, hooks: list[Hook], *, last_step: int = 6, accum: int = 1, seed: int = 0) -> Loop:

@@ -65,7 +65,7 @@ from milan.train.checkpoint import check_resumable
 from milan.train.config import RunSection, save_config, to_dict
 from milan.train.hooks import BadFilesHook, Periodic, Preemption
 from milan.train.log import get_logger, progress
-from milan.train.loop import Checkpoints, Every, Loop
+from milan.train.loop import Checkpoints, EpochLoader, Loop
 from milan.train.recover import non_finite_guard
 from milan.train.run import (
     find_resume_last,
@@ -397,7 +397,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     identity = {"encoder": encoder_shape, "num_classes": num_classes, "pyramid": m.pyramid}
     loop = Loop(info=info, model=model, optimizer=optimizer, train_step=train_step, ddp=ddp,
                 # alone, the threshold is checked after every batch; under torchrun at the check points
-                data=Every(bad_files.track(loader, check=info.world_size == 1),
+                data=EpochLoader(bad_files.track(loader, check=info.world_size == 1),
                            lambda epoch, start: sampler.set_epoch(epoch, start_batch=start, batch_size=per_rank),
                            steps_per_epoch),
                 schedule=lambda s: warmup_step_lr(s, peak=o.lr, milestones=milestones, warmup=warmup,

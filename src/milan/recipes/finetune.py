@@ -56,7 +56,7 @@ from milan.train.classify import (
 from milan.train.config import RunSection, save_config, to_dict
 from milan.train.hooks import BadFilesHook, Periodic, Preemption
 from milan.train.log import get_logger
-from milan.train.loop import Checkpoints, Every, Loop
+from milan.train.loop import Checkpoints, EpochLoader, Loop
 from milan.train.probe import remap_labels
 from milan.train.recover import non_finite_guard
 from milan.train.run import (
@@ -283,7 +283,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         bad_files.check(seen=bad_files.total)
 
     loop = Loop(info=info, model=model, optimizer=optimizer, train_step=train_step, ddp=ddp,
-                data=Every(bad_files.track(loader, check=False), lambda epoch, start: sampler.set_epoch(epoch),
+                data=EpochLoader(bad_files.track(loader, check=False), lambda epoch, start: sampler.set_epoch(epoch),
                            steps_per_epoch),
                 schedule=lambda s: warmup_cosine(s, total=total, warmup=warmup, peak=peak, final=cfg.optim.min_lr),
                 total_steps=total, last_step=min(cfg.optim.epochs, cfg.run.max_epochs or cfg.optim.epochs)

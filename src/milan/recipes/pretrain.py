@@ -43,7 +43,7 @@ from milan.train.checkpoint import (
 from milan.train.config import RunSection, save_config, to_dict
 from milan.train.hooks import BadFilesHook, Periodic, Preemption
 from milan.train.log import get_logger
-from milan.train.loop import Checkpoints, Every, Hook, Loop
+from milan.train.loop import Checkpoints, EpochLoader, Hook, Loop
 from milan.train.probe import extract_features, knn_accuracy
 from milan.train.recover import DebugConfig, RecoverConfig, RecoveryHook
 from milan.train.run import agree_on_checkpoint, check_values, resolve_precision, start_run
@@ -339,7 +339,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                               keep_last=cfg.run.keep_last, keep_every=cfg.run.milestone_every,
                               extra=lambda: {"spec": asdict(spec), "variant": [spec.target, spec.decoder, spec.masking]})
     loop = Loop(info=info, model=model, optimizer=optimizer, train_step=train_step, ddp=ddp,
-                data=Every(bad_files.track(loader, check=False), set_epoch, steps_per_epoch),
+                data=EpochLoader(bad_files.track(loader, check=False), set_epoch, steps_per_epoch),
                 schedule=lambda s: warmup_cosine(s, total=total_steps, warmup=warmup_steps, peak=peak_lr,
                                                  final=cfg.optim.min_lr),
                 total_steps=total_steps, last_step=last_step, checkpoints=checkpoints,

@@ -42,7 +42,7 @@ from milan.train.checkpoint import CheckpointRecord, prune_checkpoints, save_che
 from milan.train.log import MetricsLogger, progress
 from milan.train.run import AMP_DTYPES, grad_norm, restore_rng, rng_state, set_lr
 
-__all__ = ["Hook", "Data", "Checkpoints", "Meter", "Loop", "Every", "Preempted", "EXIT_PREEMPTED"]
+__all__ = ["Hook", "Data", "Checkpoints", "Meter", "Loop", "EpochLoader", "Preempted", "EXIT_PREEMPTED"]
 
 #: The exit status of a command stopped by preemption after its checkpoint: rerun it to resume
 #: (EX_TEMPFAIL: "try again later"; the SLURM script requeues on it).
@@ -131,7 +131,7 @@ class Data(Protocol):
     def epoch(self, epoch: int, start: int) -> Iterable[Any]: ...
 
 
-class Every:
+class EpochLoader:
     """`Data` from a sampler with `set_epoch(epoch, start_batch=, batch_size=)` (or a stream's
     `set_epoch(epoch, skip=)`) and its DataLoader."""
 
@@ -339,11 +339,6 @@ class Loop:
     @property
     def effective_batch(self) -> int:
         return self.batch_size * self.accum_steps * self.info.world_size
-
-    @property
-    def epoch(self) -> int:
-        """The data epoch of the next step's batch."""
-        return self.position(self.step) // self.data.steps_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint of the run at `self.step` (a collective: every rank calls it; rank 0's return
